@@ -1,0 +1,1614 @@
+//! Intake and apply: one streaming pass over an uploaded file.
+//!
+//! `process` reads the data sheet through the worker (`sheet::reader`), checks the structure,
+//! validates every row against the column definitions and the database, computes each row's
+//! effect (the preview) and the licence forecast, and — in apply mode — writes every change
+//! and its before/after images in the caller's transaction as it goes. The caller commits
+//! only when the outcome has no errors (and its warnings were acknowledged), so a file
+//! applies all of its rows or none. The same code validates and applies, so the checks made
+//! at apply time against the current roster are exactly the ones the administrator saw.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Statement, params};
+use serde::Serialize;
+
+use crate::db::{self, Tenant, USER_COLUMNS, USER_FROM, User};
+use crate::error::AppResult;
+use crate::model::{
+    self, CLEAR_TOKEN, Column, DEFAULT_LANGUAGE, ERRORS_HEADER, Effect, Field, FieldChange, Kind,
+    LANGUAGES, Operation, PoolForecast, Problem, ROLES, Severity, TEMPLATE_VERSION, Totals,
+    column_letter,
+};
+use crate::sheet::codec::{CellKind, RawCell, RawRow};
+use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader};
+
+/// How a normalisation changed values of one column, counted over the file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Normalisation {
+    pub column: String,
+    pub column_name: String,
+    pub kind: &'static str,
+    pub count: u64,
+    /// First row where it happened, and what it did there.
+    pub example_row: u32,
+    pub example: String,
+}
+
+/// Everything one pass found out about a file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub operation: Operation,
+    pub format: String,
+    pub sheet: String,
+    /// Data rows read (non-empty rows below the header).
+    pub rows: u64,
+    pub errors: u64,
+    pub warnings: u64,
+    /// The problems, at most `max_reported_problems` of them, errors and warnings in row order.
+    pub problems: Vec<Problem>,
+    /// True when the file was refused as a whole (unreadable or wrong structure).
+    pub refused: bool,
+    pub totals: Totals,
+    pub forecast: Vec<PoolForecast>,
+    pub normalisations: Vec<Normalisation>,
+    pub notes: Vec<String>,
+}
+
+impl Outcome {
+    fn new(op: Operation) -> Outcome {
+        Outcome {
+            operation: op,
+            format: String::new(),
+            sheet: op.sheet_name(),
+            rows: 0,
+            errors: 0,
+            warnings: 0,
+            problems: Vec::new(),
+            refused: false,
+            totals: Totals::default(),
+            forecast: Vec::new(),
+            normalisations: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        !self.refused && self.errors == 0
+    }
+
+    /// One line for a valid file: "152 users ready to add — pool Standard: 152 of 200 free seats".
+    pub fn success_message(&self) -> String {
+        let n = self.totals.changing();
+        let users = if n == 1 { "user" } else { "users" };
+        let verb = match self.operation {
+            Operation::Add => "add",
+            Operation::Update => "update",
+            Operation::Deactivate => "deactivate",
+            Operation::Reactivate => "reactivate",
+            Operation::Delete => "delete",
+        };
+        let mut msg = format!("{n} {users} ready to {verb}");
+        if self.totals.unchanged > 0 {
+            msg.push_str(&format!(", {} rows change nothing", self.totals.unchanged));
+        }
+        let pools: Vec<String> = self
+            .forecast
+            .iter()
+            .filter(|f| f.needed > 0)
+            .map(|f| {
+                format!(
+                    "pool {}: {} of {} free seats",
+                    f.pool,
+                    f.needed,
+                    f.seats - f.used + f.freed
+                )
+            })
+            .collect();
+        if !pools.is_empty() {
+            msg.push_str(" — ");
+            msg.push_str(&pools.join(", "));
+        }
+        msg
+    }
+}
+
+/// Whether the pass writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Validate and preview only.
+    DryRun,
+    /// Validate and write, recording changes under this job id.
+    Apply { job_id: i64 },
+}
+
+/// A request to process one file.
+pub struct Request<'a> {
+    pub tenant: &'a Tenant,
+    pub op: Operation,
+    pub path: &'a Path,
+    /// The name the administrator gave the file.
+    pub file_name: &'a str,
+    /// Content hash, to warn when the same file was applied before.
+    pub file_sha256: Option<&'a str>,
+    pub mode: Mode,
+}
+
+/// Called for each valid row with its Excel row number, email and effect.
+pub type EffectSink<'a> = dyn FnMut(u32, &str, &Effect) + 'a;
+
+/// Runs one pass. Database errors are returned as `Err`; everything wrong with the file
+/// is in the `Outcome`.
+pub fn process(
+    conn: &Connection,
+    setup: &ReaderSetup,
+    req: &Request<'_>,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Outcome> {
+    let mut out = Outcome::new(req.op);
+    let cols = model::columns(req.op);
+    let mut reader = match SheetReader::open(setup, req.path, req.file_name, &req.op.sheet_name()) {
+        Ok(r) => r,
+        Err(f) => {
+            refuse(&mut out, &f.code, f.message);
+            return Ok(out);
+        }
+    };
+    let info = reader.info().clone();
+    out.format = info.format.clone();
+    out.notes.extend(info.notes.iter().cloned());
+    if let Some(sheet) = &info.data_sheet {
+        out.sheet = sheet.clone();
+    }
+    if let Err((code, msg)) = check_workbook(req.op, &info) {
+        refuse(&mut out, code, msg);
+        return Ok(out);
+    }
+    if info.meta.is_none() && info.format != "csv" {
+        out.notes.push("The template's hidden information was not in the file (the program that saved it may have dropped it); the columns were checked instead.".into());
+    }
+
+    // The header row.
+    let mut row = RawRow::default();
+    let header_ok = match reader.next_row(&mut row) {
+        Ok(true) if row.index == 0 => check_header(&cols, &row),
+        Ok(true) | Ok(false) => Err(format!(
+            "Row 1 of sheet \"{}\" must hold the column names ({}); it is empty. Download the template again and copy your rows into it.",
+            out.sheet,
+            cols.iter().map(|c| c.header).collect::<Vec<_>>().join(", ")
+        )),
+        Err(f) => {
+            refuse(&mut out, &f.code, f.message);
+            return Ok(out);
+        }
+    };
+    if let Err(msg) = header_ok {
+        refuse(&mut out, "columns_mismatch", msg);
+        return Ok(out);
+    }
+
+    let mut v = Validator::new(conn, req, &cols, &setup.limits, out.sheet.clone())?;
+    if let Some(sha) = req.file_sha256 {
+        v.check_already_applied(sha)?;
+    }
+    loop {
+        match reader.next_row(&mut row) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(ReadFailure { code, message }) => {
+                // The file broke part-way: nothing of it may be applied.
+                v.out.errors += 1;
+                v.out
+                    .problems
+                    .push(file_problem(&v.out.sheet, &code, message));
+                v.out.refused = true;
+                break;
+            }
+        }
+        v.row(&row, on_effect)?;
+        if v.out.rows.is_multiple_of(4096) {
+            progress(v.out.rows);
+        }
+    }
+    progress(v.out.rows);
+    v.finish();
+    let mut out2 = v.into_outcome();
+    out2.format = out.format;
+    out2.notes.splice(0..0, out.notes);
+    Ok(out2)
+}
+
+fn file_problem(sheet: &str, code: &str, message: String) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        sheet: sheet.to_string(),
+        row: None,
+        column: None,
+        column_name: None,
+        value: None,
+        code: intern_code(code),
+        message,
+    }
+}
+
+/// Codes from the worker arrive as strings; problems carry `&'static str` codes.
+fn intern_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "file_unreadable",
+        "file_empty",
+        "file_encrypted",
+        "file_wrong_type",
+        "file_damaged",
+        "file_too_large",
+        "csv_encoding",
+        "zip_bomb",
+        "zip_too_many_entries",
+        "too_many_rows",
+        "too_many_columns",
+        "memory_limit",
+        "time_limit",
+        "internal",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("file_unreadable")
+}
+
+fn refuse(out: &mut Outcome, code: &str, message: String) {
+    out.refused = true;
+    out.errors += 1;
+    let sheet = out.sheet.clone();
+    out.problems.push(file_problem(&sheet, code, message));
+}
+
+/// Checks the sheet set and the template metadata.
+fn check_workbook(
+    op: Operation,
+    info: &crate::sheet::worker::WorkbookInfo,
+) -> Result<(), (&'static str, String)> {
+    if let Some(meta) = &info.meta {
+        if let Some(found) = meta.get("operation")
+            && let Ok(found_op) = found.parse::<Operation>()
+            && found_op != op
+        {
+            return Err((
+                "wrong_operation",
+                format!(
+                    "This file is a template for {} users, not {} users. Upload it as {}, or download the {} template.",
+                    found_op.title(),
+                    op.title(),
+                    found_op.title(),
+                    op.title()
+                ),
+            ));
+        }
+        if let Some(v) = meta.get("template_version")
+            && let Ok(v) = v.trim().parse::<f64>()
+            && v > f64::from(TEMPLATE_VERSION)
+        {
+            return Err((
+                "template_too_new",
+                "This template was made by a newer version of rollcall than this one. Download the template from this server and copy your rows into it.".into(),
+            ));
+        }
+    }
+    if info.data_sheet.is_some() {
+        return Ok(());
+    }
+    let names: Vec<&str> = info.sheets.iter().map(|s| s.name.as_str()).collect();
+    for other in Operation::ALL {
+        if other != op
+            && names
+                .iter()
+                .any(|n| n.trim().eq_ignore_ascii_case(&other.sheet_name()))
+        {
+            return Err((
+                "wrong_operation",
+                format!(
+                    "This file is a template for {} users (it has the sheet \"{}\"), not {} users. Upload it as {}, or download the {} template.",
+                    other.title(),
+                    other.sheet_name(),
+                    op.title(),
+                    other.title(),
+                    op.title()
+                ),
+            ));
+        }
+    }
+    Err((
+        "sheet_missing",
+        format!(
+            "The file has no sheet named \"{}\" (its sheets: {}). Fill in the {} template without renaming its sheets, or rename your data sheet to \"{}\".",
+            op.sheet_name(),
+            names
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            op.title(),
+            op.sheet_name()
+        ),
+    ))
+}
+
+fn cell_text(c: &RawCell) -> String {
+    match c.kind {
+        CellKind::Text | CellKind::DateIso | CellKind::Error => c.text.clone(),
+        _ => format_number(c.num),
+    }
+}
+
+fn header_norm(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// Compares the header row with the template's columns; one message naming every difference.
+pub fn check_header(cols: &[Column], row: &RawRow) -> Result<(), String> {
+    let n = cols.len();
+    let expected: Vec<String> = cols.iter().map(|c| header_norm(c.header)).collect();
+    let mut found: BTreeMap<u32, String> = BTreeMap::new();
+    for c in row.cells() {
+        let t = cell_text(c);
+        if !t.trim().is_empty() {
+            found.insert(c.col, t.trim().to_string());
+        }
+    }
+    // The error workbook's own column, right after the template's, is ignored.
+    if found
+        .get(&(n as u32))
+        .is_some_and(|h| header_norm(h) == header_norm(ERRORS_HEADER))
+    {
+        found.remove(&(n as u32));
+    }
+    let mut parts = Vec::new();
+    let mut renamed_at = vec![false; n];
+    for (&c, h) in &found {
+        let hn = header_norm(h);
+        let letter = column_letter(c as usize);
+        if (c as usize) < n && hn == expected[c as usize] {
+            continue;
+        }
+        if let Some(j) = expected.iter().position(|e| *e == hn) {
+            parts.push(format!(
+                "column \"{}\" is in column {letter} but belongs in column {}",
+                cols[j].header,
+                column_letter(j)
+            ));
+        } else if (c as usize) < n {
+            renamed_at[c as usize] = true;
+            parts.push(format!(
+                "column {letter} is \"{h}\" but should be \"{}\"",
+                cols[c as usize].header
+            ));
+        } else {
+            parts.push(format!(
+                "column {letter} \"{h}\" is not part of the template"
+            ));
+        }
+    }
+    for (j, e) in expected.iter().enumerate() {
+        let present = found.values().any(|h| header_norm(h) == *e);
+        if !present && !renamed_at[j] {
+            parts.push(format!(
+                "column \"{}\" (column {} of the template) is missing",
+                cols[j].header,
+                column_letter(j)
+            ));
+        }
+    }
+    if parts.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "The columns do not match the template: {}. Do not add, remove, rename or move columns: restore them, or download the template again and copy your rows into it.",
+        parts.join("; ")
+    ))
+}
+
+/// Formats a spreadsheet number the way it looks in a cell: 42 not 42.0.
+pub fn format_number(f: f64) -> String {
+    if f.fract() == 0.0 && f.abs() < 1e15 {
+        format!("{}", f as i64)
+    } else {
+        format!("{f}")
+    }
+}
+
+/// An Excel serial date as ISO 8601 (date, or date and time).
+pub fn excel_date(serial: f64) -> Option<String> {
+    if !(0.0..2_958_466.0).contains(&serial) {
+        return None;
+    }
+    // Excel's day 0 is 1899-12-30 once its fictitious 1900-02-29 is accounted for.
+    let base = time::Date::from_calendar_date(1899, time::Month::December, 30).ok()?;
+    let days = serial.floor() as i64;
+    let date = base.checked_add(time::Duration::days(days))?;
+    let secs = ((serial - serial.floor()) * 86_400.0).round() as i64;
+    if secs == 0 {
+        Some(format!("{date}"))
+    } else {
+        let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+        Some(format!("{date} {h:02}:{m:02}:{s:02}"))
+    }
+}
+
+/// Checks an email address; `Err` says what is wrong in words.
+pub fn check_email(s: &str) -> Result<(), &'static str> {
+    if s.chars().any(char::is_whitespace) {
+        return Err("an email address cannot contain spaces");
+    }
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return Err("an email address needs an @ between name and domain");
+    };
+    if local.is_empty() {
+        return Err("nothing before the @");
+    }
+    if local.contains('@') {
+        return Err("an email address has only one @");
+    }
+    if local.len() > 64 {
+        return Err("the part before the @ is longer than 64 characters");
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return Err("dots cannot start or end the name or follow each other");
+    }
+    let local_ok = local
+        .chars()
+        .all(|c| c.is_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c));
+    if !local_ok {
+        return Err("the part before the @ has a character an address cannot have");
+    }
+    if domain.is_empty() {
+        return Err("nothing after the @");
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return Err("the domain needs a dot, as in example.com");
+    }
+    for l in &labels {
+        if l.is_empty() || l.len() > 63 {
+            return Err("the domain has an empty or overlong part");
+        }
+        if l.starts_with('-') || l.ends_with('-') {
+            return Err("a domain part cannot start or end with a hyphen");
+        }
+        if !l.chars().all(|c| c.is_alphanumeric() || c == '-') {
+            return Err("the domain has a character a domain cannot have");
+        }
+    }
+    let tld = labels[labels.len() - 1];
+    if tld.len() < 2 || tld.chars().all(|c| c.is_ascii_digit()) {
+        return Err("the domain must end in a real top-level domain, as in .com");
+    }
+    Ok(())
+}
+
+struct PoolState {
+    id: i64,
+    name: String,
+    seats: i64,
+    used: i64,
+    freed: i64,
+    needed: i64,
+}
+
+/// A row's values after normalisation, resolved against the tenant's data.
+#[derive(Default)]
+struct RowValues {
+    email: String,
+    new_email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    job_title: Option<Option<String>>,
+    team: Option<Option<i64>>,
+    role: Option<&'static str>,
+    language: Option<&'static str>,
+    pool: Option<i64>,
+}
+
+/// A user's full image, as recorded before and after a change.
+#[derive(Serialize)]
+struct Image<'a> {
+    email: &'a str,
+    first_name: &'a str,
+    last_name: &'a str,
+    job_title: Option<&'a str>,
+    team_id: Option<i64>,
+    team: Option<&'a str>,
+    role: &'a str,
+    language: &'a str,
+    pool_id: i64,
+    pool: &'a str,
+    status: &'a str,
+    custom: Option<&'a str>,
+}
+
+fn image_of(u: &User) -> Image<'_> {
+    Image {
+        email: &u.email,
+        first_name: &u.first_name,
+        last_name: &u.last_name,
+        job_title: u.job_title.as_deref(),
+        team_id: u.team_id,
+        team: u.team.as_deref(),
+        role: &u.role,
+        language: &u.language,
+        pool_id: u.pool_id,
+        pool: &u.pool,
+        status: &u.status,
+        custom: u.custom.as_deref(),
+    }
+}
+
+struct Validator<'c> {
+    conn: &'c Connection,
+    op: Operation,
+    mode: Mode,
+    cols: Vec<Column>,
+    limits: crate::config::Limits,
+    tenant: Tenant,
+    teams: HashMap<String, (i64, String)>,
+    pools: Vec<PoolState>,
+    pool_index: HashMap<String, usize>,
+    /// Emails claimed by a row of the file (Email, and New Email in updates):
+    /// lowercased email -> (row, whether that row was flagged as duplicate already).
+    seen: HashMap<Box<str>, (u32, bool)>,
+    find_user: Statement<'c>,
+    writer: Option<Writer<'c>>,
+    out: Outcome,
+    norms: BTreeMap<(usize, &'static str), Normalisation>,
+    now: String,
+    values: Vec<String>,
+    row_errors: u64,
+}
+
+struct Writer<'c> {
+    job_id: i64,
+    insert: Statement<'c>,
+    update: Statement<'c>,
+    set_status: Statement<'c>,
+    delete: Statement<'c>,
+    change: Statement<'c>,
+    before: Vec<u8>,
+    after: Vec<u8>,
+}
+
+impl<'c> Validator<'c> {
+    fn new(
+        conn: &'c Connection,
+        req: &Request<'_>,
+        cols: &[Column],
+        limits: &crate::config::Limits,
+        sheet: String,
+    ) -> AppResult<Validator<'c>> {
+        let teams = db::list_teams(conn, req.tenant.id)?
+            .into_iter()
+            .map(|t| (db::norm(&t.name), (t.id, t.name)))
+            .collect();
+        let mut pools = Vec::new();
+        let mut pool_index = HashMap::new();
+        for p in db::list_pools(conn, req.tenant.id)? {
+            pool_index.insert(db::norm(&p.name), pools.len());
+            pools.push(PoolState {
+                id: p.id,
+                name: p.name,
+                seats: p.seats,
+                used: p.used,
+                freed: 0,
+                needed: 0,
+            });
+        }
+        let find_user = conn.prepare(&format!(
+            "SELECT {USER_COLUMNS} FROM {USER_FROM} WHERE u.tenant_id = ?1 AND u.email_norm = ?2"
+        ))?;
+        let writer = match req.mode {
+            Mode::DryRun => None,
+            Mode::Apply { job_id } => Some(Writer {
+                job_id,
+                insert: conn.prepare(
+                    "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, job_title, team_id, role, language, pool_id, status, custom, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', NULL, ?11, ?11)",
+                )?,
+                update: conn.prepare(
+                    "UPDATE users SET email = ?2, email_norm = ?3, first_name = ?4, last_name = ?5, job_title = ?6, team_id = ?7, role = ?8, language = ?9, pool_id = ?10, updated_at = ?11 WHERE id = ?1",
+                )?,
+                set_status: conn.prepare(
+                    "UPDATE users SET status = ?2, pool_id = ?3, updated_at = ?4 WHERE id = ?1",
+                )?,
+                delete: conn.prepare("DELETE FROM users WHERE id = ?1")?,
+                change: conn.prepare(
+                    "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?,
+                before: Vec::with_capacity(512),
+                after: Vec::with_capacity(512),
+            }),
+        };
+        let mut out = Outcome::new(req.op);
+        out.sheet = sheet;
+        Ok(Validator {
+            conn,
+            op: req.op,
+            mode: req.mode,
+            cols: cols.to_vec(),
+            limits: limits.clone(),
+            tenant: req.tenant.clone(),
+            teams,
+            pools,
+            pool_index,
+            seen: HashMap::new(),
+            find_user,
+            writer,
+            out,
+            norms: BTreeMap::new(),
+            now: db::now(),
+            values: vec![String::new(); cols.len()],
+            row_errors: 0,
+        })
+    }
+
+    fn into_outcome(mut self) -> Outcome {
+        self.out.normalisations = self.norms.into_values().collect();
+        self.out
+    }
+
+    fn check_already_applied(&mut self, sha: &str) -> AppResult<()> {
+        let prev: Option<(i64, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT j.id, j.submitted_by, j.finished_at FROM jobs j JOIN uploads u ON u.id = j.upload_id
+                 WHERE u.file_sha256 = ?1 AND j.tenant_id = ?2 AND j.operation = ?3 AND j.state = 'succeeded'
+                 ORDER BY j.id DESC LIMIT 1",
+                params![sha, self.tenant.id, self.op.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?.unwrap_or_default())),
+            )
+            .optional()?;
+        if let Some((job, by, at)) = prev {
+            self.problem(
+                Severity::Warning,
+                None,
+                None,
+                None,
+                "already_applied",
+                format!("This same file was already applied on {at} by {by} (job {job}). Submit it again only if that is what you mean."),
+            );
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn problem(
+        &mut self,
+        severity: Severity,
+        row: Option<u32>,
+        col: Option<usize>,
+        value: Option<&str>,
+        code: &'static str,
+        message: String,
+    ) {
+        match severity {
+            Severity::Error => {
+                self.out.errors += 1;
+                self.row_errors += 1;
+            }
+            Severity::Warning => self.out.warnings += 1,
+        }
+        if self.out.problems.len() >= self.limits.max_reported_problems as usize {
+            return;
+        }
+        self.out.problems.push(Problem {
+            severity,
+            sheet: self.out.sheet.clone(),
+            row,
+            column: col.map(column_letter),
+            column_name: col
+                .and_then(|c| self.cols.get(c))
+                .map(|c| c.header.to_string()),
+            value: value.map(|v| v.chars().take(200).collect()),
+            code,
+            message,
+        });
+    }
+
+    fn note(&mut self, col: usize, kind: &'static str, row: u32, example: impl FnOnce() -> String) {
+        let header = self.cols[col].header;
+        self.norms
+            .entry((col, kind))
+            .and_modify(|n| n.count += 1)
+            .or_insert_with(|| Normalisation {
+                column: column_letter(col),
+                column_name: header.to_string(),
+                kind,
+                count: 1,
+                example_row: row,
+                example: example(),
+            });
+    }
+
+    /// Turns the raw cells into normalised text per column; false when a cell is unusable.
+    fn normalise(&mut self, raw: &RawRow, row: u32) -> bool {
+        let n = self.cols.len();
+        for v in &mut self.values {
+            v.clear();
+        }
+        let mut ok = true;
+        for cell in raw.cells() {
+            let c = cell.col as usize;
+            if c >= n {
+                // A value outside the template; the error workbook's column is ignored.
+                if c == n && cell.kind == CellKind::Text {
+                    continue;
+                }
+                let text = cell_text(cell);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                self.problem(
+                    Severity::Error,
+                    Some(row),
+                    None,
+                    Some(&text),
+                    "value_outside_template",
+                    format!(
+                        "Column {} has a value but is not a column of the template. Move the value into the right column or delete it.",
+                        column_letter(c)
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+            match cell.kind {
+                CellKind::Text => {
+                    let t = &cell.text;
+                    let has_nbsp = t.contains(['\u{a0}', '\u{2007}', '\u{202f}']);
+                    let cleaned: std::borrow::Cow<'_, str> = if has_nbsp {
+                        t.replace(['\u{a0}', '\u{2007}', '\u{202f}'], " ").into()
+                    } else {
+                        t.as_str().into()
+                    };
+                    let trimmed = cleaned.trim();
+                    if has_nbsp {
+                        self.note(c, "non-breaking space replaced by a space", row, || {
+                            format!("{t:?} -> {trimmed:?}")
+                        });
+                    }
+                    if trimmed.len() != cleaned.len() {
+                        self.note(c, "spaces trimmed", row, || format!("{t:?} -> {trimmed:?}"));
+                    }
+                    self.values[c].push_str(trimmed);
+                }
+                CellKind::Int | CellKind::Float => {
+                    let s = format_number(cell.num);
+                    self.note(c, "number read as text", row, || s.clone());
+                    self.values[c].push_str(&s);
+                }
+                CellKind::Bool => {
+                    self.values[c].push_str(if cell.num != 0.0 { "TRUE" } else { "FALSE" });
+                }
+                CellKind::Date => match excel_date(cell.num) {
+                    Some(d) => {
+                        self.note(c, "Excel date written as YYYY-MM-DD", row, || {
+                            format!("{} -> {d}", cell.num)
+                        });
+                        self.values[c].push_str(&d);
+                    }
+                    None => {
+                        self.problem(
+                            Severity::Error,
+                            Some(row),
+                            Some(c),
+                            Some(&format_number(cell.num)),
+                            "invalid_date",
+                            "The cell holds a date outside the calendar. Type the value again."
+                                .into(),
+                        );
+                        ok = false;
+                    }
+                },
+                CellKind::DateIso => self.values[c].push_str(cell.text.trim()),
+                CellKind::Error => {
+                    let t = cell.text.clone();
+                    self.problem(Severity::Error, Some(row), Some(c), Some(&t), "cell_error", format!("The cell shows the spreadsheet error {t}. Replace it with a value (a formula's result may be broken)."));
+                    ok = false;
+                }
+                CellKind::TooLong => {
+                    let max = self.limits.max_cell_chars;
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        Some(c),
+                        None,
+                        "cell_too_long",
+                        format!(
+                            "The cell has {} characters; the limit for any cell is {max}.",
+                            cell.num as u64
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        // Control characters (line breaks, tabs inside a value) are never valid here.
+        for c in 0..n {
+            if let Some(bad) = self.values[c].chars().find(|ch| ch.is_control()) {
+                let v = self.values[c].clone();
+                self.problem(Severity::Error, Some(row), Some(c), Some(&v), "control_character", format!("The value contains a line break or control character (U+{:04X}). Remove it.", bad as u32));
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Validates the normalised values of one column; `None` when invalid (already reported).
+    fn resolve(&mut self, row: u32, rv: &mut RowValues) -> bool {
+        let mut ok = true;
+        for (c, col) in self.cols.clone().iter().enumerate() {
+            let raw = std::mem::take(&mut self.values[c]);
+            let v = raw.as_str();
+            let clear = v.eq_ignore_ascii_case(CLEAR_TOKEN);
+            if v.is_empty() {
+                if col.required {
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        Some(c),
+                        None,
+                        "required_missing",
+                        format!("{} is required. Fill it in.", col.header),
+                    );
+                    ok = false;
+                }
+                self.values[c] = raw;
+                continue;
+            }
+            if clear {
+                let clearable = self.op == Operation::Update
+                    && matches!(col.field, Field::JobTitle | Field::Team);
+                if !clearable {
+                    let msg = if self.op == Operation::Update {
+                        format!(
+                            "{} cannot be cleared; only Job Title and Team can be cleared with {CLEAR_TOKEN}.",
+                            col.header
+                        )
+                    } else {
+                        format!(
+                            "{CLEAR_TOKEN} is only used in update files to clear a field. Leave the cell empty or give a value."
+                        )
+                    };
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        Some(c),
+                        Some(v),
+                        "cannot_clear",
+                        msg,
+                    );
+                    ok = false;
+                } else if col.field == Field::JobTitle {
+                    rv.job_title = Some(None);
+                } else {
+                    rv.team = Some(None);
+                }
+                self.values[c] = raw;
+                continue;
+            }
+            let chars = v.chars().count();
+            if chars > col.max_chars {
+                self.problem(
+                    Severity::Error,
+                    Some(row),
+                    Some(c),
+                    Some(v),
+                    "too_long",
+                    format!(
+                        "{} has {chars} characters; at most {} are allowed.",
+                        col.header, col.max_chars
+                    ),
+                );
+                ok = false;
+                self.values[c] = raw;
+                continue;
+            }
+            match col.kind {
+                Kind::Email => {
+                    if let Err(why) = check_email(v) {
+                        self.problem(
+                            Severity::Error,
+                            Some(row),
+                            Some(c),
+                            Some(v),
+                            "email_invalid",
+                            format!("{} is not a valid email address: {why}.", col.header),
+                        );
+                        ok = false;
+                    } else if col.field == Field::Email {
+                        rv.email = v.to_string();
+                    } else {
+                        rv.new_email = Some(v.to_string());
+                    }
+                }
+                Kind::Text => match col.field {
+                    Field::FirstName => rv.first_name = Some(v.to_string()),
+                    Field::LastName => rv.last_name = Some(v.to_string()),
+                    Field::JobTitle => rv.job_title = Some(Some(v.to_string())),
+                    _ => {}
+                },
+                Kind::Choice => match col.field {
+                    Field::Role => match ROLES.iter().find(|r| r.eq_ignore_ascii_case(v)) {
+                        Some(r) => {
+                            if *r != v {
+                                self.note(c, "case of value corrected", row, || {
+                                    format!("{v:?} -> {r:?}")
+                                });
+                            }
+                            rv.role = Some(r);
+                        }
+                        None => {
+                            self.problem(
+                                Severity::Error,
+                                Some(row),
+                                Some(c),
+                                Some(v),
+                                "invalid_choice",
+                                format!("Role must be one of {}.", ROLES.join(", ")),
+                            );
+                            ok = false;
+                        }
+                    },
+                    Field::Language => match LANGUAGES.iter().find(|(name, code)| {
+                        name.eq_ignore_ascii_case(v) || code.eq_ignore_ascii_case(v)
+                    }) {
+                        Some((name, _)) => {
+                            if *name != v {
+                                self.note(c, "language written as its name", row, || {
+                                    format!("{v:?} -> {name:?}")
+                                });
+                            }
+                            rv.language = Some(name);
+                        }
+                        None => {
+                            self.problem(Severity::Error, Some(row), Some(c), Some(v), "invalid_choice", format!("Language must be one of the drop-down's languages (for example {}).", LANGUAGES.iter().take(6).map(|l| l.0).collect::<Vec<_>>().join(", ")));
+                            ok = false;
+                        }
+                    },
+                    Field::Team => match self.teams.get(&v.to_lowercase()).cloned() {
+                        Some((id, name)) => {
+                            if name != v {
+                                self.note(c, "case of value corrected", row, || {
+                                    format!("{v:?} -> {name:?}")
+                                });
+                            }
+                            rv.team = Some(Some(id));
+                        }
+                        None => {
+                            let mut names: Vec<&str> =
+                                self.teams.values().map(|t| t.1.as_str()).collect();
+                            names.sort_unstable();
+                            let list = if names.is_empty() {
+                                "it has no teams yet".to_string()
+                            } else {
+                                format!(
+                                    "its teams: {}{}",
+                                    names
+                                        .iter()
+                                        .take(10)
+                                        .cloned()
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                    if names.len() > 10 { ", ..." } else { "" }
+                                )
+                            };
+                            let msg = format!(
+                                "There is no team \"{v}\" in {} ({list}). Choose a team from the drop-down, or ask an operator to create it.",
+                                self.tenant.name
+                            );
+                            self.problem(
+                                Severity::Error,
+                                Some(row),
+                                Some(c),
+                                Some(v),
+                                "unknown_team",
+                                msg,
+                            );
+                            ok = false;
+                        }
+                    },
+                    Field::Pool => match self.pool_index.get(&v.to_lowercase()) {
+                        Some(&i) => {
+                            if self.pools[i].name != v {
+                                let name = self.pools[i].name.clone();
+                                self.note(c, "case of value corrected", row, || {
+                                    format!("{v:?} -> {name:?}")
+                                });
+                            }
+                            rv.pool = Some(self.pools[i].id);
+                        }
+                        None => {
+                            let names: Vec<&str> =
+                                self.pools.iter().map(|p| p.name.as_str()).collect();
+                            let msg = format!(
+                                "There is no licence pool \"{v}\" in {} (its pools: {}). Choose a pool from the drop-down.",
+                                self.tenant.name,
+                                if names.is_empty() {
+                                    "none yet".to_string()
+                                } else {
+                                    names.join(", ")
+                                }
+                            );
+                            self.problem(
+                                Severity::Error,
+                                Some(row),
+                                Some(c),
+                                Some(v),
+                                "unknown_pool",
+                                msg,
+                            );
+                            ok = false;
+                        }
+                    },
+                    _ => {}
+                },
+            }
+            self.values[c] = raw;
+        }
+        ok
+    }
+
+    fn col_of(&self, f: Field) -> Option<usize> {
+        self.cols.iter().position(|c| c.field == f)
+    }
+
+    /// Records that `email` is used by `row`; reports both rows when it was used before.
+    fn claim(&mut self, email: &str, row: u32, col: Option<usize>) -> bool {
+        let key = email.to_lowercase();
+        match self.seen.get_mut(key.as_str()) {
+            None => {
+                self.seen.insert(key.into_boxed_str(), (row, false));
+                true
+            }
+            Some((first, flagged)) => {
+                let first = *first;
+                let first_flagged = std::mem::replace(flagged, true);
+                if !first_flagged {
+                    let first_value = self
+                        .seen
+                        .get_key_value(key.as_str())
+                        .map(|(k, _)| k.to_string())
+                        .unwrap_or_default();
+                    self.problem(Severity::Error, Some(first), col, Some(&first_value), "duplicate_in_file", format!("The email {email} appears again in row {row}; each user may appear only once in a file. Keep one of the rows."));
+                }
+                self.problem(Severity::Error, Some(row), col, Some(email), "duplicate_in_file", format!("The email {email} appears already in row {first}; each user may appear only once in a file. Keep one of the rows."));
+                false
+            }
+        }
+    }
+
+    fn lookup(&mut self, email: &str) -> AppResult<Option<User>> {
+        Ok(self
+            .find_user
+            .query_row(
+                params![self.tenant.id, email.to_lowercase()],
+                db::user_from_row,
+            )
+            .optional()?)
+    }
+
+    fn pool_state(&mut self, id: i64) -> Option<&mut PoolState> {
+        self.pools.iter_mut().find(|p| p.id == id)
+    }
+
+    fn pool_name(&self, id: i64) -> String {
+        self.pools
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.name.clone())
+            .unwrap_or_default()
+    }
+
+    fn team_name(&self, id: Option<i64>) -> Option<String> {
+        let id = id?;
+        self.teams.values().find(|t| t.0 == id).map(|t| t.1.clone())
+    }
+
+    fn row(&mut self, raw: &RawRow, on_effect: &mut EffectSink<'_>) -> AppResult<()> {
+        let row = raw.index + 1;
+        self.out.rows += 1;
+        self.row_errors = 0;
+        let mut cells_ok = self.normalise(raw, row);
+        if self.values.iter().all(String::is_empty) {
+            // Only spaces: treat as an empty row.
+            self.out.rows -= 1;
+            return Ok(());
+        }
+        let mut rv = RowValues::default();
+        cells_ok &= self.resolve(row, &mut rv);
+        let email_col = self.col_of(Field::Email);
+        if rv.email.is_empty() {
+            return Ok(());
+        }
+        let email = rv.email.clone();
+        let mut ok = self.claim(&email, row, email_col) && cells_ok;
+        if let Some(ne) = rv.new_email.clone()
+            && !ne.eq_ignore_ascii_case(&email)
+        {
+            let c = self.col_of(Field::NewEmail);
+            ok &= self.claim(&ne, row, c);
+        }
+        let existing = self.lookup(&email)?;
+        let effect = match self.op {
+            Operation::Add => {
+                if let Some(u) = &existing {
+                    let hint = if u.status == "active" {
+                        "use an update file to change them"
+                    } else {
+                        "they are deactivated: use a reactivate file to bring them back"
+                    };
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        email_col,
+                        Some(&email),
+                        "user_exists",
+                        format!("A user with the email {} already exists; {hint}.", u.email),
+                    );
+                    return Ok(());
+                }
+                if let Some(p) = rv.pool
+                    && let Some(ps) = self.pool_state(p)
+                {
+                    ps.needed += 1;
+                }
+                Effect::Create
+            }
+            _ => {
+                let Some(u) = existing.as_ref() else {
+                    let msg = format!(
+                        "There is no user with the email {email} in {}. Check the spelling{}.",
+                        self.tenant.name,
+                        if self.op == Operation::Delete {
+                            " (the user may have been deleted already)"
+                        } else {
+                            ""
+                        }
+                    );
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        email_col,
+                        Some(&email),
+                        "user_not_found",
+                        msg,
+                    );
+                    return Ok(());
+                };
+                match self.op {
+                    Operation::Update => self.update_effect(row, u, &rv)?,
+                    Operation::Deactivate => {
+                        if u.status == "deactivated" {
+                            self.problem(
+                                Severity::Warning,
+                                Some(row),
+                                email_col,
+                                Some(&email),
+                                "already_deactivated",
+                                format!(
+                                    "{} is already deactivated; this row changes nothing.",
+                                    u.email
+                                ),
+                            );
+                            Effect::Unchanged {
+                                reason: "already deactivated".into(),
+                            }
+                        } else {
+                            if let Some(ps) = self.pool_state(u.pool_id) {
+                                ps.freed += 1;
+                            }
+                            Effect::Deactivate
+                        }
+                    }
+                    Operation::Reactivate => {
+                        if u.status == "active" {
+                            self.problem(
+                                Severity::Warning,
+                                Some(row),
+                                email_col,
+                                Some(&email),
+                                "already_active",
+                                format!("{} is already active; this row changes nothing.", u.email),
+                            );
+                            Effect::Unchanged {
+                                reason: "already active".into(),
+                            }
+                        } else {
+                            let pool = rv.pool.unwrap_or(u.pool_id);
+                            if let Some(ps) = self.pool_state(pool) {
+                                ps.needed += 1;
+                            }
+                            Effect::Reactivate
+                        }
+                    }
+                    Operation::Delete => {
+                        if u.status == "active"
+                            && let Some(ps) = self.pool_state(u.pool_id)
+                        {
+                            ps.freed += 1;
+                        }
+                        Effect::Delete
+                    }
+                    Operation::Add => Effect::Create,
+                }
+            }
+        };
+        if !ok || self.row_errors > 0 {
+            return Ok(());
+        }
+        self.out.totals.count(&effect);
+        on_effect(row, &email, &effect);
+        if self.writer.is_some() && self.out.errors == 0 {
+            self.write(row, &rv, existing.as_ref(), &effect)?;
+        }
+        Ok(())
+    }
+
+    fn update_effect(&mut self, row: u32, u: &User, rv: &RowValues) -> AppResult<Effect> {
+        let mut changes = Vec::new();
+        let mut diff = |field: &'static str, old: Option<String>, new: Option<String>| {
+            if old != new {
+                changes.push(FieldChange { field, old, new });
+            }
+        };
+        if let Some(ne) = &rv.new_email {
+            if !ne.eq_ignore_ascii_case(&u.email)
+                && let Some(other) = self.lookup(ne)?
+            {
+                let c = self.col_of(Field::NewEmail);
+                self.problem(
+                    Severity::Error,
+                    Some(row),
+                    c,
+                    Some(ne),
+                    "email_taken",
+                    format!(
+                        "The new email {ne} belongs to another user ({}). Choose another address.",
+                        other.email
+                    ),
+                );
+                return Ok(Effect::Unchanged {
+                    reason: String::new(),
+                });
+            }
+            diff("Email", Some(u.email.clone()), Some(ne.clone()));
+        }
+        if let Some(v) = &rv.first_name {
+            diff("First Name", Some(u.first_name.clone()), Some(v.clone()));
+        }
+        if let Some(v) = &rv.last_name {
+            diff("Last Name", Some(u.last_name.clone()), Some(v.clone()));
+        }
+        if let Some(v) = &rv.job_title {
+            diff("Job Title", u.job_title.clone(), v.clone());
+        }
+        if let Some(v) = rv.team {
+            diff("Team", u.team.clone(), self.team_name(v));
+        }
+        if let Some(v) = rv.role {
+            diff("Role", Some(u.role.clone()), Some(v.to_string()));
+        }
+        if let Some(v) = rv.language {
+            diff("Language", Some(u.language.clone()), Some(v.to_string()));
+        }
+        if let Some(p) = rv.pool
+            && p != u.pool_id
+        {
+            diff(
+                "Licence Pool",
+                Some(u.pool.clone()),
+                Some(self.pool_name(p)),
+            );
+            if u.status == "active" {
+                if let Some(ps) = self.pool_state(u.pool_id) {
+                    ps.freed += 1;
+                }
+                if let Some(ps) = self.pool_state(p) {
+                    ps.needed += 1;
+                }
+            }
+        }
+        Ok(if changes.is_empty() {
+            Effect::Unchanged {
+                reason: "every value is already as given".into(),
+            }
+        } else {
+            Effect::Change { changes }
+        })
+    }
+
+    fn write(
+        &mut self,
+        row: u32,
+        rv: &RowValues,
+        existing: Option<&User>,
+        effect: &Effect,
+    ) -> AppResult<()> {
+        let now = self.now.clone();
+        let tenant_id = self.tenant.id;
+        // The after-image of changed users, built from the existing user and the row.
+        let mut after_user = existing.cloned();
+        if let Some(u) = after_user.as_mut() {
+            match effect {
+                Effect::Change { .. } => {
+                    if let Some(v) = &rv.new_email {
+                        u.email = v.clone();
+                    }
+                    if let Some(v) = &rv.first_name {
+                        u.first_name = v.clone();
+                    }
+                    if let Some(v) = &rv.last_name {
+                        u.last_name = v.clone();
+                    }
+                    if let Some(v) = &rv.job_title {
+                        u.job_title = v.clone();
+                    }
+                    if let Some(v) = rv.team {
+                        u.team_id = v;
+                        u.team = self.team_name(v);
+                    }
+                    if let Some(v) = rv.role {
+                        u.role = v.to_string();
+                    }
+                    if let Some(v) = rv.language {
+                        u.language = v.to_string();
+                    }
+                    if let Some(p) = rv.pool {
+                        u.pool_id = p;
+                        u.pool = self.pool_name(p);
+                    }
+                }
+                Effect::Deactivate => u.status = "deactivated".into(),
+                Effect::Reactivate => {
+                    u.status = "active".into();
+                    if let Some(p) = rv.pool {
+                        u.pool_id = p;
+                        u.pool = self.pool_name(p);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let team_name = self.team_name(rv.team.flatten());
+        let pool_name = rv.pool.map(|p| self.pool_name(p)).unwrap_or_default();
+        let Some(w) = self.writer.as_mut() else {
+            return Ok(());
+        };
+        w.before.clear();
+        w.after.clear();
+        let ser = |buf: &mut Vec<u8>, img: &Image<'_>| {
+            serde_json::to_writer(buf, img)
+                .map_err(|e| crate::error::AppError::internal("recording a change", e))
+        };
+        let (user_id, action) = match effect {
+            Effect::Create => {
+                let role = rv.role.unwrap_or("Learner");
+                let language = rv.language.unwrap_or(DEFAULT_LANGUAGE);
+                let first = rv.first_name.as_deref().unwrap_or("");
+                let last = rv.last_name.as_deref().unwrap_or("");
+                let job_title = rv.job_title.clone().flatten();
+                let team_id = rv.team.flatten();
+                let pool_id = rv.pool.unwrap_or_default();
+                w.insert.execute(params![
+                    tenant_id,
+                    rv.email,
+                    rv.email.to_lowercase(),
+                    first,
+                    last,
+                    job_title,
+                    team_id,
+                    role,
+                    language,
+                    pool_id,
+                    now
+                ])?;
+                let id = self.conn.last_insert_rowid();
+                ser(
+                    &mut w.after,
+                    &Image {
+                        email: &rv.email,
+                        first_name: first,
+                        last_name: last,
+                        job_title: job_title.as_deref(),
+                        team_id,
+                        team: team_name.as_deref(),
+                        role,
+                        language,
+                        pool_id,
+                        pool: &pool_name,
+                        status: "active",
+                        custom: None,
+                    },
+                )?;
+                (id, "create")
+            }
+            Effect::Unchanged { .. } => {
+                let Some(u) = existing else { return Ok(()) };
+                ser(&mut w.before, &image_of(u))?;
+                (u.id, "unchanged")
+            }
+            _ => {
+                let Some(u) = existing else { return Ok(()) };
+                ser(&mut w.before, &image_of(u))?;
+                match (effect, after_user.as_ref()) {
+                    (Effect::Delete, _) => {
+                        w.delete.execute([u.id])?;
+                        (u.id, "delete")
+                    }
+                    (Effect::Change { .. }, Some(a)) => {
+                        w.update.execute(params![
+                            u.id,
+                            a.email,
+                            a.email.to_lowercase(),
+                            a.first_name,
+                            a.last_name,
+                            a.job_title,
+                            a.team_id,
+                            a.role,
+                            a.language,
+                            a.pool_id,
+                            now
+                        ])?;
+                        ser(&mut w.after, &image_of(a))?;
+                        (u.id, "change")
+                    }
+                    (Effect::Deactivate | Effect::Reactivate, Some(a)) => {
+                        w.set_status
+                            .execute(params![u.id, a.status, a.pool_id, now])?;
+                        ser(&mut w.after, &image_of(a))?;
+                        (u.id, effect.label())
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        };
+        let before =
+            (!w.before.is_empty()).then(|| std::str::from_utf8(&w.before).unwrap_or_default());
+        let after =
+            (!w.after.is_empty()).then(|| std::str::from_utf8(&w.after).unwrap_or_default());
+        w.change
+            .execute(params![w.job_id, row, user_id, action, before, after])?;
+        Ok(())
+    }
+
+    /// The licence forecast, and its error when a pool runs out of seats.
+    fn finish(&mut self) {
+        let mut short = Vec::new();
+        for p in &self.pools {
+            if p.needed == 0 && p.freed == 0 {
+                continue;
+            }
+            let free_after = p.seats - p.used + p.freed - p.needed;
+            self.out.forecast.push(PoolForecast {
+                pool: p.name.clone(),
+                seats: p.seats,
+                used: p.used,
+                freed: p.freed,
+                needed: p.needed,
+                free_after,
+            });
+            if free_after < 0 {
+                short.push(format!(
+                    "Licence pool \"{}\" has {} free seats{} but this file needs {}: {} seats are missing. Remove rows for this pool, free seats by deactivating users, or ask an operator for more seats.",
+                    p.name,
+                    p.seats - p.used,
+                    if p.freed > 0 { format!(" (plus {} freed by this file)", p.freed) } else { String::new() },
+                    p.needed,
+                    -free_after
+                ));
+            }
+        }
+        for msg in short {
+            self.problem(
+                Severity::Error,
+                None,
+                self.col_of(Field::Pool),
+                None,
+                "licence_pool_full",
+                msg,
+            );
+        }
+        if let Mode::Apply { .. } = self.mode {
+            // Nothing else: the caller commits or rolls back.
+        }
+        // Errors first within a row, file-level problems first of all.
+        self.out
+            .problems
+            .sort_by_key(|p| (p.row.unwrap_or(0), p.severity));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sheet::codec::CellKind;
+
+    #[test]
+    fn emails() {
+        for ok in [
+            "a@b.co",
+            "Ada.Lovelace+x@example.com",
+            "o'neil@ex-ample.org",
+            "jörg@bücher.de",
+        ] {
+            assert!(check_email(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a",
+            "a@",
+            "@b.co",
+            "a@b",
+            "a b@c.com",
+            "a@@b.co",
+            "a..b@c.com",
+            ".a@c.com",
+            "a@-b.com",
+            "a@b.c",
+            "a@b.123",
+            "a@b..com",
+            "a,b@c.com",
+        ] {
+            assert!(check_email(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_dates() {
+        assert_eq!(format_number(42.0), "42");
+        assert_eq!(format_number(1.5), "1.5");
+        assert_eq!(excel_date(45000.0).as_deref(), Some("2023-03-15"));
+        assert_eq!(excel_date(45000.5).as_deref(), Some("2023-03-15 12:00:00"));
+        assert_eq!(excel_date(-1.0), None);
+    }
+
+    fn header(names: &[&str]) -> RawRow {
+        let mut r = RawRow::default();
+        r.clear(0);
+        for (i, n) in names.iter().enumerate() {
+            if !n.is_empty() {
+                r.push(i as u32, CellKind::Text, n, 0.0);
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn header_differences_are_named() {
+        let cols = model::columns(Operation::Deactivate);
+        assert!(check_header(&cols, &header(&["Email", "Reason"])).is_ok());
+        assert!(check_header(&cols, &header(&[" email ", "REASON", "Errors"])).is_ok());
+        let e = check_header(&cols, &header(&["Reason", "Email"])).unwrap_err();
+        assert!(
+            e.contains("column \"Reason\" is in column A but belongs in column B"),
+            "{e}"
+        );
+        let e = check_header(&cols, &header(&["Email"])).unwrap_err();
+        assert!(
+            e.contains("column \"Reason\" (column B of the template) is missing"),
+            "{e}"
+        );
+        let e = check_header(&cols, &header(&["Email", "Why"])).unwrap_err();
+        assert!(
+            e.contains("column B is \"Why\" but should be \"Reason\""),
+            "{e}"
+        );
+        let e = check_header(&cols, &header(&["Email", "Reason", "Notes"])).unwrap_err();
+        assert!(
+            e.contains("column C \"Notes\" is not part of the template"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,663 @@
+//! The command line: clap definitions and one function per command. Exit codes: 0 success,
+//! 1 the file has errors or was refused, 2 usage error, 3 the environment stopped us.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::bulk::Outcome;
+use crate::config::{Config, Overrides};
+use crate::db;
+use crate::error::{AppError, AppResult};
+use crate::model::{Effect, Operation, Severity};
+use crate::service::{self, App};
+use crate::sheet::template;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rollcall",
+    version,
+    about = "Bulk user management from spreadsheets: templates, validation, all-or-nothing imports.",
+    after_help = "Data lives in rollcall-data/ beside the binary unless --data-dir or ROLLCALL_DATA_DIR says otherwise.\nExample: rollcall tenant create Acme && rollcall template --tenant Acme --op add -o add.xlsx"
+)]
+pub struct Cli {
+    /// Data directory (default: rollcall-data beside the binary).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Configuration file (default: rollcall.toml beside the binary or in the data directory).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start the server (for now it answers /api/v1/health; the web UI comes later).
+    ///
+    /// Example: rollcall serve --listen 127.0.0.1:8080
+    Serve {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+    },
+    /// Create and list tenants (organisations).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Add and list a tenant's teams.
+    #[command(subcommand)]
+    Team(TeamCmd),
+    /// Set and list a tenant's licence pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Write the .xlsx template of an operation for a tenant.
+    ///
+    /// Example: rollcall template --tenant Acme --op add -o add-users.xlsx
+    Template {
+        #[arg(long)]
+        tenant: String,
+        /// add, update, deactivate, reactivate or delete.
+        #[arg(long)]
+        op: Operation,
+        /// Where to write the workbook.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Check a filled-in file and show every problem and the preview; changes nothing.
+    ///
+    /// Exit code 0: valid; 1: the file has errors or was refused; 2: usage error.
+    /// Example: rollcall validate --tenant Acme --op add new-hires.xlsx --report errors.xlsx
+    Validate {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Write the error workbook here when the file has problems.
+        #[arg(long, value_name = "OUT.xlsx")]
+        report: Option<PathBuf>,
+        /// Print the result (problems, preview, licence forecast) as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print the effect of every row, not only the first ten.
+        #[arg(long)]
+        preview: bool,
+    },
+    /// Validate a file and apply it in one transaction: all rows or none.
+    ///
+    /// Exit codes as for validate. Example: rollcall import --tenant Acme --op deactivate leavers.xlsx --yes
+    Import {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Acknowledge warnings (e.g. users already deactivated) and apply anyway.
+        #[arg(long)]
+        yes: bool,
+        /// Copy the results workbook (or the error workbook) here.
+        #[arg(long, value_name = "OUT.xlsx")]
+        report: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or export a tenant's users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Internal: parse an untrusted file under limits (started by rollcall itself).
+    #[command(name = "__read-worker", hide = true)]
+    ReadWorker { args_json: String },
+}
+
+#[derive(Args, Debug)]
+pub struct FileArgs {
+    #[arg(long)]
+    pub tenant: String,
+    /// add, update, deactivate, reactivate or delete.
+    #[arg(long)]
+    pub op: Operation,
+    /// The .xlsx, .xls, .ods or .csv file.
+    pub file: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    /// Example: rollcall tenant create "Acme Ltd"
+    Create { name: String },
+    /// List tenants with their user counts.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TeamCmd {
+    /// Example: rollcall team add --tenant Acme Sales
+    Add {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+    /// Example: rollcall team list --tenant Acme
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Create a pool or change its seats. Example: rollcall pool set --tenant Acme Standard 200
+    Set {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+        seats: i64,
+    },
+    /// Seats, used and free per pool. Example: rollcall pool list --tenant Acme
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UsersCmd {
+    /// Example: rollcall users list --tenant Acme --status active
+    List {
+        #[arg(long)]
+        tenant: String,
+        /// active or deactivated.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Write every user to a .csv or .xlsx file (or CSV to standard output).
+    ///
+    /// Example: rollcall users export --tenant Acme -o users.xlsx
+    Export {
+        #[arg(long)]
+        tenant: String,
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> i32 {
+    if let Command::ReadWorker { args_json } = &cli.command {
+        return match serde_json::from_str(args_json) {
+            Ok(args) => crate::sheet::worker::run(&args),
+            Err(e) => {
+                eprintln!("rollcall: bad worker arguments: {e}");
+                2
+            }
+        };
+    }
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rollcall: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn open_app(cli: &Cli, listen: Option<String>) -> AppResult<App> {
+    let loaded = Config::load(&Overrides {
+        config_file: cli.config.clone(),
+        data_dir: cli.data_dir.clone(),
+        listen,
+    })?;
+    for w in &loaded.warnings {
+        eprintln!("rollcall: warning: {w}");
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| AppError::internal("finding the rollcall binary", e))?;
+    Ok(App::open(&loaded, exe)?)
+}
+
+fn dispatch(cli: Cli) -> AppResult<i32> {
+    let listen = match &cli.command {
+        Command::Serve { listen } => listen.clone(),
+        _ => None,
+    };
+    let mut app = open_app(&cli, listen)?;
+    let out = &mut std::io::stdout().lock();
+    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    match cli.command {
+        Command::ReadWorker { .. } => Ok(2),
+        Command::Serve { .. } => {
+            crate::serve::run(&app)?;
+            Ok(0)
+        }
+        Command::Tenant(TenantCmd::Create { name }) => {
+            let t = db::create_tenant(&app.conn, &name)?;
+            writeln!(out, "Created tenant {} (id {}).", t.name, t.id).map_err(w)?;
+            Ok(0)
+        }
+        Command::Tenant(TenantCmd::List) => {
+            let tenants = db::list_tenants(&app.conn)?;
+            if tenants.is_empty() {
+                writeln!(
+                    out,
+                    "No tenants yet. Create one with: rollcall tenant create NAME"
+                )
+                .map_err(w)?;
+            }
+            for t in tenants {
+                let counts = db::user_counts(&app.conn, t.id)?;
+                writeln!(
+                    out,
+                    "{}\t{} active, {} deactivated",
+                    t.name,
+                    counts.get("active").copied().unwrap_or(0),
+                    counts.get("deactivated").copied().unwrap_or(0)
+                )
+                .map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Team(TeamCmd::Add { tenant, name }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            let team = db::add_team(&app.conn, t.id, &name)?;
+            writeln!(out, "Added team {} to {}.", team.name, t.name).map_err(w)?;
+            Ok(0)
+        }
+        Command::Team(TeamCmd::List { tenant }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            for team in db::list_teams(&app.conn, t.id)? {
+                writeln!(out, "{}", team.name).map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Pool(PoolCmd::Set {
+            tenant,
+            name,
+            seats,
+        }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            let p = db::set_pool(&app.conn, t.id, &name, seats)?;
+            writeln!(
+                out,
+                "Licence pool {} of {}: {} seats, {} used, {} free.",
+                p.name,
+                t.name,
+                p.seats,
+                p.used,
+                p.free()
+            )
+            .map_err(w)?;
+            Ok(0)
+        }
+        Command::Pool(PoolCmd::List { tenant }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            writeln!(
+                out,
+                "{:<24} {:>8} {:>8} {:>8}",
+                "POOL", "SEATS", "USED", "FREE"
+            )
+            .map_err(w)?;
+            for p in db::list_pools(&app.conn, t.id)? {
+                writeln!(
+                    out,
+                    "{:<24} {:>8} {:>8} {:>8}",
+                    p.name,
+                    p.seats,
+                    p.used,
+                    p.free()
+                )
+                .map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Template { tenant, op, output } => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            let lists = service::template_lists(&app.conn, &t)?;
+            template::write_template(op, &lists, &output)
+                .map_err(|e| AppError::Usage(format!("cannot write {}: {e}", output.display())))?;
+            writeln!(
+                out,
+                "Wrote the {} template for {} to {}.",
+                op.title(),
+                t.name,
+                output.display()
+            )
+            .map_err(w)?;
+            Ok(0)
+        }
+        Command::Validate {
+            file,
+            report,
+            json,
+            preview,
+        } => {
+            let t = db::tenant(&app.conn, &file.tenant)?;
+            let name = file_name(&file.file);
+            let mut effects = Vec::new();
+            let keep_all = json || preview;
+            let mut sink = |row: u32, email: &str, e: &Effect| {
+                if keep_all || effects.len() < 10 {
+                    effects.push(RowEffect {
+                        row,
+                        email: email.to_string(),
+                        effect: e.clone(),
+                    });
+                }
+            };
+            let mut bar = Progress::new(json);
+            let outcome =
+                service::validate(&app, &t, file.op, &file.file, &name, &mut sink, &mut |n| {
+                    bar.tick(n)
+                })?;
+            bar.done();
+            let mut report_path = None;
+            if let Some(path) = report
+                && (!outcome.is_valid() || outcome.warnings > 0)
+            {
+                let lists = service::template_lists(&app.conn, &t)?;
+                crate::sheet::report::write_error_workbook(
+                    &app.reader,
+                    file.op,
+                    &lists,
+                    &file.file,
+                    &name,
+                    &outcome,
+                    &path,
+                )?;
+                report_path = Some(path);
+            }
+            if json {
+                print_json(out, &outcome, &effects, None, None)?;
+            } else {
+                print_outcome(out, &name, &outcome, &effects, preview)?;
+                if let Some(p) = &report_path {
+                    writeln!(out, "Error workbook: {}", p.display()).map_err(w)?;
+                }
+            }
+            Ok(if outcome.is_valid() { 0 } else { 1 })
+        }
+        Command::Import {
+            file,
+            yes,
+            report,
+            json,
+        } => {
+            let t = db::tenant(&app.conn, &file.tenant)?;
+            let name = file_name(&file.file);
+            let mut effects = Vec::new();
+            let mut sink = |row: u32, email: &str, e: &Effect| {
+                if json || effects.len() < 10 {
+                    effects.push(RowEffect {
+                        row,
+                        email: email.to_string(),
+                        effect: e.clone(),
+                    });
+                }
+            };
+            let mut bar = Progress::new(json);
+            let res = service::import(
+                &mut app,
+                &t,
+                file.op,
+                &file.file,
+                &name,
+                yes,
+                &mut sink,
+                &mut |n| bar.tick(n),
+            )?;
+            bar.done();
+            let produced = res.results_report.as_ref().or(res.error_report.as_ref());
+            if let (Some(dest), Some(src)) = (&report, produced) {
+                std::fs::copy(src, dest).map_err(|e| {
+                    AppError::Usage(format!("cannot write {}: {e}", dest.display()))
+                })?;
+            }
+            if json {
+                print_json(
+                    out,
+                    &res.outcome,
+                    &effects,
+                    res.job_id,
+                    Some(res.needs_acknowledgement),
+                )?;
+            } else {
+                print_outcome(out, &name, &res.outcome, &effects, false)?;
+                if let Some(job) = res.job_id {
+                    writeln!(
+                        out,
+                        "Applied as job {job}: {}.",
+                        res.outcome.success_message()
+                    )
+                    .map_err(w)?;
+                } else if res.needs_acknowledgement {
+                    writeln!(out, "Nothing was applied: {} warnings need acknowledgement. Check them, then run the same command with --yes.", res.outcome.warnings).map_err(w)?;
+                } else {
+                    writeln!(out, "Nothing was applied.").map_err(w)?;
+                }
+                if let Some(p) = produced {
+                    writeln!(out, "Report: {}", report.as_ref().unwrap_or(p).display())
+                        .map_err(w)?;
+                }
+            }
+            Ok(if res.job_id.is_some() { 0 } else { 1 })
+        }
+        Command::Users(UsersCmd::List { tenant, status }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            if let Some(s) = &status
+                && s != "active"
+                && s != "deactivated"
+            {
+                return Err(AppError::Usage("--status is active or deactivated".into()));
+            }
+            db::for_each_user(&app.conn, t.id, status.as_deref(), |u| {
+                writeln!(
+                    out,
+                    "{}\t{} {}\t{}\t{}\t{}\t{}\t{}",
+                    u.email,
+                    u.first_name,
+                    u.last_name,
+                    u.team.as_deref().unwrap_or("-"),
+                    u.role,
+                    u.language,
+                    u.pool,
+                    u.status
+                )
+                .map_err(w)
+            })?;
+            Ok(0)
+        }
+        Command::Users(UsersCmd::Export { tenant, output }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            let n = service::export_users(&app.conn, &t, output.as_deref())?;
+            if let Some(p) = output {
+                writeln!(out, "Exported {n} users of {} to {}.", t.name, p.display()).map_err(w)?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.to_string_lossy().into_owned())
+}
+
+#[derive(Serialize)]
+struct RowEffect {
+    row: u32,
+    email: String,
+    #[serde(flatten)]
+    effect: Effect,
+}
+
+fn print_json(
+    out: &mut impl Write,
+    outcome: &Outcome,
+    effects: &[RowEffect],
+    job_id: Option<i64>,
+    needs_ack: Option<bool>,
+) -> AppResult<()> {
+    let v = serde_json::json!({
+        "valid": outcome.is_valid(),
+        "message": if outcome.is_valid() { outcome.success_message() } else { format!("{} errors", outcome.errors) },
+        "operation": outcome.operation,
+        "format": outcome.format,
+        "sheet": outcome.sheet,
+        "rows": outcome.rows,
+        "errors": outcome.errors,
+        "warnings": outcome.warnings,
+        "problems": outcome.problems,
+        "preview": { "totals": outcome.totals, "rows": effects },
+        "licence_forecast": outcome.forecast,
+        "normalisations": outcome.normalisations,
+        "notes": outcome.notes,
+        "job_id": job_id,
+        "needs_acknowledgement": needs_ack,
+    });
+    serde_json::to_writer_pretty(&mut *out, &v)
+        .map_err(|e| AppError::internal("writing JSON", e))?;
+    writeln!(out).map_err(|e| AppError::internal("writing output", e))
+}
+
+fn print_outcome(
+    out: &mut impl Write,
+    name: &str,
+    o: &Outcome,
+    effects: &[RowEffect],
+    all_rows: bool,
+) -> AppResult<()> {
+    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    writeln!(
+        out,
+        "{name}: {} file, sheet \"{}\", {} rows",
+        if o.format.is_empty() {
+            "unreadable"
+        } else {
+            &o.format
+        },
+        o.sheet,
+        o.rows
+    )
+    .map_err(w)?;
+    for n in &o.notes {
+        writeln!(out, "Note: {n}").map_err(w)?;
+    }
+    for n in &o.normalisations {
+        writeln!(
+            out,
+            "Normalised: {} in column {} ({}) {} times; first in row {}: {}",
+            n.kind, n.column, n.column_name, n.count, n.example_row, n.example
+        )
+        .map_err(w)?;
+    }
+    for f in &o.forecast {
+        writeln!(
+            out,
+            "Licence pool {}: {} seats, {} used, {} freed, {} needed, {} free after",
+            f.pool, f.seats, f.used, f.freed, f.needed, f.free_after
+        )
+        .map_err(w)?;
+    }
+    const SHOWN: usize = 200;
+    for p in o.problems.iter().take(SHOWN) {
+        writeln!(out, "{p}").map_err(w)?;
+    }
+    let unlisted = (o.errors + o.warnings).saturating_sub(SHOWN.min(o.problems.len()) as u64);
+    if unlisted > 0 {
+        writeln!(
+            out,
+            "... and {unlisted} more problems (see --report or --json)."
+        )
+        .map_err(w)?;
+    }
+    if o.is_valid() {
+        let t = &o.totals;
+        writeln!(
+            out,
+            "Preview: {} create, {} change, {} deactivate, {} reactivate, {} delete, {} unchanged",
+            t.create, t.change, t.deactivate, t.reactivate, t.delete, t.unchanged
+        )
+        .map_err(w)?;
+        for e in effects.iter().take(if all_rows { usize::MAX } else { 10 }) {
+            let detail = match &e.effect {
+                Effect::Change { changes } => changes
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{}: {} -> {}",
+                            c.field,
+                            c.old.as_deref().unwrap_or("(empty)"),
+                            c.new.as_deref().unwrap_or("(empty)")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                Effect::Unchanged { reason } => reason.clone(),
+                _ => String::new(),
+            };
+            writeln!(
+                out,
+                "  row {}: {} {} {}",
+                e.row,
+                e.effect.label(),
+                e.email,
+                detail
+            )
+            .map_err(w)?;
+        }
+        if !all_rows && (o.totals.changing() + o.totals.unchanged) as usize > effects.len().min(10)
+        {
+            writeln!(out, "  ... (--preview shows every row)").map_err(w)?;
+        }
+        writeln!(out, "OK: {}", o.success_message()).map_err(w)?;
+        if o.warnings > 0 {
+            writeln!(
+                out,
+                "{} warnings need acknowledgement before submitting.",
+                o.warnings
+            )
+            .map_err(w)?;
+        }
+    } else {
+        let errs = o
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .count();
+        let _ = errs;
+        writeln!(
+            out,
+            "NOT VALID: {} errors, {} warnings. Nothing was changed.",
+            o.errors, o.warnings
+        )
+        .map_err(w)?;
+    }
+    Ok(())
+}
+
+/// A row counter on a terminal (nothing when output is piped or JSON).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Progress {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {pos} rows read ({per_sec}) {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b
+        });
+        Progress { bar }
+    }
+    fn tick(&mut self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(n);
+        }
+    }
+    fn done(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}

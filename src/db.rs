@@ -1,0 +1,384 @@
+//! The embedded SQLite database: opening with the house pragmas, the numbered migrations in
+//! `migrations/` (embedded in the binary), and typed queries per table.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::config::DatabaseConfig;
+use crate::error::{AppError, AppResult, StartupError};
+
+/// Migrations in order; the schema version is the number of applied migrations.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+
+/// Newest schema this binary knows.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// Opens (creating if needed) the database and brings its schema up to date.
+pub fn open(path: &Path, cfg: &DatabaseConfig) -> Result<Connection, StartupError> {
+    let fail = |e: rusqlite::Error| StartupError::Database {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut conn = Connection::open(path).map_err(fail)?;
+    configure(&conn, cfg).map_err(fail)?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection, cfg: &DatabaseConfig) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_millis(u64::from(
+        cfg.busy_timeout_ms,
+    )))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -i64::from(cfg.cache_mib) * 1024)?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StartupError> {
+    let fail = |e: rusqlite::Error| StartupError::Database {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let current: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(fail)?;
+    let known = schema_version();
+    if current > known {
+        return Err(StartupError::DatabaseTooNew {
+            path: path.to_path_buf(),
+            found: current,
+            known,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        let tx = conn.transaction().map_err(fail)?;
+        tx.execute_batch(sql).map_err(fail)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(fail)?;
+        tx.commit().map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Current UTC time in RFC 3339 with seconds.
+pub fn now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Case-insensitive key for names and emails.
+pub fn norm(s: &str) -> String {
+    s.trim().to_lowercase()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenant {
+    pub id: i64,
+    pub name: String,
+}
+
+pub fn create_tenant(conn: &Connection, name: &str) -> AppResult<Tenant> {
+    let name = name.trim();
+    check_name("tenant", name)?;
+    if find_tenant(conn, name)?.is_some() {
+        return Err(AppError::Usage(format!(
+            "a tenant named {name:?} exists already"
+        )));
+    }
+    conn.execute(
+        "INSERT INTO tenants (name, name_norm, created_at) VALUES (?1, ?2, ?3)",
+        params![name, norm(name), now()],
+    )?;
+    Ok(Tenant {
+        id: conn.last_insert_rowid(),
+        name: name.to_string(),
+    })
+}
+
+pub fn find_tenant(conn: &Connection, name: &str) -> AppResult<Option<Tenant>> {
+    Ok(conn
+        .query_row(
+            "SELECT id, name FROM tenants WHERE name_norm = ?1",
+            [norm(name)],
+            |r| {
+                Ok(Tenant {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// The tenant of that name, or a usage error listing the tenants that exist.
+pub fn tenant(conn: &Connection, name: &str) -> AppResult<Tenant> {
+    if let Some(t) = find_tenant(conn, name)? {
+        return Ok(t);
+    }
+    let names: Vec<String> = list_tenants(conn)?.into_iter().map(|t| t.name).collect();
+    Err(AppError::Usage(if names.is_empty() {
+        format!(
+            "no tenant named {name:?}; there are no tenants yet (create one with `rollcall tenant create NAME`)"
+        )
+    } else {
+        format!(
+            "no tenant named {name:?}; tenants are: {}",
+            names.join(", ")
+        )
+    }))
+}
+
+pub fn list_tenants(conn: &Connection) -> AppResult<Vec<Tenant>> {
+    let mut st = conn.prepare("SELECT id, name FROM tenants ORDER BY name_norm")?;
+    let rows = st.query_map([], |r| {
+        Ok(Tenant {
+            id: r.get(0)?,
+            name: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn check_name(what: &str, name: &str) -> AppResult<()> {
+    if name.is_empty() {
+        return Err(AppError::Usage(format!("a {what} name cannot be empty")));
+    }
+    if name.chars().count() > 100 {
+        return Err(AppError::Usage(format!(
+            "a {what} name can have at most 100 characters"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AppError::Usage(format!(
+            "a {what} name cannot contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Team {
+    pub id: i64,
+    pub name: String,
+}
+
+pub fn add_team(conn: &Connection, tenant_id: i64, name: &str) -> AppResult<Team> {
+    let name = name.trim();
+    check_name("team", name)?;
+    let n = conn.execute(
+        "INSERT INTO teams (tenant_id, name, name_norm, created_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant_id, name_norm) DO NOTHING",
+        params![tenant_id, name, norm(name), now()],
+    )?;
+    if n == 0 {
+        return Err(AppError::Usage(format!(
+            "a team named {name:?} exists already"
+        )));
+    }
+    Ok(Team {
+        id: conn.last_insert_rowid(),
+        name: name.to_string(),
+    })
+}
+
+pub fn list_teams(conn: &Connection, tenant_id: i64) -> AppResult<Vec<Team>> {
+    let mut st =
+        conn.prepare("SELECT id, name FROM teams WHERE tenant_id = ?1 ORDER BY name_norm")?;
+    let rows = st.query_map([tenant_id], |r| {
+        Ok(Team {
+            id: r.get(0)?,
+            name: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Pool {
+    pub id: i64,
+    pub name: String,
+    pub seats: i64,
+    /// Active users holding a seat.
+    pub used: i64,
+}
+
+impl Pool {
+    pub fn free(&self) -> i64 {
+        self.seats - self.used
+    }
+}
+
+/// Creates the pool or changes its seats. Fewer seats than are in use is refused.
+pub fn set_pool(conn: &Connection, tenant_id: i64, name: &str, seats: i64) -> AppResult<Pool> {
+    let name = name.trim();
+    check_name("licence pool", name)?;
+    if seats < 0 {
+        return Err(AppError::Usage("seats cannot be negative".into()));
+    }
+    let existing = list_pools(conn, tenant_id)?
+        .into_iter()
+        .find(|p| norm(&p.name) == norm(name));
+    if let Some(p) = existing {
+        if seats < p.used {
+            return Err(AppError::Usage(format!(
+                "licence pool {:?} has {} active users; it cannot have fewer seats than that (deactivate users or move them to another pool first)",
+                p.name, p.used
+            )));
+        }
+        conn.execute(
+            "UPDATE licence_pools SET seats = ?1 WHERE id = ?2",
+            params![seats, p.id],
+        )?;
+        return Ok(Pool { seats, ..p });
+    }
+    conn.execute(
+        "INSERT INTO licence_pools (tenant_id, name, name_norm, seats, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![tenant_id, name, norm(name), seats, now()],
+    )?;
+    Ok(Pool {
+        id: conn.last_insert_rowid(),
+        name: name.to_string(),
+        seats,
+        used: 0,
+    })
+}
+
+pub fn list_pools(conn: &Connection, tenant_id: i64) -> AppResult<Vec<Pool>> {
+    let mut st = conn.prepare(
+        "SELECT p.id, p.name, p.seats,
+                (SELECT count(*) FROM users u WHERE u.pool_id = p.id AND u.status = 'active')
+         FROM licence_pools p WHERE p.tenant_id = ?1 ORDER BY p.name_norm",
+    )?;
+    let rows = st.query_map([tenant_id], |r| {
+        Ok(Pool {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            seats: r.get(2)?,
+            used: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A user as stored, with team and pool names resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub job_title: Option<String>,
+    pub team_id: Option<i64>,
+    pub team: Option<String>,
+    pub role: String,
+    pub language: String,
+    pub pool_id: i64,
+    pub pool: String,
+    pub status: String,
+    pub custom: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+pub const USER_COLUMNS: &str = "u.id, u.email, u.first_name, u.last_name, u.job_title, u.team_id, t.name, u.role, u.language, u.pool_id, p.name, u.status, u.custom, u.created_at, u.updated_at";
+pub const USER_FROM: &str =
+    "users u LEFT JOIN teams t ON t.id = u.team_id JOIN licence_pools p ON p.id = u.pool_id";
+
+pub fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        id: r.get(0)?,
+        email: r.get(1)?,
+        first_name: r.get(2)?,
+        last_name: r.get(3)?,
+        job_title: r.get(4)?,
+        team_id: r.get(5)?,
+        team: r.get(6)?,
+        role: r.get(7)?,
+        language: r.get(8)?,
+        pool_id: r.get(9)?,
+        pool: r.get(10)?,
+        status: r.get(11)?,
+        custom: r.get(12)?,
+        created_at: r.get(13)?,
+        updated_at: r.get(14)?,
+    })
+}
+
+/// Every user of a tenant in email order, handed to `f` one at a time (no list in memory).
+pub fn for_each_user(
+    conn: &Connection,
+    tenant_id: i64,
+    status: Option<&str>,
+    mut f: impl FnMut(&User) -> AppResult<()>,
+) -> AppResult<()> {
+    let sql = format!(
+        "SELECT {USER_COLUMNS} FROM {USER_FROM} WHERE u.tenant_id = ?1 AND (?2 IS NULL OR u.status = ?2) ORDER BY u.email_norm"
+    );
+    let mut st = conn.prepare(&sql)?;
+    let mut rows = st.query(params![tenant_id, status])?;
+    while let Some(r) = rows.next()? {
+        f(&user_from_row(r)?)?;
+    }
+    Ok(())
+}
+
+/// Counts of users per status.
+pub fn user_counts(conn: &Connection, tenant_id: i64) -> AppResult<HashMap<String, i64>> {
+    let mut st =
+        conn.prepare("SELECT status, count(*) FROM users WHERE tenant_id = ?1 GROUP BY status")?;
+    let rows = st.query_map([tenant_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_and_refuses_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = open(&path, &DatabaseConfig::default()).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema_version());
+        conn.pragma_update(None, "user_version", 999).unwrap();
+        drop(conn);
+        let e = open(&path, &DatabaseConfig::default()).unwrap_err();
+        assert!(matches!(e, StartupError::DatabaseTooNew { found: 999, .. }));
+        assert!(e.to_string().contains("newer rollcall"));
+    }
+
+    #[test]
+    fn tenants_teams_pools() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("t.db"), &DatabaseConfig::default()).unwrap();
+        let t = create_tenant(&conn, " Acme ").unwrap();
+        assert_eq!(t.name, "Acme");
+        assert!(create_tenant(&conn, "ACME").is_err());
+        assert!(
+            tenant(&conn, "nope")
+                .unwrap_err()
+                .to_string()
+                .contains("Acme")
+        );
+        add_team(&conn, t.id, "Sales").unwrap();
+        assert!(add_team(&conn, t.id, "sales").is_err());
+        set_pool(&conn, t.id, "Standard", 10).unwrap();
+        let p = set_pool(&conn, t.id, "standard", 12).unwrap();
+        assert_eq!(p.seats, 12);
+        assert_eq!(list_pools(&conn, t.id).unwrap().len(), 1);
+        assert!(set_pool(&conn, t.id, "x", -1).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! rollcall: bulk user management on one's own hardware. See docs/ARCHITECTURE.md for the map.
+
+pub mod bulk;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod model;
+pub mod serve;
+pub mod service;
+pub mod sheet;

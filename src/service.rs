@@ -1,0 +1,413 @@
+//! The bulk flow's steps as the CLI (and later the web UI, scheduler and drop folder) use
+//! them: the `App` wiring, storing an upload, validating, and importing (validate and apply
+//! in one pass inside one transaction, then the results workbook).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
+
+use crate::bulk::{self, EffectSink, Mode, Outcome, Request};
+use crate::config::{Config, DataDir, Loaded};
+use crate::db::{self, Tenant};
+use crate::error::{AppError, AppResult, StartupError};
+use crate::model::{Operation, Severity};
+use crate::sheet::reader::ReaderSetup;
+use crate::sheet::report;
+use crate::sheet::template::TemplateLists;
+
+/// Everything a command needs, wired once.
+pub struct App {
+    pub config: Config,
+    pub data: DataDir,
+    pub conn: Connection,
+    pub reader: ReaderSetup,
+    /// Who is acting, for upload and job records (the OS user at the console).
+    pub actor: String,
+}
+
+impl App {
+    /// Opens the data directory and the database. `worker_exe` is the binary that parses
+    /// uploads (normally the running one).
+    pub fn open(loaded: &Loaded, worker_exe: PathBuf) -> Result<App, StartupError> {
+        let config = loaded.config.clone();
+        let root = config.data_dir.clone().ok_or(StartupError::NoDataDir)?;
+        let data = DataDir::open(&root)?;
+        let conn = db::open(&data.database(), &config.database)?;
+        let actor = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .map(|u| format!("console:{u}"))
+            .unwrap_or_else(|_| "console".to_string());
+        Ok(App {
+            reader: ReaderSetup {
+                worker_exe,
+                limits: config.limits.clone(),
+            },
+            config,
+            data,
+            conn,
+            actor,
+        })
+    }
+}
+
+/// The tenant's teams and pools for drop-downs.
+pub fn template_lists(conn: &Connection, tenant: &Tenant) -> AppResult<TemplateLists> {
+    Ok(TemplateLists {
+        tenant: tenant.name.clone(),
+        teams: db::list_teams(conn, tenant.id)?
+            .into_iter()
+            .map(|t| t.name)
+            .collect(),
+        pools: db::list_pools(conn, tenant.id)?
+            .into_iter()
+            .map(|p| p.name)
+            .collect(),
+    })
+}
+
+/// A stored copy of an uploaded file.
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    pub sha256: String,
+    pub size: u64,
+    pub path: PathBuf,
+}
+
+/// Copies an upload into the data directory under its content hash (once per content).
+pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<StoredFile> {
+    let io = |e: std::io::Error| AppError::Usage(format!("cannot read {}: {e}", src.display()));
+    let mut f = fs::File::open(src).map_err(io)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    let sha256 = hex::encode(h.finalize());
+    let ext = Path::new(file_name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "bin".into());
+    let path = data.upload_file(&sha256, &ext);
+    if !path.exists() {
+        let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(internal)?;
+        }
+        let tmp = data.tmp_dir().join(format!("{sha256}.partial"));
+        fs::copy(src, &tmp).map_err(internal)?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(internal)?;
+        fs::rename(&tmp, &path).map_err(internal)?;
+    }
+    Ok(StoredFile { sha256, size, path })
+}
+
+/// Validates a file without storing anything (a dry run).
+pub fn validate(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    file: &Path,
+    file_name: &str,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Outcome> {
+    let sha = store_hash(file)?;
+    bulk::process(
+        &app.conn,
+        &app.reader,
+        &Request {
+            tenant,
+            op,
+            path: file,
+            file_name,
+            file_sha256: Some(&sha),
+            mode: Mode::DryRun,
+        },
+        on_effect,
+        progress,
+    )
+}
+
+fn store_hash(file: &Path) -> AppResult<String> {
+    let mut f = fs::File::open(file)
+        .map_err(|e| AppError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| AppError::Usage(format!("cannot read {}: {e}", file.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// What an import did.
+#[derive(Debug)]
+pub struct ImportResult {
+    pub upload_id: i64,
+    /// The job, when the file was applied.
+    pub job_id: Option<i64>,
+    pub outcome: Outcome,
+    /// Warnings were found and not acknowledged: nothing was applied.
+    pub needs_acknowledgement: bool,
+    pub error_report: Option<PathBuf>,
+    pub results_report: Option<PathBuf>,
+}
+
+/// Stores, validates and applies a file in one pass and one transaction; a file with errors
+/// (or with warnings not acknowledged) changes nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn import(
+    app: &mut App,
+    tenant: &Tenant,
+    op: Operation,
+    file: &Path,
+    file_name: &str,
+    acknowledge_warnings: bool,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<ImportResult> {
+    let stored = store_upload(&app.data, file, file_name)?;
+    let now = db::now();
+    let tx = app
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'validated', ?7, ?8)",
+        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
+    )?;
+    let upload_id = tx.last_insert_rowid();
+    tx.execute(
+        "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at, started_at)
+         VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?5)",
+        params![tenant.id, upload_id, op.as_str(), app.actor, now],
+    )?;
+    let job_id = tx.last_insert_rowid();
+    let outcome = bulk::process(
+        &tx,
+        &app.reader,
+        &Request {
+            tenant,
+            op,
+            path: &stored.path,
+            file_name,
+            file_sha256: Some(&stored.sha256),
+            mode: Mode::Apply { job_id },
+        },
+        on_effect,
+        progress,
+    )?;
+    let needs_ack = outcome.is_valid() && outcome.warnings > 0 && !acknowledge_warnings;
+    if outcome.is_valid() && !needs_ack {
+        let result = serde_json::json!({
+            "totals": outcome.totals, "forecast": outcome.forecast,
+            "normalisations": outcome.normalisations, "notes": outcome.notes,
+        })
+        .to_string();
+        save_upload_result(&tx, upload_id, "validated", &outcome, &result)?;
+        tx.execute(
+            "UPDATE jobs SET state = 'succeeded', finished_at = ?2, rows_total = ?3, rows_done = ?3, result = ?4 WHERE id = ?1",
+            params![job_id, db::now(), outcome.rows as i64, result],
+        )?;
+        tx.commit()?;
+        let path = app.data.results_report(job_id);
+        report::write_results_workbook(&app.conn, job_id, op, &path)?;
+        return Ok(ImportResult {
+            upload_id,
+            job_id: Some(job_id),
+            outcome,
+            needs_acknowledgement: false,
+            error_report: None,
+            results_report: Some(path),
+        });
+    }
+    // Nothing of the file may stay: roll back every change, then record the upload alone.
+    tx.rollback()?;
+    let tx = app.conn.transaction()?;
+    tx.execute(
+        "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'rejected', ?7, ?8)",
+        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
+    )?;
+    let upload_id = tx.last_insert_rowid();
+    let status = if outcome.is_valid() {
+        "validated"
+    } else {
+        "rejected"
+    };
+    let result = serde_json::json!({
+        "totals": outcome.totals, "forecast": outcome.forecast,
+        "normalisations": outcome.normalisations, "notes": outcome.notes,
+    })
+    .to_string();
+    save_upload_result(&tx, upload_id, status, &outcome, &result)?;
+    tx.commit()?;
+    let error_report = if outcome.is_valid() {
+        None
+    } else {
+        let path = app.data.error_report(upload_id);
+        let lists = template_lists(&app.conn, tenant)?;
+        report::write_error_workbook(
+            &app.reader,
+            op,
+            &lists,
+            &stored.path,
+            file_name,
+            &outcome,
+            &path,
+        )?;
+        Some(path)
+    };
+    Ok(ImportResult {
+        upload_id,
+        job_id: None,
+        outcome,
+        needs_acknowledgement: needs_ack,
+        error_report,
+        results_report: None,
+    })
+}
+
+fn save_upload_result(
+    conn: &Connection,
+    upload_id: i64,
+    status: &str,
+    outcome: &Outcome,
+    result: &str,
+) -> AppResult<()> {
+    conn.execute(
+        "UPDATE uploads SET status = ?2, rows_total = ?3, error_count = ?4, warning_count = ?5, result = ?6 WHERE id = ?1",
+        params![upload_id, status, outcome.rows as i64, outcome.errors as i64, outcome.warnings as i64, result],
+    )?;
+    let mut st = conn.prepare(
+        "INSERT INTO upload_problems (upload_id, seq, severity, sheet, row_number, col_letter, col_name, value, code, message)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    for (i, p) in outcome.problems.iter().enumerate() {
+        st.execute(params![
+            upload_id,
+            i as i64,
+            if p.severity == Severity::Error {
+                "error"
+            } else {
+                "warning"
+            },
+            p.sheet,
+            p.row,
+            p.column,
+            p.column_name,
+            p.value,
+            p.code,
+            p.message
+        ])?;
+    }
+    Ok(())
+}
+
+/// A cell for a CSV export: text that a spreadsheet would run as a formula gets a leading
+/// apostrophe, so opening an export never executes anything.
+pub fn csv_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    }
+}
+
+/// Writes every user of a tenant to `.xlsx` or `.csv` (by extension), or CSV to stdout.
+/// Returns the number of users written.
+pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -> AppResult<u64> {
+    const HEADERS: [&str; 11] = [
+        "Email",
+        "First Name",
+        "Last Name",
+        "Job Title",
+        "Team",
+        "Role",
+        "Language",
+        "Licence Pool",
+        "Status",
+        "Created",
+        "Updated",
+    ];
+    let is_xlsx = output
+        .and_then(|p| p.extension())
+        .is_some_and(|e| e.eq_ignore_ascii_case("xlsx"));
+    let mut n = 0u64;
+    let fields = |u: &db::User| -> [String; 11] {
+        [
+            u.email.clone(),
+            u.first_name.clone(),
+            u.last_name.clone(),
+            u.job_title.clone().unwrap_or_default(),
+            u.team.clone().unwrap_or_default(),
+            u.role.clone(),
+            u.language.clone(),
+            u.pool.clone(),
+            u.status.clone(),
+            u.created_at.clone(),
+            u.updated_at.clone(),
+        ]
+    };
+    if is_xlsx {
+        let Some(path) = output else { return Ok(0) };
+        let xerr = |e: rust_xlsxwriter::XlsxError| AppError::internal("writing the export", e);
+        let f = crate::sheet::template::Formats::new();
+        let mut wb = rust_xlsxwriter::Workbook::new();
+        let ws = wb.add_worksheet_with_constant_memory().map_err(xerr)?;
+        ws.set_name("Users").map_err(xerr)?;
+        for (i, h) in HEADERS.iter().enumerate() {
+            ws.write_string_with_format(0, i as u16, *h, &f.header)
+                .map_err(xerr)?;
+            ws.set_column_width(i as u16, 20.0).map_err(xerr)?;
+        }
+        db::for_each_user(conn, tenant.id, None, |u| {
+            n += 1;
+            let r = u32::try_from(n).unwrap_or(u32::MAX);
+            for (i, v) in fields(u).iter().enumerate() {
+                ws.write_string_with_format(r, i as u16, crate::sheet::template::echo(v), &f.text)
+                    .map_err(xerr)?;
+            }
+            Ok(())
+        })?;
+        crate::sheet::report::save_atomically(&mut wb, path)?;
+        return Ok(n);
+    }
+    let sink: Box<dyn std::io::Write> = match output {
+        Some(p) => Box::new(
+            fs::File::create(p)
+                .map_err(|e| AppError::Usage(format!("cannot write {}: {e}", p.display())))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut w = csv::Writer::from_writer(sink);
+    let cerr = |e: csv::Error| AppError::internal("writing the export", e);
+    w.write_record(HEADERS).map_err(cerr)?;
+    db::for_each_user(conn, tenant.id, None, |u| {
+        n += 1;
+        let row = fields(u);
+        w.write_record(row.iter().map(|s| csv_safe(s).into_owned()))
+            .map_err(cerr)
+    })?;
+    w.flush()
+        .map_err(|e| AppError::internal("writing the export", e))?;
+    Ok(n)
+}

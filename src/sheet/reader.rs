@@ -1,0 +1,357 @@
+//! The parent side of file parsing: starts the worker process under limits, reads its
+//! stream of rows, and turns every way it can fail (a refusal, a crash, an abort on a huge
+//! allocation, a time-out) into one `ReadFailure` an administrator can act on.
+
+use std::io::{BufReader, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::codec::{self, Frame, RawRow};
+use super::worker::{Fatal, WorkbookInfo, WorkerArgs};
+use crate::config::Limits;
+
+/// Name of the hidden subcommand that runs the worker.
+pub const WORKER_SUBCOMMAND: &str = "__read-worker";
+
+/// How to start the worker: normally this very binary.
+#[derive(Debug, Clone)]
+pub struct ReaderSetup {
+    pub worker_exe: PathBuf,
+    pub limits: Limits,
+}
+
+impl ReaderSetup {
+    /// The running binary as worker.
+    pub fn current(limits: &Limits) -> std::io::Result<ReaderSetup> {
+        Ok(ReaderSetup {
+            worker_exe: std::env::current_exe()?,
+            limits: limits.clone(),
+        })
+    }
+}
+
+/// Why a file could not be read. `message` is for the administrator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadFailure {
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ReadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn failure(code: &str, message: impl Into<String>) -> ReadFailure {
+    ReadFailure {
+        code: code.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A running worker streaming the rows of one file's data sheet.
+pub struct SheetReader {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    info: WorkbookInfo,
+    stderr: Option<JoinHandle<String>>,
+    stop_watchdog: Option<mpsc::Sender<()>>,
+    watchdog: Option<JoinHandle<()>>,
+    timed_out: Arc<AtomicBool>,
+    limits: Limits,
+    done: bool,
+}
+
+impl SheetReader {
+    /// Starts the worker on `path` and reads the workbook information.
+    /// `declared_name` is the name the file was uploaded under (its extension matters);
+    /// `expected_sheet` is the data sheet to stream.
+    pub fn open(
+        setup: &ReaderSetup,
+        path: &Path,
+        declared_name: &str,
+        expected_sheet: &str,
+    ) -> Result<SheetReader, ReadFailure> {
+        let limits = &setup.limits;
+        let size = std::fs::metadata(path)
+            .map_err(|e| failure("file_unreadable", format!("The file cannot be read: {e}.")))?
+            .len();
+        if size > limits.max_file_bytes {
+            return Err(failure(
+                "file_too_large",
+                format!(
+                    "The file has {} MiB; the limit is {} MiB. Split it into smaller files.",
+                    size / (1024 * 1024),
+                    limits.max_file_bytes / (1024 * 1024)
+                ),
+            ));
+        }
+        let args = WorkerArgs {
+            path: path.to_path_buf(),
+            declared_name: declared_name.to_string(),
+            expected_sheet: expected_sheet.to_string(),
+            limits: limits.clone(),
+        };
+        let args_json = serde_json::to_string(&args)
+            .map_err(|e| failure("internal", format!("cannot start the reader: {e}")))?;
+        let mem = limits.worker_memory_mib.saturating_mul(1024 * 1024);
+        let cpu = limits.worker_cpu_seconds;
+        let mut cmd = Command::new(&setup.worker_exe);
+        cmd.arg(WORKER_SUBCOMMAND)
+            .arg(args_json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_clear();
+        // SAFETY: only async-signal-safe calls (setrlimit) run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                set_limit(libc::RLIMIT_AS, mem)?;
+                set_limit(libc::RLIMIT_CPU, cpu)?;
+                set_limit(libc::RLIMIT_CORE, 0)?;
+                set_limit(libc::RLIMIT_FSIZE, 0)?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            failure(
+                "internal",
+                format!(
+                    "The file reader could not be started ({}: {e}).",
+                    setup.worker_exe.display()
+                ),
+            )
+        })?;
+        let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failure("internal", "The file reader has no output pipe."));
+        };
+        enlarge_pipe(&stdout);
+        let stderr_thread = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut buf);
+            // Drain the rest so the worker never blocks on a full pipe.
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<()>();
+        let pid = child.id() as libc::pid_t;
+        let flag = timed_out.clone();
+        let wall = Duration::from_secs(limits.worker_wall_seconds);
+        let watchdog = std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(wall) {
+                flag.store(true, Ordering::SeqCst);
+                // SAFETY: plain syscall on the pid of our own child, which we have not reaped.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        });
+        let mut reader = SheetReader {
+            child,
+            out: BufReader::with_capacity(1 << 18, stdout),
+            info: WorkbookInfo {
+                format: String::new(),
+                sheets: vec![],
+                data_sheet: None,
+                meta: None,
+                notes: vec![],
+            },
+            stderr: Some(stderr_thread),
+            stop_watchdog: Some(tx),
+            watchdog: Some(watchdog),
+            timed_out,
+            limits: limits.clone(),
+            done: false,
+        };
+        let mut scratch = RawRow::default();
+        let max = reader.max_text();
+        match codec::read_frame(&mut reader.out, &mut scratch, max) {
+            Ok(Frame::Json(codec::FRAME_INFO, json)) => {
+                reader.info = serde_json::from_str(&json)
+                    .map_err(|e| failure("internal", format!("bad reader output: {e}")))?;
+                Ok(reader)
+            }
+            Ok(Frame::Json(_, json)) => Err(reader.refusal(&json)),
+            Ok(_) => Err(failure(
+                "internal",
+                "The file reader answered out of order.",
+            )),
+            Err(_) => Err(reader.diagnose()),
+        }
+    }
+
+    pub fn info(&self) -> &WorkbookInfo {
+        &self.info
+    }
+
+    fn max_text(&self) -> usize {
+        (self.limits.max_cell_chars as usize).saturating_mul(4) + 16
+    }
+
+    /// Reads the next row into `row`; `Ok(false)` at the end of the sheet.
+    pub fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure> {
+        if self.done {
+            return Ok(false);
+        }
+        let max = self.max_text();
+        match codec::read_frame(&mut self.out, row, max) {
+            Ok(Frame::Row) => Ok(true),
+            Ok(Frame::End) => {
+                self.done = true;
+                self.finish_child()?;
+                Ok(false)
+            }
+            Ok(Frame::Json(_, json)) => {
+                self.done = true;
+                Err(self.refusal(&json))
+            }
+            Err(_) => {
+                self.done = true;
+                Err(self.diagnose())
+            }
+        }
+    }
+
+    fn refusal(&mut self, json: &str) -> ReadFailure {
+        let _ = self.stop();
+        match serde_json::from_str::<Fatal>(json) {
+            Ok(f) => ReadFailure {
+                code: f.code,
+                message: f.message,
+            },
+            Err(e) => failure("internal", format!("bad reader output: {e}")),
+        }
+    }
+
+    fn finish_child(&mut self) -> Result<(), ReadFailure> {
+        let status = self.stop();
+        match status {
+            Some(s) if s.success() => Ok(()),
+            _ => Err(self.diagnose()),
+        }
+    }
+
+    /// Waits for the worker and stops the watchdog; returns its exit status.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                if !self.done {
+                    let _ = self.child.kill();
+                }
+                self.child.wait().ok()
+            }
+        };
+        self.stop_watchdog.take();
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        status
+    }
+
+    /// Explains why the worker's stream ended early.
+    fn diagnose(&mut self) -> ReadFailure {
+        self.done = true;
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        self.stop_watchdog.take();
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let limits = &self.limits;
+        if self.timed_out.load(Ordering::SeqCst) {
+            return failure(
+                "time_limit",
+                format!(
+                    "Reading the file took longer than the limit of {} seconds, so it was stopped. The file is very large, damaged or malicious.",
+                    limits.worker_wall_seconds
+                ),
+            );
+        }
+        let signal = status.and_then(|s| s.signal());
+        if signal == Some(libc::SIGXCPU) || signal == Some(libc::SIGKILL) {
+            return failure(
+                "time_limit",
+                format!(
+                    "Reading the file used more than the limit of {} seconds of processor time, so it was stopped. The file is very large, damaged or malicious.",
+                    limits.worker_cpu_seconds
+                ),
+            );
+        }
+        if stderr.contains("memory allocation")
+            || stderr.contains("capacity overflow")
+            || signal == Some(libc::SIGABRT)
+        {
+            return failure(
+                "memory_limit",
+                format!(
+                    "Reading the file needed more memory than the limit of {} MiB, so it was stopped. The file is damaged or malicious (for example it claims far more cells than it has); save the data again from your spreadsheet program.",
+                    limits.worker_memory_mib
+                ),
+            );
+        }
+        let detail = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        failure(
+            "file_damaged",
+            format!(
+                "The file could not be read: the spreadsheet reader failed ({}{}{}). Save it again from your spreadsheet program and upload the new copy.",
+                match (status.and_then(|s| s.code()), signal) {
+                    (Some(c), _) => format!("exit code {c}"),
+                    (_, Some(s)) => format!("signal {s}"),
+                    _ => "no exit status".to_string(),
+                },
+                if detail.is_empty() { "" } else { ": " },
+                detail.chars().take(200).collect::<String>()
+            ),
+        )
+    }
+}
+
+impl Drop for SheetReader {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        self.stop_watchdog.take();
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: value as libc::rlim_t,
+        rlim_max: value as libc::rlim_t,
+    };
+    // SAFETY: setrlimit only reads the struct we pass.
+    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A 1 MiB pipe lets the worker run ahead of a briefly busy parent.
+fn enlarge_pipe(stdout: &ChildStdout) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own; failure is harmless (the default size stays).
+    unsafe {
+        libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}

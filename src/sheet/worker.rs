@@ -1,0 +1,763 @@
+//! The parsing worker: the same binary re-executed as `rollcall __read-worker`, run by
+//! `sheet::reader` under memory, CPU and time limits. It detects the file's real format,
+//! checks archives for bombs while inflating, opens the file with calamine (or the csv
+//! reader) and streams the data sheet's rows to stdout (see `codec`). Anything hostile that
+//! makes a library abort kills only this process; the parent turns that into one message.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::path::Path;
+
+use calamine::{Data, DataRef, Ods, Reader, Xls, Xlsx};
+use serde::{Deserialize, Serialize};
+
+use super::codec::{self, CellKind, RawRow};
+use crate::config::Limits;
+use crate::model::META_SHEET;
+
+/// What the worker tells the parent about the workbook before the rows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkbookInfo {
+    /// xlsx, xls, ods or csv: the format found in the content, whatever the file's name.
+    pub format: String,
+    pub sheets: Vec<SheetInfo>,
+    /// The sheet that will be streamed: the expected data sheet, matched without regard to
+    /// case; `None` when the workbook has no such sheet (no rows follow).
+    pub data_sheet: Option<String>,
+    /// Key/value pairs of the hidden metadata sheet, if present.
+    pub meta: Option<BTreeMap<String, String>>,
+    /// Notes on how the file was read (e.g. the CSV delimiter found).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SheetInfo {
+    pub name: String,
+    pub visible: bool,
+}
+
+/// A problem that makes the whole file unreadable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Fatal {
+    pub code: String,
+    pub message: String,
+}
+
+fn fatal(code: &str, message: impl Into<String>) -> Fail {
+    Fail::Fatal(Fatal {
+        code: code.to_string(),
+        message: message.into(),
+    })
+}
+
+enum Fail {
+    Fatal(Fatal),
+    /// Writing to the parent failed (it went away); nothing more to say.
+    Pipe(io::Error),
+}
+
+/// Arguments of the worker, passed on its command line by the parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerArgs {
+    pub path: std::path::PathBuf,
+    /// The file name the administrator gave (for its extension).
+    pub declared_name: String,
+    pub expected_sheet: String,
+    pub limits: Limits,
+}
+
+/// Runs the worker; returns the process exit code.
+pub fn run(args: &WorkerArgs) -> i32 {
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 18, stdout.lock());
+    let result = read_file(args, &mut out);
+    let written = match result {
+        Ok(()) => out.write_all(&[codec::FRAME_END]),
+        Err(Fail::Fatal(f)) => {
+            let json = serde_json::to_string(&f).unwrap_or_default();
+            codec::write_json_frame(&mut out, codec::FRAME_FATAL, &json)
+        }
+        Err(Fail::Pipe(e)) => Err(e),
+    };
+    match written.and_then(|_| out.flush()) {
+        Ok(()) => 0,
+        Err(_) => 3,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Format {
+    Xlsx,
+    Ods,
+    Xls,
+    Csv,
+}
+
+fn extension(name: &str) -> String {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+fn detect(path: &Path, declared: &str, limits: &Limits) -> Result<Format, Fail> {
+    let unreadable =
+        |e: io::Error| fatal("file_unreadable", format!("The file cannot be read: {e}."));
+    let mut f = File::open(path).map_err(unreadable)?;
+    let mut head = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    while n < head.len() {
+        let got = f.read(&mut head[n..]).map_err(unreadable)?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    head.truncate(n);
+    let ext = extension(declared);
+    if head.is_empty() {
+        return Err(fatal("file_empty", "The file is empty (0 bytes)."));
+    }
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        return detect_zip(path, limits);
+    }
+    if head.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]) {
+        // An OLE container: a legacy .xls, or an encrypted .xlsx (which Excel stores as OLE
+        // streams named EncryptionInfo/EncryptedPackage).
+        let mut all = Vec::new();
+        f.rewind().map_err(unreadable)?;
+        f.take(limits.max_file_bytes)
+            .read_to_end(&mut all)
+            .map_err(unreadable)?;
+        let marker: Vec<u8> = "EncryptedPackage"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
+        if all.windows(marker.len()).any(|w| w == marker.as_slice()) {
+            return Err(fatal(
+                "file_encrypted",
+                "The file is password-protected (encrypted). Open it, remove the password (File > Info > Protect Workbook), save and upload it again.",
+            ));
+        }
+        return Ok(Format::Xls);
+    }
+    let named = |what: &str| {
+        fatal(
+            "file_wrong_type",
+            format!(
+                "The file is not a spreadsheet: it is {what}. Upload the .xlsx template you filled in (or an .xls, .ods or .csv file)."
+            ),
+        )
+    };
+    if head.starts_with(b"\x89PNG") {
+        return Err(named("a PNG image"));
+    }
+    if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Err(named("a JPEG image"));
+    }
+    if head.starts_with(b"GIF8") {
+        return Err(named("a GIF image"));
+    }
+    if head.starts_with(b"%PDF") {
+        return Err(named("a PDF document"));
+    }
+    if head.starts_with(&[0x1F, 0x8B]) {
+        return Err(named("a gzip archive"));
+    }
+    if head.starts_with(b"Rar!") || head.starts_with(b"7z\xBC\xAF") {
+        return Err(named("a compressed archive"));
+    }
+    if head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]) {
+        return Err(fatal(
+            "csv_encoding",
+            "The file is text in UTF-16. Save it as \"CSV UTF-8\" (Excel) or with UTF-8 encoding and upload it again.",
+        ));
+    }
+    let text = match std::str::from_utf8(&head) {
+        Ok(_) => true,
+        // A multi-byte character cut by the 64 KiB window is fine.
+        Err(e) => e.error_len().is_none() && e.valid_up_to() + 4 > head.len(),
+    };
+    if !text || head.contains(&0) {
+        return Err(named("binary data of an unknown kind"));
+    }
+    if matches!(ext.as_str(), "xlsx" | "xlsm" | "xls" | "ods") {
+        return Err(fatal(
+            "file_wrong_type",
+            format!(
+                "The file is named .{ext} but contains plain text (CSV?). If it is a CSV file, rename it to .csv; otherwise save it from your spreadsheet program as .xlsx."
+            ),
+        ));
+    }
+    Ok(Format::Csv)
+}
+
+fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
+    let f = File::open(path)
+        .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(f)).map_err(|e| {
+        fatal(
+            "file_damaged",
+            format!("The file is damaged or incomplete (its zip structure cannot be read: {e}). Save it again from your spreadsheet program and upload the new copy."),
+        )
+    })?;
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .collect();
+    let has = |n: &str| names.iter().any(|x| x == n);
+    let format = if has("xl/workbook.xml") {
+        Format::Xlsx
+    } else if has("xl/workbook.bin") {
+        return Err(fatal(
+            "file_wrong_type",
+            "The file is an Excel binary workbook (.xlsb), which rollcall does not read. Save it as .xlsx (Excel Workbook) and upload it again.",
+        ));
+    } else if has("mimetype") {
+        let mut mt = String::new();
+        if let Ok(e) = zip.by_name("mimetype") {
+            let _ = e.take(200).read_to_string(&mut mt);
+        }
+        if mt.trim() == "application/vnd.oasis.opendocument.spreadsheet" {
+            Format::Ods
+        } else {
+            return Err(fatal(
+                "file_wrong_type",
+                format!(
+                    "The file is an OpenDocument file of another kind ({}) , not a spreadsheet.",
+                    mt.trim()
+                ),
+            ));
+        }
+    } else if has("word/document.xml") {
+        return Err(fatal(
+            "file_wrong_type",
+            "The file is a Word document, not a spreadsheet.",
+        ));
+    } else if has("ppt/presentation.xml") {
+        return Err(fatal(
+            "file_wrong_type",
+            "The file is a PowerPoint presentation, not a spreadsheet.",
+        ));
+    } else {
+        return Err(fatal(
+            "file_wrong_type",
+            "The file is a zip archive, not a spreadsheet. Upload the .xlsx file itself.",
+        ));
+    };
+    check_zip_entries(&mut zip, limits)?;
+    Ok(format)
+}
+
+/// Inflates every XML entry once with counters, so a bomb or an entry that lies about its
+/// size is refused before calamine reads it.
+fn check_zip_entries<R: Read + Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    limits: &Limits,
+) -> Result<(), Fail> {
+    const MIB: u64 = 1024 * 1024;
+    let max_entry = limits.max_zip_entry_mib.saturating_mul(MIB);
+    let max_total = limits.max_zip_total_mib.saturating_mul(MIB);
+    if zip.len() > 10_000 {
+        return Err(fatal(
+            "zip_too_many_entries",
+            format!(
+                "The file holds {} parts; a spreadsheet has far fewer. It is damaged or not a real spreadsheet.",
+                zip.len()
+            ),
+        ));
+    }
+    let bomb = |name: &str, what: String| {
+        fatal(
+            "zip_bomb",
+            format!(
+                "The file was refused: its part {name} {what}. This happens with damaged or deliberately malicious files; save the data again from your spreadsheet program."
+            ),
+        )
+    };
+    let mut total = 0u64;
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| {
+            fatal(
+                "file_damaged",
+                format!("The file is damaged: part {i} cannot be read ({e})."),
+            )
+        })?;
+        let name = entry
+            .name()
+            .map(|n| n.into_owned())
+            .unwrap_or_else(|_| format!("#{i}"));
+        let declared = entry.size();
+        let compressed = entry.compressed_size().max(1);
+        if declared > max_entry {
+            return Err(bomb(
+                &name,
+                format!(
+                    "would inflate to {} MiB, above the limit of {} MiB",
+                    declared / MIB,
+                    limits.max_zip_entry_mib
+                ),
+            ));
+        }
+        if declared > MIB && declared / compressed > limits.max_zip_ratio {
+            return Err(bomb(
+                &name,
+                format!(
+                    "is compressed {}:1, above the limit of {}:1",
+                    declared / compressed,
+                    limits.max_zip_ratio
+                ),
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if !(lower.ends_with(".xml") || lower.ends_with(".rels") || lower == "mimetype") {
+            continue;
+        }
+        let mut counter = Counter::new(lower.ends_with("sharedstrings.xml"));
+        let n = io::copy(&mut (&mut entry).take(max_entry + 1), &mut counter).map_err(|e| {
+            fatal(
+                "file_damaged",
+                format!("The file is damaged: part {name} cannot be inflated ({e})."),
+            )
+        })?;
+        if n > max_entry {
+            return Err(bomb(
+                &name,
+                format!(
+                    "inflates to more than {} MiB although it claims {} bytes",
+                    limits.max_zip_entry_mib, declared
+                ),
+            ));
+        }
+        if n > MIB && n / compressed > limits.max_zip_ratio {
+            return Err(bomb(
+                &name,
+                format!(
+                    "is compressed {}:1, above the limit of {}:1",
+                    n / compressed,
+                    limits.max_zip_ratio
+                ),
+            ));
+        }
+        total += n;
+        if total > max_total {
+            return Err(bomb(
+                &name,
+                format!(
+                    "brings the inflated total above {} MiB",
+                    limits.max_zip_total_mib
+                ),
+            ));
+        }
+        if let Some(count) = counter.unique_count() {
+            // Each shared string takes at least `<si><t/></si>` (12 bytes).
+            if count > n / 12 + 16 {
+                return Err(fatal(
+                    "file_damaged",
+                    format!(
+                        "The file is damaged or malicious: its shared strings claim {count} entries but hold at most {}.",
+                        n / 12 + 16
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A sink that counts bytes and keeps the first KiB when asked (to read `uniqueCount`).
+struct Counter {
+    head: Option<Vec<u8>>,
+}
+
+impl Counter {
+    fn new(keep_head: bool) -> Self {
+        Counter {
+            head: keep_head.then(Vec::new),
+        }
+    }
+    fn unique_count(&self) -> Option<u64> {
+        let head = self.head.as_ref()?;
+        let text = String::from_utf8_lossy(head);
+        let at = text.find("uniqueCount=\"")? + "uniqueCount=\"".len();
+        let digits: String = text[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok().or(Some(u64::MAX))
+    }
+}
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(h) = &mut self.head
+            && h.len() < 1024
+        {
+            let take = (1024 - h.len()).min(buf.len());
+            h.extend_from_slice(&buf[..take]);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A cell value on its way out, borrowed from whichever reader produced it.
+enum Value<'a> {
+    Skip,
+    Text(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Date(f64),
+    DateIso(&'a str),
+    Error(String),
+}
+
+fn value_ref<'a>(d: &'a DataRef<'_>, date_offset: f64) -> Value<'a> {
+    match d {
+        DataRef::Empty => Value::Skip,
+        DataRef::String(s) => Value::Text(s),
+        DataRef::SharedString(s) => Value::Text(s),
+        DataRef::Int(i) => Value::Int(*i),
+        DataRef::Float(f) => Value::Float(*f),
+        DataRef::Bool(b) => Value::Bool(*b),
+        DataRef::DateTime(dt) => Value::Date(dt.as_f64() + date_offset),
+        DataRef::DateTimeIso(s) => Value::DateIso(s),
+        DataRef::DurationIso(s) => Value::Text(s),
+        DataRef::Error(e) => Value::Error(e.to_string()),
+    }
+}
+
+fn value_owned(d: &Data, date_offset: f64) -> Value<'_> {
+    match d {
+        Data::Empty => Value::Skip,
+        Data::String(s) => Value::Text(s),
+        Data::Int(i) => Value::Int(*i),
+        Data::Float(f) => Value::Float(*f),
+        Data::Bool(b) => Value::Bool(*b),
+        Data::DateTime(dt) => Value::Date(dt.as_f64() + date_offset),
+        Data::DateTimeIso(s) => Value::DateIso(s),
+        Data::DurationIso(s) => Value::Text(s),
+        Data::Error(e) => Value::Error(e.to_string()),
+    }
+}
+
+/// Groups cells into rows, enforces the row/column/cell limits and writes finished rows.
+struct RowSink<'w, W: Write> {
+    out: &'w mut W,
+    row: RawRow,
+    open: bool,
+    limits: Limits,
+}
+
+impl<'w, W: Write> RowSink<'w, W> {
+    fn new(out: &'w mut W, limits: &Limits) -> Self {
+        RowSink {
+            out,
+            row: RawRow::default(),
+            open: false,
+            limits: limits.clone(),
+        }
+    }
+
+    fn cell(&mut self, r: u32, c: u32, v: Value<'_>) -> Result<(), Fail> {
+        if matches!(v, Value::Skip) {
+            return Ok(());
+        }
+        if r > self.limits.max_rows {
+            return Err(fatal(
+                "too_many_rows",
+                format!(
+                    "The sheet has data in row {}, beyond the limit of {} data rows below the header. Split the file into smaller files.",
+                    u64::from(r) + 1,
+                    self.limits.max_rows
+                ),
+            ));
+        }
+        if c >= self.limits.max_columns {
+            return Err(fatal(
+                "too_many_columns",
+                format!(
+                    "The sheet has data in column {} (row {}), beyond the limit of {} columns. Remove what is right of the template's columns.",
+                    crate::model::column_letter(c as usize),
+                    u64::from(r) + 1,
+                    self.limits.max_columns
+                ),
+            ));
+        }
+        if !self.open || r != self.row.index {
+            if self.open && r < self.row.index {
+                return Err(fatal(
+                    "file_damaged",
+                    format!(
+                        "The file is damaged: row {} appears after row {}.",
+                        r + 1,
+                        self.row.index + 1
+                    ),
+                ));
+            }
+            self.flush_row()?;
+            self.row.clear(r);
+            self.open = true;
+        }
+        let max = self.limits.max_cell_chars as usize;
+        match v {
+            Value::Skip => {}
+            Value::Text(s) | Value::DateIso(s) if s.len() > max && s.chars().count() > max => self
+                .row
+                .push(c, CellKind::TooLong, "", s.chars().count() as f64),
+            Value::Text(s) => self.row.push(c, CellKind::Text, s, 0.0),
+            Value::DateIso(s) => self.row.push(c, CellKind::DateIso, s, 0.0),
+            Value::Int(i) if i.unsigned_abs() < (1u64 << 53) => {
+                self.row.push(c, CellKind::Int, "", i as f64)
+            }
+            Value::Int(i) => self.row.push(c, CellKind::Text, &i.to_string(), 0.0),
+            Value::Float(f) => self.row.push(c, CellKind::Float, "", f),
+            Value::Bool(b) => self
+                .row
+                .push(c, CellKind::Bool, "", if b { 1.0 } else { 0.0 }),
+            Value::Date(f) => self.row.push(c, CellKind::Date, "", f),
+            Value::Error(e) => self.row.push(c, CellKind::Error, &e, 0.0),
+        }
+        Ok(())
+    }
+
+    fn flush_row(&mut self) -> Result<(), Fail> {
+        if self.open && !self.row.cells().is_empty() {
+            codec::write_row(self.out, &self.row).map_err(Fail::Pipe)?;
+        }
+        self.open = false;
+        Ok(())
+    }
+}
+
+fn find_sheet(names: &[SheetInfo], expected: &str) -> Option<String> {
+    let want = expected.trim().to_lowercase();
+    names
+        .iter()
+        .find(|s| s.name.trim().to_lowercase() == want)
+        .map(|s| s.name.clone())
+}
+
+fn meta_from_range(range: &calamine::Range<Data>) -> BTreeMap<String, String> {
+    let mut meta = BTreeMap::new();
+    for row in range.rows().take(64) {
+        if let (Some(k), Some(v)) = (row.first(), row.get(1)) {
+            let k = k.to_string();
+            if !k.is_empty() {
+                meta.insert(k, v.to_string());
+            }
+        }
+    }
+    meta
+}
+
+fn send_info<W: Write>(out: &mut W, info: &WorkbookInfo) -> Result<(), Fail> {
+    let json = serde_json::to_string(info).unwrap_or_default();
+    codec::write_json_frame(out, codec::FRAME_INFO, &json).map_err(Fail::Pipe)
+}
+
+fn damaged(e: impl std::fmt::Display) -> Fail {
+    let text = e.to_string();
+    if text.to_lowercase().contains("password") {
+        return fatal(
+            "file_encrypted",
+            "The file is password-protected. Remove the password, save and upload it again.",
+        );
+    }
+    fatal(
+        "file_damaged",
+        format!(
+            "The file cannot be read as a spreadsheet ({text}). Save it again from your spreadsheet program and upload the new copy."
+        ),
+    )
+}
+
+fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
+    let format = detect(&args.path, &args.declared_name, &args.limits)?;
+    match format {
+        Format::Csv => read_csv(args, out),
+        Format::Xlsx => read_xlsx(args, out),
+        Format::Xls => {
+            let wb: Xls<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
+            read_ranged(wb, "xls", args, out)
+        }
+        Format::Ods => {
+            let wb: Ods<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
+            read_ranged(wb, "ods", args, out)
+        }
+    }
+}
+
+fn sheet_list(meta: &[calamine::Sheet]) -> Vec<SheetInfo> {
+    meta.iter()
+        .map(|s| SheetInfo {
+            name: s.name.clone(),
+            visible: s.visible == calamine::SheetVisible::Visible,
+        })
+        .collect()
+}
+
+fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
+    let mut wb: Xlsx<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
+    let sheets = sheet_list(wb.sheets_metadata());
+    let meta = match find_sheet(&sheets, META_SHEET) {
+        Some(name) => Some(meta_from_range(
+            &wb.worksheet_range(&name).map_err(damaged)?,
+        )),
+        None => None,
+    };
+    let data_sheet = find_sheet(&sheets, &args.expected_sheet);
+    send_info(
+        out,
+        &WorkbookInfo {
+            format: "xlsx".into(),
+            sheets,
+            data_sheet: data_sheet.clone(),
+            meta,
+            notes: vec![],
+        },
+    )?;
+    let Some(name) = data_sheet else {
+        return Ok(());
+    };
+    let offset = if wb.has_1904_epoch() { 1462.0 } else { 0.0 };
+    let mut cells = wb.worksheet_cells_reader(&name).map_err(damaged)?;
+    let mut sink = RowSink::new(out, &args.limits);
+    while let Some(cell) = cells.next_cell().map_err(damaged)? {
+        let (r, c) = cell.get_position();
+        sink.cell(r, c, value_ref(cell.get_value(), offset))?;
+    }
+    sink.flush_row()
+}
+
+fn read_ranged<W: Write, R: Reader<BufReader<File>>>(
+    mut wb: R,
+    format: &str,
+    args: &WorkerArgs,
+    out: &mut W,
+) -> Result<(), Fail>
+where
+    R::Error: std::fmt::Display,
+{
+    let sheets = sheet_list(wb.sheets_metadata());
+    let meta = match find_sheet(&sheets, META_SHEET) {
+        Some(name) => Some(meta_from_range(
+            &wb.worksheet_range(&name).map_err(damaged)?,
+        )),
+        None => None,
+    };
+    let data_sheet = find_sheet(&sheets, &args.expected_sheet);
+    send_info(
+        out,
+        &WorkbookInfo {
+            format: format.into(),
+            sheets,
+            data_sheet: data_sheet.clone(),
+            meta,
+            notes: vec![],
+        },
+    )?;
+    let Some(name) = data_sheet else {
+        return Ok(());
+    };
+    let range = wb.worksheet_range(&name).map_err(damaged)?;
+    let Some((r0, c0)) = range.start() else {
+        return Ok(());
+    };
+    let mut sink = RowSink::new(out, &args.limits);
+    for (r, c, v) in range.used_cells() {
+        sink.cell(r0 + r as u32, c0 + c as u32, value_owned(v, 0.0))?;
+    }
+    sink.flush_row()
+}
+
+fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
+    let mut file = BufReader::new(
+        File::open(&args.path)
+            .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?,
+    );
+    // Skip a UTF-8 byte-order mark, then find the delimiter from the first line.
+    let mut bom = [0u8; 3];
+    let n = file
+        .read(&mut bom)
+        .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+    if !(n == 3 && bom == [0xEF, 0xBB, 0xBF]) {
+        file.seek(io::SeekFrom::Start(0))
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+    }
+    let mut first = Vec::new();
+    {
+        use io::BufRead;
+        let pos = file
+            .stream_position()
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+        let _ = (&mut file).take(64 * 1024).read_until(b'\n', &mut first);
+        file.seek(io::SeekFrom::Start(pos))
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+    }
+    let count = |b: u8| first.iter().filter(|&&x| x == b).count();
+    let (delim, dname) = [(b',', "comma"), (b';', "semicolon"), (b'\t', "tab")]
+        .into_iter()
+        .max_by_key(|(b, _)| count(*b))
+        .unwrap_or((b',', "comma"));
+    let stem = Path::new(&args.declared_name)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("csv")
+        .to_string();
+    send_info(
+        out,
+        &WorkbookInfo {
+            format: "csv".into(),
+            sheets: vec![SheetInfo {
+                name: stem,
+                visible: true,
+            }],
+            data_sheet: Some(args.expected_sheet.clone()),
+            meta: None,
+            notes: vec![format!(
+                "CSV file read as UTF-8 with {dname} as the delimiter"
+            )],
+        },
+    )?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(delim)
+        .from_reader(file);
+    let mut rec = csv::ByteRecord::new();
+    let mut sink = RowSink::new(out, &args.limits);
+    let mut index: u32 = 0;
+    loop {
+        match rdr.read_byte_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                return Err(fatal(
+                    "file_damaged",
+                    format!("The CSV file cannot be read after row {index}: {e}."),
+                ));
+            }
+        }
+        for (c, field) in rec.iter().enumerate() {
+            if field.is_empty() {
+                continue;
+            }
+            let text = std::str::from_utf8(field).map_err(|_| {
+                fatal(
+                    "csv_encoding",
+                    format!("Row {}, column {} of the CSV file is not UTF-8 text. Save the file as \"CSV UTF-8\" and upload it again.", index + 1, crate::model::column_letter(c)),
+                )
+            })?;
+            let col = u32::try_from(c).unwrap_or(u32::MAX);
+            sink.cell(index, col, Value::Text(text))?;
+        }
+        index = index.saturating_add(1);
+    }
+    sink.flush_row()
+}
