@@ -184,12 +184,16 @@ pub fn process(
             return Ok(out);
         }
     };
-    if let Err(msg) = header_ok {
-        refuse(&mut out, "columns_mismatch", msg);
-        return Ok(out);
-    }
+    let errors_column = match header_ok {
+        Ok(e) => e,
+        Err(msg) => {
+            refuse(&mut out, "columns_mismatch", msg);
+            return Ok(out);
+        }
+    };
 
     let mut v = Validator::new(conn, req, &cols, &setup.limits, out.sheet.clone())?;
+    v.errors_column = errors_column;
     if let Some(sha) = req.file_sha256 {
         v.check_already_applied(sha)?;
     }
@@ -250,6 +254,10 @@ fn intern_code(code: &str) -> &'static str {
         "memory_limit",
         "time_limit",
         "internal",
+        "wrong_operation",
+        "template_too_new",
+        "sheet_missing",
+        "columns_mismatch",
     ];
     KNOWN
         .iter()
@@ -350,7 +358,8 @@ fn header_norm(s: &str) -> String {
 }
 
 /// Compares the header row with the template's columns; one message naming every difference.
-pub fn check_header(cols: &[Column], row: &RawRow) -> Result<(), String> {
+/// `Ok(true)` when the row carries the error workbook's Errors column after the template's.
+pub fn check_header(cols: &[Column], row: &RawRow) -> Result<bool, String> {
     let n = cols.len();
     let expected: Vec<String> = cols.iter().map(|c| header_norm(c.header)).collect();
     let mut found: BTreeMap<u32, String> = BTreeMap::new();
@@ -361,10 +370,10 @@ pub fn check_header(cols: &[Column], row: &RawRow) -> Result<(), String> {
         }
     }
     // The error workbook's own column, right after the template's, is ignored.
-    if found
+    let errors_column = found
         .get(&(n as u32))
-        .is_some_and(|h| header_norm(h) == header_norm(ERRORS_HEADER))
-    {
+        .is_some_and(|h| header_norm(h) == header_norm(ERRORS_HEADER));
+    if errors_column {
         found.remove(&(n as u32));
     }
     let mut parts = Vec::new();
@@ -404,13 +413,25 @@ pub fn check_header(cols: &[Column], row: &RawRow) -> Result<(), String> {
         }
     }
     if parts.is_empty() {
-        return Ok(());
+        return Ok(errors_column);
     }
     Err(format!(
         "The columns do not match the template: {}. Do not add, remove, rename or move columns: restore them, or download the template again and copy your rows into it.",
         parts.join("; ")
     ))
 }
+
+/// Error values spreadsheets show in cells.
+const EXCEL_ERRORS: [&str; 8] = [
+    "#N/A",
+    "#REF!",
+    "#VALUE!",
+    "#DIV/0!",
+    "#NAME?",
+    "#NULL!",
+    "#NUM!",
+    "#GETTING_DATA",
+];
 
 /// Formats a spreadsheet number the way it looks in a cell: 42 not 42.0.
 pub fn format_number(f: f64) -> String {
@@ -567,6 +588,8 @@ struct Validator<'c> {
     now: String,
     values: Vec<String>,
     row_errors: u64,
+    /// The header has the error workbook's Errors column (its cells are ignored).
+    errors_column: bool,
 }
 
 struct Writer<'c> {
@@ -650,6 +673,7 @@ impl<'c> Validator<'c> {
             now: db::now(),
             values: vec![String::new(); cols.len()],
             row_errors: 0,
+            errors_column: false,
         })
     }
 
@@ -742,7 +766,7 @@ impl<'c> Validator<'c> {
             let c = cell.col as usize;
             if c >= n {
                 // A value outside the template; the error workbook's column is ignored.
-                if c == n && cell.kind == CellKind::Text {
+                if c == n && self.errors_column {
                     continue;
                 }
                 let text = cell_text(cell);
@@ -764,6 +788,12 @@ impl<'c> Validator<'c> {
                 continue;
             }
             match cell.kind {
+                CellKind::Text if EXCEL_ERRORS.contains(&cell.text.trim()) => {
+                    // An error value pasted or echoed as text is still not a value.
+                    let t = cell.text.trim().to_string();
+                    self.problem(Severity::Error, Some(row), Some(c), Some(&t), "cell_error", format!("The cell shows the spreadsheet error {t}. Replace it with a value (a formula's result may be broken)."));
+                    ok = false;
+                }
                 CellKind::Text => {
                     let t = &cell.text;
                     let has_nbsp = t.contains(['\u{a0}', '\u{2007}', '\u{202f}']);

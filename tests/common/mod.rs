@@ -1,0 +1,212 @@
+//! Test helpers: a scratch data directory with the real binary as parsing worker, and a
+//! minimal .xlsx writer with other internals than rust_xlsxwriter (shared strings as Excel
+//! writes them, explicit cell references), also used to build hostile files.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rollcall::config::{Config, Loaded, Overrides};
+use rollcall::service::App;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rollcall");
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub app: App,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env::with(|_| {})
+    }
+
+    pub fn with(tune: impl FnOnce(&mut Config)) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = Config::load_from(
+            &Overrides {
+                data_dir: Some(dir.path().join("data")),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap();
+        let mut config = loaded.config;
+        tune(&mut config);
+        let loaded = Loaded {
+            config,
+            file: None,
+            warnings: vec![],
+        };
+        let app = App::open(&loaded, PathBuf::from(BIN)).unwrap();
+        Env { dir, app }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A cell for the hand-made workbook.
+#[derive(Clone, Debug)]
+pub enum C {
+    S(String),
+    N(f64),
+    Raw(String),
+}
+
+pub fn s(v: &str) -> C {
+    C::S(v.to_string())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+pub fn col_letter(i: usize) -> String {
+    rollcall::model::column_letter(i)
+}
+
+/// One sheet of the hand-made workbook.
+pub struct Sheet {
+    pub name: String,
+    pub rows: Vec<Vec<C>>,
+    pub hidden: bool,
+}
+
+/// Writes a workbook by hand: sharedStrings for text, explicit references.
+pub fn write_xlsx(path: &Path, sheets: &[Sheet]) {
+    write_xlsx_custom(path, sheets, None, |_, _| {})
+}
+
+/// As `write_xlsx`, with a custom sharedStrings `uniqueCount` and a hook to add raw parts.
+pub fn write_xlsx_custom(
+    path: &Path,
+    sheets: &[Sheet],
+    unique_count: Option<&str>,
+    extra: impl FnOnce(&mut zip::ZipWriter<std::fs::File>, zip::write::SimpleFileOptions),
+) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let o = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    let mut strings: Vec<String> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    let mut sheet_xml = Vec::new();
+    for sh in sheets {
+        let mut x = String::from(
+            r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>"#,
+        );
+        for (r, row) in sh.rows.iter().enumerate() {
+            x.push_str(&format!(r#"<row r="{}">"#, r + 1));
+            for (c, cell) in row.iter().enumerate() {
+                let rf = format!("{}{}", col_letter(c), r + 1);
+                match cell {
+                    C::S(v) if v.is_empty() => {}
+                    C::S(v) => {
+                        let i = *index.entry(v.clone()).or_insert_with(|| {
+                            strings.push(v.clone());
+                            strings.len() - 1
+                        });
+                        x.push_str(&format!(r#"<c r="{rf}" t="s"><v>{i}</v></c>"#));
+                    }
+                    C::N(n) => x.push_str(&format!(r#"<c r="{rf}"><v>{n}</v></c>"#)),
+                    C::Raw(raw) => x.push_str(raw),
+                }
+            }
+            x.push_str("</row>");
+        }
+        x.push_str("</sheetData></worksheet>");
+        sheet_xml.push(x);
+    }
+    let mut ct = String::from(
+        r#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName="/xl/workbook.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/><Override PartName="/xl/sharedStrings.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sharedStrings+xml"/>"#,
+    );
+    for i in 0..sheets.len() {
+        ct.push_str(&format!(r#"<Override PartName="/xl/worksheets/sheet{}.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/>"#, i + 1));
+    }
+    ct.push_str("</Types>");
+    z.start_file("[Content_Types].xml", o).unwrap();
+    z.write_all(ct.as_bytes()).unwrap();
+    z.start_file("_rels/.rels", o).unwrap();
+    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" Target="xl/workbook.xml"/></Relationships>"#).unwrap();
+    let mut wb = String::from(
+        r#"<?xml version="1.0" encoding="UTF-8"?><workbook xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"><sheets>"#,
+    );
+    let mut rels = String::from(
+        r#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">"#,
+    );
+    for (i, sh) in sheets.iter().enumerate() {
+        let state = if sh.hidden { r#" state="hidden""# } else { "" };
+        wb.push_str(&format!(
+            r#"<sheet name="{}" sheetId="{}"{state} r:id="rId{}"/>"#,
+            xml_escape(&sh.name),
+            i + 1,
+            i + 1
+        ));
+        rels.push_str(&format!(r#"<Relationship Id="rId{}" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" Target="worksheets/sheet{}.xml"/>"#, i + 1, i + 1));
+    }
+    let n = sheets.len();
+    rels.push_str(&format!(r#"<Relationship Id="rId{}" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/sharedStrings" Target="sharedStrings.xml"/></Relationships>"#, n + 1));
+    wb.push_str("</sheets></workbook>");
+    z.start_file("xl/workbook.xml", o).unwrap();
+    z.write_all(wb.as_bytes()).unwrap();
+    z.start_file("xl/_rels/workbook.xml.rels", o).unwrap();
+    z.write_all(rels.as_bytes()).unwrap();
+    for (i, x) in sheet_xml.iter().enumerate() {
+        z.start_file(format!("xl/worksheets/sheet{}.xml", i + 1), o)
+            .unwrap();
+        z.write_all(x.as_bytes()).unwrap();
+    }
+    let count = unique_count
+        .map(str::to_string)
+        .unwrap_or_else(|| strings.len().to_string());
+    let mut sst = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="{count}" uniqueCount="{count}">"#
+    );
+    for v in &strings {
+        sst.push_str(&format!(
+            r#"<si><t xml:space="preserve">{}</t></si>"#,
+            xml_escape(v)
+        ));
+    }
+    sst.push_str("</sst>");
+    z.start_file("xl/sharedStrings.xml", o).unwrap();
+    z.write_all(sst.as_bytes()).unwrap();
+    extra(&mut z, o);
+    z.finish().unwrap();
+}
+
+/// A data sheet for `op` with the template's header and these rows.
+pub fn data_sheet(op: rollcall::model::Operation, rows: &[Vec<&str>]) -> Sheet {
+    let mut all = vec![
+        rollcall::model::columns(op)
+            .iter()
+            .map(|c| s(c.header))
+            .collect::<Vec<_>>(),
+    ];
+    for r in rows {
+        all.push(r.iter().map(|v| s(v)).collect());
+    }
+    Sheet {
+        name: op.sheet_name(),
+        rows: all,
+        hidden: false,
+    }
+}
+
+/// The metadata sheet a template carries.
+pub fn meta_sheet(op: rollcall::model::Operation) -> Sheet {
+    Sheet {
+        name: rollcall::model::META_SHEET.into(),
+        rows: vec![
+            vec![s("operation"), s(op.as_str())],
+            vec![s("template_version"), s("1")],
+        ],
+        hidden: true,
+    }
+}
