@@ -202,13 +202,14 @@ pub fn process(
             Ok(true) => {}
             Ok(false) => break,
             Err(ReadFailure { code, message }) => {
-                // The file broke part-way: nothing of it may be applied.
-                v.out.errors += 1;
-                v.out
-                    .problems
-                    .push(file_problem(&v.out.sheet, &code, message));
-                v.out.refused = true;
-                break;
+                // The file broke part-way: it is refused as a whole (nothing of it may be
+                // applied), and problems of the rows before the break would only distract.
+                let mut refused = Outcome::new(req.op);
+                refused.sheet = v.out.sheet.clone();
+                refused.format = out.format;
+                refused.notes = out.notes;
+                refuse(&mut refused, &code, message);
+                return Ok(refused);
             }
         }
         v.row(&row, on_effect)?;

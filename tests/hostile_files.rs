@@ -1,0 +1,305 @@
+//! Bad and hostile files: each gets one clear refusal (or row errors), nothing is stored,
+//! and the process that asked carries on.
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+use rollcall::bulk::Outcome;
+use rollcall::db;
+use rollcall::model::Operation;
+use rollcall::service;
+
+fn tenant(env: &Env) -> db::Tenant {
+    let t = db::create_tenant(&env.app.conn, "Acme").unwrap();
+    db::set_pool(&env.app.conn, t.id, "Standard", 10).unwrap();
+    t
+}
+
+fn check(env: &Env, t: &db::Tenant, name: &str, bytes: &[u8]) -> Outcome {
+    let p = env.path(name);
+    std::fs::write(&p, bytes).unwrap();
+    check_path(env, t, &p)
+}
+
+fn check_path(env: &Env, t: &db::Tenant, p: &std::path::Path) -> Outcome {
+    let name = p.file_name().unwrap().to_string_lossy().to_string();
+    service::validate(
+        &env.app,
+        t,
+        Operation::Deactivate,
+        p,
+        &name,
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn refused(o: &Outcome) -> (&'static str, String) {
+    assert!(o.refused, "not refused: {:?}", o.problems);
+    assert_eq!(o.problems.len(), 1, "{:?}", o.problems);
+    let p = &o.problems[0];
+    assert!(
+        !p.message.contains('\n') && p.message.len() > 20,
+        "{}",
+        p.message
+    );
+    (p.code, p.message.clone())
+}
+
+fn deactivate_sheet(rows: usize) -> Sheet {
+    let mut sheet = data_sheet(Operation::Deactivate, &[]);
+    for i in 0..rows {
+        sheet
+            .rows
+            .push(vec![s(&format!("u{i}@example.com")), s("")]);
+    }
+    sheet
+}
+
+#[test]
+fn unreadable_and_wrong_type_files() {
+    let env = Env::new();
+    let t = tenant(&env);
+    assert_eq!(refused(&check(&env, &t, "empty.xlsx", b"")).0, "file_empty");
+    let (code, msg) = refused(&check(
+        &env,
+        &t,
+        "image.xlsx",
+        b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+    ));
+    assert_eq!(code, "file_wrong_type");
+    assert!(msg.contains("PNG"), "{msg}");
+    let (code, msg) = refused(&check(
+        &env,
+        &t,
+        "renamed.xlsx",
+        b"Email,Reason\na@b.co,x\n",
+    ));
+    assert_eq!(code, "file_wrong_type");
+    assert!(msg.contains(".csv"), "{msg}");
+    assert_eq!(
+        refused(&check(&env, &t, "u16.csv", b"\xff\xfeE\0m\0")).0,
+        "csv_encoding"
+    );
+    assert_eq!(
+        refused(&check(
+            &env,
+            &t,
+            "latin1.csv",
+            b"Email,Reason\nj\xf6rg@b.co,x\n"
+        ))
+        .0,
+        "file_wrong_type"
+    );
+    // A real workbook cut in half.
+    let p = env.path("whole.xlsx");
+    write_xlsx(&p, &[deactivate_sheet(50)]);
+    let bytes = std::fs::read(&p).unwrap();
+    let (code, msg) = refused(&check(
+        &env,
+        &t,
+        "truncated.xlsx",
+        &bytes[..bytes.len() / 2],
+    ));
+    assert_eq!(code, "file_damaged", "{msg}");
+    // An OLE container holding an encrypted package (how Excel saves a password-protected file).
+    let mut ole = vec![0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+    ole.extend(vec![0u8; 500]);
+    ole.extend(
+        "EncryptedPackage"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes()),
+    );
+    let (code, msg) = refused(&check(&env, &t, "secret.xlsx", &ole));
+    assert_eq!(code, "file_encrypted");
+    assert!(msg.contains("password"), "{msg}");
+    // An OLE container that is not a workbook.
+    let mut junk_ole = vec![0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+    junk_ole.extend(vec![7u8; 4000]);
+    assert_eq!(
+        refused(&check(&env, &t, "junk.xls", &junk_ole)).0,
+        "file_damaged"
+    );
+    // A zip that is not a spreadsheet.
+    let p = env.path("notes.zip.xlsx");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+    z.start_file("notes.txt", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    z.write_all(b"hello").unwrap();
+    z.finish().unwrap();
+    assert_eq!(refused(&check_path(&env, &t, &p)).0, "file_wrong_type");
+}
+
+#[test]
+fn zip_bombs_are_refused_while_inflating() {
+    let env = Env::new();
+    let t = tenant(&env);
+    // 64 MiB of zeros compress about 1000:1.
+    let p = env.path("bomb.xlsx");
+    write_xlsx_custom(&p, &[deactivate_sheet(1)], None, |z, o| {
+        z.start_file("xl/media/padding.xml", o).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            z.write_all(&zeros).unwrap();
+        }
+    });
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "zip_bomb");
+    assert!(msg.contains("xl/media/padding.xml"), "{msg}");
+    // Over the per-part size limit, whatever the ratio.
+    let env = Env::with(|c| c.limits.max_zip_entry_mib = 1);
+    let t = tenant(&env);
+    let p = env.path("big.xlsx");
+    write_xlsx(&p, &[deactivate_sheet(40_000)]);
+    assert_eq!(refused(&check_path(&env, &t, &p)).0, "zip_bomb");
+}
+
+#[test]
+fn lying_shared_strings_count_and_entity_bombs() {
+    let env = Env::new();
+    let t = tenant(&env);
+    let p = env.path("sst.xlsx");
+    write_xlsx_custom(&p, &[deactivate_sheet(3)], Some("4000000000"), |_, _| {});
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "file_damaged");
+    assert!(msg.contains("4000000000"), "{msg}");
+    // The billion-laughs pattern: entities are never expanded.
+    let p = env.path("laughs.xlsx");
+    let mut sheet = deactivate_sheet(0);
+    sheet.rows.push(vec![C::Raw(
+        r#"<c r="A2" t="inlineStr"><is><t>&lol9;</t></is></c>"#.into(),
+    )]);
+    write_xlsx(&p, &[sheet]);
+    let raw = std::fs::read(&p).unwrap();
+    let _ = raw;
+    let o = check_path(&env, &t, &p);
+    // Either refused as damaged or read as literal text that is not an email: never expanded.
+    assert!(o.errors >= 1, "{:?}", o.problems);
+    assert!(o.problems.iter().all(|p| p.message.len() < 2000));
+}
+
+#[test]
+fn cells_far_outside_and_limits() {
+    let env = Env::with(|c| c.limits.max_rows = 5);
+    let t = tenant(&env);
+    let p = env.path("far.xlsx");
+    let mut sheet = deactivate_sheet(1);
+    sheet.rows.push(vec![C::Raw(
+        r#"<c r="A99999999" t="inlineStr"><is><t>x@y.co</t></is></c>"#.into(),
+    )]);
+    write_xlsx(&p, &[sheet]);
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "too_many_rows", "{msg}");
+    write_xlsx(&p, &[deactivate_sheet(6)]);
+    assert_eq!(refused(&check_path(&env, &t, &p)).0, "too_many_rows");
+    let mut sheet = deactivate_sheet(1);
+    sheet.rows[1].push(C::Raw(
+        r#"<c r="XFD2" t="inlineStr"><is><t>far</t></is></c>"#.into(),
+    ));
+    write_xlsx(&p, &[sheet]);
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "too_many_columns");
+    assert!(msg.contains("XFD"), "{msg}");
+    let env = Env::with(|c| c.limits.max_file_bytes = 100);
+    let t = tenant(&env);
+    write_xlsx(&p, &[deactivate_sheet(1)]);
+    assert_eq!(refused(&check_path(&env, &t, &p)).0, "file_too_large");
+}
+
+#[test]
+fn worker_time_and_memory_limits_become_one_message() {
+    let env = Env::with(|c| c.limits.worker_wall_seconds = 0);
+    let t = tenant(&env);
+    let p = env.path("slow.xlsx");
+    write_xlsx(&p, &[deactivate_sheet(20_000)]);
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "time_limit", "{msg}");
+    // An .ods whose rows repeat a million times a thousand columns: the reader's dense
+    // range would need gigabytes; the worker dies at its memory limit instead of us.
+    let env = Env::with(|c| c.limits.worker_memory_mib = 256);
+    let t = tenant(&env);
+    let p = env.path("repeat.ods");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("mimetype", stored).unwrap();
+    z.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
+        .unwrap();
+    z.start_file("content.xml", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Deactivate Users"><table:table-row><table:table-cell office:value-type="string"><text:p>Email</text:p></table:table-cell><table:table-cell office:value-type="string"><text:p>Reason</text:p></table:table-cell></table:table-row><table:table-row table:number-rows-repeated="1000000"><table:table-cell table:number-columns-repeated="1000" office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row></table:table></office:spreadsheet></office:body></office:document-content>"#).unwrap();
+    z.start_file(
+        "META-INF/manifest.xml",
+        zip::write::SimpleFileOptions::default(),
+    )
+    .unwrap();
+    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
+    z.finish().unwrap();
+    let o = check_path(&env, &t, &p);
+    let (code, msg) = refused(&o);
+    assert!(
+        [
+            "memory_limit",
+            "file_damaged",
+            "too_many_columns",
+            "too_many_rows"
+        ]
+        .contains(&code),
+        "{code}: {msg}"
+    );
+    // And the process that asked is fine: a good file right after validates.
+    let good = env.path("good.xlsx");
+    write_xlsx(&good, &[deactivate_sheet(0)]);
+    assert!(check_path(&env, &t, &good).is_valid());
+}
+
+#[test]
+fn formulas_in_cells_are_echoed_as_text_never_as_formulas() {
+    let mut env = Env::new();
+    let t = tenant(&env);
+    let p = env.path("f.xlsx");
+    let mut sheet = data_sheet(
+        Operation::Deactivate,
+        &[
+            vec!["nobody@example.com", "=HYPERLINK(\"http://evil\",\"x\")"],
+            vec!["x@example.com", "+1+2"],
+            vec!["y@example.com", "@SUM(A1)"],
+        ],
+    );
+    sheet.rows.push(vec![
+        s("z@example.com"),
+        C::Raw(r#"<c r="B5"><f>1+1</f><v>2</v></c>"#.into()),
+    ]);
+    write_xlsx(&p, &[sheet]);
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Deactivate,
+        &p,
+        "f.xlsx",
+        true,
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    let report = r.error_report.expect("user_not_found errors");
+    let dir = env.path("unz");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut z = zip::ZipArchive::new(std::fs::File::open(&report).unwrap()).unwrap();
+    for i in 0..z.len() {
+        let mut e = z.by_index(i).unwrap();
+        let name = e.name().unwrap().to_string();
+        let mut text = String::new();
+        if std::io::Read::read_to_string(&mut e, &mut text).is_ok()
+            && name.starts_with("xl/worksheets/")
+        {
+            assert!(!text.contains("<f>"), "{name} has a formula");
+            if text.contains("HYPERLINK") {
+                assert!(text.contains("t=\"inlineStr\"") || text.contains("t=\"s\""));
+            }
+        }
+    }
+}
