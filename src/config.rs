@@ -220,7 +220,13 @@ impl Config {
                     file = Some(path);
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound && explicit.is_none() => continue,
+                Err(e)
+                    if explicit.is_none()
+                        && (e.kind() == io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENOTDIR)) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     return Err(StartupError::BadConfig {
                         path,

@@ -1,0 +1,330 @@
+//! The built binary, run as an administrator would: exit codes, output, files, the server.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use rollcall::model::Operation;
+
+fn run(data: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn a_first_session_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.as_path();
+    assert!(run(d, &["tenant", "create", "Acme"]).status.success());
+    assert!(
+        run(d, &["pool", "set", "--tenant", "acme", "Standard", "2"])
+            .status
+            .success()
+    );
+    assert!(
+        run(d, &["team", "add", "--tenant", "Acme", "Sales"])
+            .status
+            .success()
+    );
+    let tpl = dir.path().join("add.xlsx");
+    let o = run(
+        d,
+        &[
+            "template",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            "-o",
+            tpl.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(tpl.exists());
+
+    let csv = dir.path().join("add.csv");
+    std::fs::write(&csv, "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nada@example.com,Ada,Lovelace,,Sales,Learner,,Standard\nbob@example.com,Bob,Byron,,,Manager,,Standard\n").unwrap();
+    let o = run(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("OK: 2 users ready to add — pool Standard: 2 of 2 free seats"),
+        "{}",
+        text(&o)
+    );
+
+    let o = run(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            "--json",
+            csv.to_str().unwrap(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["preview"]["rows"][0]["action"], "create");
+    assert_eq!(v["licence_forecast"][0]["free_after"], 0);
+
+    let o = run(
+        d,
+        &[
+            "import",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("Applied as job"), "{}", text(&o));
+    let o = run(d, &["pool", "list", "--tenant", "Acme"]);
+    assert!(
+        text(&o).contains("Standard") && text(&o).contains(" 2 "),
+        "{}",
+        text(&o)
+    );
+
+    // A file with errors: exit 1, error workbook written, nothing applied.
+    let bad = dir.path().join("bad.xlsx");
+    write_xlsx(
+        &bad,
+        &[data_sheet(
+            Operation::Add,
+            &[vec![
+                "carl@example.com",
+                "Carl",
+                "",
+                "",
+                "",
+                "Learner",
+                "",
+                "Standard",
+            ]],
+        )],
+    );
+    let report = dir.path().join("errors.xlsx");
+    let o = run(
+        d,
+        &[
+            "import",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            bad.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("required_missing") && text(&o).contains("licence_pool_full"),
+        "{}",
+        text(&o)
+    );
+    assert!(report.exists());
+
+    // Warnings need --yes.
+    let deact = dir.path().join("deact.csv");
+    std::fs::write(&deact, "Email,Reason\nada@example.com,left\n").unwrap();
+    assert_eq!(
+        run(
+            d,
+            &[
+                "import",
+                "--tenant",
+                "Acme",
+                "--op",
+                "deactivate",
+                deact.to_str().unwrap()
+            ]
+        )
+        .status
+        .code(),
+        Some(0)
+    );
+    let o = run(
+        d,
+        &[
+            "import",
+            "--tenant",
+            "Acme",
+            "--op",
+            "deactivate",
+            deact.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("--yes"), "{}", text(&o));
+    assert_eq!(
+        run(
+            d,
+            &[
+                "import",
+                "--tenant",
+                "Acme",
+                "--op",
+                "deactivate",
+                "--yes",
+                deact.to_str().unwrap()
+            ]
+        )
+        .status
+        .code(),
+        Some(0)
+    );
+
+    // Usage errors: exit 2.
+    let o = run(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Nope",
+            "--op",
+            "add",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("tenants are: Acme"), "{}", text(&o));
+    assert_eq!(
+        run(
+            d,
+            &[
+                "validate",
+                "--tenant",
+                "Acme",
+                "--op",
+                "adds",
+                csv.to_str().unwrap()
+            ]
+        )
+        .status
+        .code(),
+        Some(2)
+    );
+
+    // Export: CSV on stdout, formulas neutralised.
+    let o = run(d, &["users", "export", "--tenant", "Acme"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("Email,First Name"), "{out}");
+    assert!(
+        out.contains("ada@example.com,Ada,Lovelace,,Sales,Learner,English,Standard,deactivated"),
+        "{out}"
+    );
+    let xlsx = dir.path().join("users.xlsx");
+    assert!(
+        run(
+            d,
+            &[
+                "users",
+                "export",
+                "--tenant",
+                "Acme",
+                "-o",
+                xlsx.to_str().unwrap()
+            ]
+        )
+        .status
+        .success()
+    );
+    assert!(xlsx.exists());
+}
+
+#[test]
+fn startup_problems_are_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let o = run(&file.join("data"), &["tenant", "list"]);
+    assert_eq!(o.status.code(), Some(3));
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        msg.contains("--data-dir") && msg.trim().lines().count() == 1,
+        "{msg}"
+    );
+    // A database from a newer rollcall is refused.
+    let data = dir.path().join("d");
+    assert!(run(&data, &["tenant", "list"]).status.success());
+    let conn = rusqlite::Connection::open(data.join("rollcall.db")).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let o = run(&data, &["tenant", "list"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("newer rollcall"));
+}
+
+#[test]
+fn serve_starts_answers_and_stops_cleanly() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    lines.read_line(&mut first).unwrap();
+    let addr = first
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("\"status\":\"ok\""),
+        "{resp}"
+    );
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut rest = String::new();
+    lines.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("stopped"));
+}
