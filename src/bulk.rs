@@ -23,6 +23,7 @@ use crate::model::{
 };
 use crate::sheet::codec::{CellKind, RawCell, RawRow};
 use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader};
+use crate::sheet::worker::WorkbookInfo;
 
 /// How a normalisation changed values of one column, counted over the file.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -147,15 +148,43 @@ pub fn process(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
+    match SheetReader::open(setup, req.path, req.file_name, &req.op.sheet_name()) {
+        Ok(mut reader) => process_rows(conn, &setup.limits, req, &mut reader, on_effect, progress),
+        Err(f) => {
+            let mut out = Outcome::new(req.op);
+            refuse(&mut out, &f.code, f.message);
+            Ok(out)
+        }
+    }
+}
+
+/// Where rows come from: the worker (`SheetReader`), or rows held in memory (benchmarks).
+pub trait RowSource {
+    fn info(&self) -> &WorkbookInfo;
+    /// The next row into `row`; `Ok(false)` at the end.
+    fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure>;
+}
+
+impl RowSource for SheetReader {
+    fn info(&self) -> &WorkbookInfo {
+        SheetReader::info(self)
+    }
+    fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure> {
+        SheetReader::next_row(self, row)
+    }
+}
+
+/// `process` on rows from any source.
+pub fn process_rows(
+    conn: &Connection,
+    limits: &crate::config::Limits,
+    req: &Request<'_>,
+    reader: &mut dyn RowSource,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Outcome> {
     let mut out = Outcome::new(req.op);
     let cols = model::columns(req.op);
-    let mut reader = match SheetReader::open(setup, req.path, req.file_name, &req.op.sheet_name()) {
-        Ok(r) => r,
-        Err(f) => {
-            refuse(&mut out, &f.code, f.message);
-            return Ok(out);
-        }
-    };
     let info = reader.info().clone();
     out.format = info.format.clone();
     out.notes.extend(info.notes.iter().cloned());
@@ -192,7 +221,7 @@ pub fn process(
         }
     };
 
-    let mut v = Validator::new(conn, req, &cols, &setup.limits, out.sheet.clone())?;
+    let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
     v.errors_column = errors_column;
     if let Some(sha) = req.file_sha256 {
         v.check_already_applied(sha)?;
@@ -275,10 +304,7 @@ fn refuse(out: &mut Outcome, code: &str, message: String) {
 }
 
 /// Checks the sheet set and the template metadata.
-fn check_workbook(
-    op: Operation,
-    info: &crate::sheet::worker::WorkbookInfo,
-) -> Result<(), (&'static str, String)> {
+fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static str, String)> {
     if let Some(meta) = &info.meta {
         if let Some(found) = meta.get("operation")
             && let Ok(found_op) = found.parse::<Operation>()
@@ -535,8 +561,16 @@ struct RowValues {
     pool: Option<i64>,
 }
 
-/// A user's full image, as recorded before and after a change.
-#[derive(Serialize)]
+fn exists_hint(u: &User) -> &'static str {
+    if u.status == "active" {
+        "use an update file to change them"
+    } else {
+        "they are deactivated: use a reactivate file to bring them back"
+    }
+}
+
+/// A user's full image, as recorded before and after a change: a JSON array in the order of
+/// `model::IMAGE_KEYS` (compact: a million-row job writes a million of them).
 struct Image<'a> {
     email: &'a str,
     first_name: &'a str,
@@ -550,6 +584,26 @@ struct Image<'a> {
     pool: &'a str,
     status: &'a str,
     custom: Option<&'a str>,
+}
+
+impl Serialize for Image<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (
+            self.email,
+            self.first_name,
+            self.last_name,
+            self.job_title,
+            self.team_id,
+            self.team,
+            self.role,
+            self.language,
+            self.pool_id,
+            self.pool,
+            self.status,
+            self.custom,
+        )
+            .serialize(s)
+    }
 }
 
 fn image_of(u: &User) -> Image<'_> {
@@ -573,7 +627,7 @@ struct Validator<'c> {
     conn: &'c Connection,
     op: Operation,
     mode: Mode,
-    cols: Vec<Column>,
+    cols: std::rc::Rc<[Column]>,
     limits: crate::config::Limits,
     tenant: Tenant,
     teams: HashMap<String, (i64, String)>,
@@ -660,7 +714,7 @@ impl<'c> Validator<'c> {
             conn,
             op: req.op,
             mode: req.mode,
-            cols: cols.to_vec(),
+            cols: cols.into(),
             limits: limits.clone(),
             tenant: req.tenant.clone(),
             teams,
@@ -879,7 +933,8 @@ impl<'c> Validator<'c> {
     /// Validates the normalised values of one column; `None` when invalid (already reported).
     fn resolve(&mut self, row: u32, rv: &mut RowValues) -> bool {
         let mut ok = true;
-        for (c, col) in self.cols.clone().iter().enumerate() {
+        let cols = self.cols.clone();
+        for (c, col) in cols.iter().enumerate() {
             let raw = std::mem::take(&mut self.values[c]);
             let v = raw.as_str();
             let clear = v.eq_ignore_ascii_case(CLEAR_TOKEN);
@@ -1121,12 +1176,13 @@ impl<'c> Validator<'c> {
     }
 
     fn lookup(&mut self, email: &str) -> AppResult<Option<User>> {
+        self.lookup_norm(&email.to_lowercase())
+    }
+
+    fn lookup_norm(&mut self, email_norm: &str) -> AppResult<Option<User>> {
         Ok(self
             .find_user
-            .query_row(
-                params![self.tenant.id, email.to_lowercase()],
-                db::user_from_row,
-            )
+            .query_row(params![self.tenant.id, email_norm], db::user_from_row)
             .optional()?)
     }
 
@@ -1171,15 +1227,20 @@ impl<'c> Validator<'c> {
             let c = self.col_of(Field::NewEmail);
             ok &= self.claim(&ne, row, c);
         }
-        let existing = self.lookup(&email)?;
+        let email_norm = email.to_lowercase();
+        // Adding while writing without errors so far: the insert itself finds an existing
+        // user (its unique index), which spares a lookup per row.
+        let insert_finds_existing =
+            self.op == Operation::Add && self.writer.is_some() && self.out.errors == 0;
+        let existing = if insert_finds_existing {
+            None
+        } else {
+            self.lookup_norm(&email_norm)?
+        };
         let effect = match self.op {
             Operation::Add => {
                 if let Some(u) = &existing {
-                    let hint = if u.status == "active" {
-                        "use an update file to change them"
-                    } else {
-                        "they are deactivated: use a reactivate file to bring them back"
-                    };
+                    let hint = exists_hint(u);
                     self.problem(
                         Severity::Error,
                         Some(row),
@@ -1279,11 +1340,29 @@ impl<'c> Validator<'c> {
         if !ok || self.row_errors > 0 {
             return Ok(());
         }
+        if self.writer.is_some() && self.out.errors == 0 {
+            let written = self.write(row, &rv, &email_norm, existing.as_ref(), &effect)?;
+            if !written {
+                // The insert met an existing user: report it as validation would have.
+                if let Some(u) = self.lookup_norm(&email_norm)? {
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        email_col,
+                        Some(&email),
+                        "user_exists",
+                        format!(
+                            "A user with the email {} already exists; {}.",
+                            u.email,
+                            exists_hint(&u)
+                        ),
+                    );
+                }
+                return Ok(());
+            }
+        }
         self.out.totals.count(&effect);
         on_effect(row, &email, &effect);
-        if self.writer.is_some() && self.out.errors == 0 {
-            self.write(row, &rv, existing.as_ref(), &effect)?;
-        }
         Ok(())
     }
 
@@ -1360,13 +1439,15 @@ impl<'c> Validator<'c> {
         })
     }
 
+    /// Writes one row's change; `Ok(false)` when an add met an existing user (nothing written).
     fn write(
         &mut self,
         row: u32,
         rv: &RowValues,
+        email_norm: &str,
         existing: Option<&User>,
         effect: &Effect,
-    ) -> AppResult<()> {
+    ) -> AppResult<bool> {
         let now = self.now.clone();
         let tenant_id = self.tenant.id;
         // The after-image of changed users, built from the existing user and the row.
@@ -1415,7 +1496,7 @@ impl<'c> Validator<'c> {
         let team_name = self.team_name(rv.team.flatten());
         let pool_name = rv.pool.map(|p| self.pool_name(p)).unwrap_or_default();
         let Some(w) = self.writer.as_mut() else {
-            return Ok(());
+            return Ok(true);
         };
         w.before.clear();
         w.after.clear();
@@ -1432,19 +1513,20 @@ impl<'c> Validator<'c> {
                 let job_title = rv.job_title.clone().flatten();
                 let team_id = rv.team.flatten();
                 let pool_id = rv.pool.unwrap_or_default();
-                w.insert.execute(params![
-                    tenant_id,
-                    rv.email,
-                    rv.email.to_lowercase(),
-                    first,
-                    last,
-                    job_title,
-                    team_id,
-                    role,
-                    language,
-                    pool_id,
-                    now
-                ])?;
+                let inserted = w.insert.execute(params![
+                    tenant_id, rv.email, email_norm, first, last, job_title, team_id, role,
+                    language, pool_id, now
+                ]);
+                match inserted {
+                    Ok(_) => {}
+                    // The unique index met an existing user (the statement alone is undone).
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+                    {
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 let id = self.conn.last_insert_rowid();
                 ser(
                     &mut w.after,
@@ -1466,12 +1548,12 @@ impl<'c> Validator<'c> {
                 (id, "create")
             }
             Effect::Unchanged { .. } => {
-                let Some(u) = existing else { return Ok(()) };
+                let Some(u) = existing else { return Ok(true) };
                 ser(&mut w.before, &image_of(u))?;
                 (u.id, "unchanged")
             }
             _ => {
-                let Some(u) = existing else { return Ok(()) };
+                let Some(u) = existing else { return Ok(true) };
                 ser(&mut w.before, &image_of(u))?;
                 match (effect, after_user.as_ref()) {
                     (Effect::Delete, _) => {
@@ -1501,7 +1583,7 @@ impl<'c> Validator<'c> {
                         ser(&mut w.after, &image_of(a))?;
                         (u.id, effect.label())
                     }
-                    _ => return Ok(()),
+                    _ => return Ok(true),
                 }
             }
         };
@@ -1511,7 +1593,7 @@ impl<'c> Validator<'c> {
             (!w.after.is_empty()).then(|| std::str::from_utf8(&w.after).unwrap_or_default());
         w.change
             .execute(params![w.job_id, row, user_id, action, before, after])?;
-        Ok(())
+        Ok(true)
     }
 
     /// The licence forecast, and its error when a pool runs out of seats.

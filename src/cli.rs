@@ -101,9 +101,25 @@ pub enum Command {
     /// List or export a tenant's users.
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Measure each stage of an import against the bare libraries (see docs/BENCHMARKS.md).
+    ///
+    /// Generates add files of the given sizes (kept in --dir for the next run) and prints
+    /// seconds, rows/second and peak memory per stage, and the ratios the goals are set in.
+    /// Example: rollcall bench --rows 10000,100000
+    Bench {
+        /// Row counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1048575")]
+        rows: Vec<usize>,
+        /// Where generated files go (default: rollcall-bench in the temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Internal: parse an untrusted file under limits (started by rollcall itself).
     #[command(name = "__read-worker", hide = true)]
     ReadWorker { args_json: String },
+    /// Internal: one benchmark stage in its own process.
+    #[command(name = "__bench-stage", hide = true)]
+    BenchStage { args_json: String },
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +204,33 @@ pub fn run(cli: Cli) -> i32 {
             }
         };
     }
+    if let Command::BenchStage { args_json } = &cli.command {
+        let result = serde_json::from_str(args_json)
+            .map_err(|e| AppError::Usage(format!("bad bench arguments: {e}")))
+            .and_then(|a| crate::bench::run_stage(&a));
+        return match result {
+            Ok(r) => {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                0
+            }
+            Err(e) => {
+                eprintln!("rollcall: {e}");
+                e.exit_code()
+            }
+        };
+    }
+    if let Command::Bench { rows, dir } = &cli.command {
+        let dir = dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("rollcall-bench"));
+        return match crate::bench::run(rows, &dir, &mut std::io::stdout()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("rollcall: {e}");
+                e.exit_code()
+            }
+        };
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -220,7 +263,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
     let out = &mut std::io::stdout().lock();
     let w = |e: std::io::Error| AppError::internal("writing output", e);
     match cli.command {
-        Command::ReadWorker { .. } => Ok(2),
+        Command::ReadWorker { .. } | Command::BenchStage { .. } | Command::Bench { .. } => Ok(2),
         Command::Serve { .. } => {
             crate::serve::run(&app)?;
             Ok(0)
@@ -396,7 +439,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 file.op,
                 &file.file,
                 &name,
-                yes,
+                service::ImportOptions::new(yes),
                 &mut sink,
                 &mut |n| bar.tick(n),
             )?;

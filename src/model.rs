@@ -318,6 +318,22 @@ pub fn column_hash(op: Operation, cols: &[Column]) -> String {
     hex::encode(&h.finalize()[..8])
 }
 
+/// Keys of a recorded user image (`job_changes.before/after`), in the order of its JSON array.
+pub const IMAGE_KEYS: [&str; 12] = [
+    "email",
+    "first_name",
+    "last_name",
+    "job_title",
+    "team_id",
+    "team",
+    "role",
+    "language",
+    "pool_id",
+    "pool",
+    "status",
+    "custom",
+];
+
 /// Spreadsheet column letters for a zero-based index: 0 -> A, 26 -> AA.
 pub fn column_letter(index: usize) -> String {
     let mut n = index + 1;

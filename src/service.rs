@@ -171,6 +171,24 @@ pub struct ImportResult {
     pub results_report: Option<PathBuf>,
 }
 
+/// Choices of an import.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportOptions {
+    /// Apply although the file has warnings (the administrator acknowledged them).
+    pub acknowledge_warnings: bool,
+    /// Write the results workbook after commit (benchmarks time it separately).
+    pub results_workbook: bool,
+}
+
+impl ImportOptions {
+    pub fn new(acknowledge_warnings: bool) -> ImportOptions {
+        ImportOptions {
+            acknowledge_warnings,
+            results_workbook: true,
+        }
+    }
+}
+
 /// Stores, validates and applies a file in one pass and one transaction; a file with errors
 /// (or with warnings not acknowledged) changes nothing.
 #[allow(clippy::too_many_arguments)]
@@ -180,10 +198,11 @@ pub fn import(
     op: Operation,
     file: &Path,
     file_name: &str,
-    acknowledge_warnings: bool,
+    opts: ImportOptions,
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<ImportResult> {
+    let acknowledge_warnings = opts.acknowledge_warnings;
     let stored = store_upload(&app.data, file, file_name)?;
     let now = db::now();
     let tx = app
@@ -228,15 +247,20 @@ pub fn import(
             params![job_id, db::now(), outcome.rows as i64, result],
         )?;
         tx.commit()?;
-        let path = app.data.results_report(job_id);
-        report::write_results_workbook(&app.conn, job_id, op, &path)?;
+        let results_report = if opts.results_workbook {
+            let path = app.data.results_report(job_id);
+            report::write_results_workbook(&app.conn, job_id, op, &path)?;
+            Some(path)
+        } else {
+            None
+        };
         return Ok(ImportResult {
             upload_id,
             job_id: Some(job_id),
             outcome,
             needs_acknowledgement: false,
             error_report: None,
-            results_report: Some(path),
+            results_report,
         });
     }
     // Nothing of the file may stay: roll back every change, then record the upload alone.

@@ -55,7 +55,7 @@ fn import(
         op,
         path,
         &name,
-        yes,
+        service::ImportOptions::new(yes),
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -761,7 +761,7 @@ fn a_failure_part_way_leaves_the_roster_as_it_was() {
         Operation::Add,
         &p,
         "add.xlsx",
-        false,
+        service::ImportOptions::new(false),
         &mut |_, _, _| {},
         &mut |_| {},
     )

@@ -280,7 +280,7 @@ fn formulas_in_cells_are_echoed_as_text_never_as_formulas() {
         Operation::Deactivate,
         &p,
         "f.xlsx",
-        true,
+        service::ImportOptions::new(true),
         &mut |_, _, _| {},
         &mut |_| {},
     )

@@ -223,9 +223,15 @@ fn show(v: Option<&Value>) -> String {
     }
 }
 
+/// One field of a recorded image (a JSON array in the order of `model::IMAGE_KEYS`).
+pub fn image_field<'a>(img: Option<&'a Value>, key: &str) -> Option<&'a Value> {
+    let i = model::IMAGE_KEYS.iter().position(|k| *k == key)?;
+    img?.get(i)
+}
+
 /// Words for one recorded change.
 pub fn describe_change(action: &str, before: Option<&Value>, after: Option<&Value>) -> String {
-    let get = |img: Option<&Value>, k: &str| img.and_then(|i| i.get(k)).cloned();
+    let get = |img: Option<&Value>, k: &str| image_field(img, k).cloned();
     match action {
         "create" => format!(
             "Created, seat in pool {}",
@@ -286,12 +292,7 @@ pub fn write_results_workbook(
         let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
         let before = parse(row.get(2)?);
         let after = parse(row.get(3)?);
-        let email = show(
-            after
-                .as_ref()
-                .or(before.as_ref())
-                .and_then(|i| i.get("email")),
-        );
+        let email = show(image_field(after.as_ref().or(before.as_ref()), "email"));
         ws.write_number(r, 0, row_number as f64).map_err(xlsx_err)?;
         ws.write_string_with_format(r, 1, echo(&email), &f.text)
             .map_err(xlsx_err)?;

@@ -1,0 +1,502 @@
+//! `rollcall bench`: generates add files (text in sharedStrings, as Excel writes it) and
+//! times each stage of the bulk flow against the bare libraries, each stage in its own
+//! process so its peak memory (RSS) is its own.
+//!
+//! Stages: `bare_read` (calamine alone reading every cell), `bare_insert` (SQLite alone
+//! inserting the rows into the users table in one transaction), `read` (our worker + the
+//! row stream, no validation), `validate` (dry run: read, validate, preview), `apply`
+//! (validate + apply + before/after records on rows made by the generator, not read from
+//! the file: the write side alone), `import` (the end-to-end single pass: read, validate, preview, apply), and
+//! `report` (the results workbook of the import).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+
+use crate::bulk::{self, Mode, Request, RowSource};
+use crate::config::{Config, Loaded, Overrides};
+use crate::db;
+use crate::error::{AppError, AppResult};
+use crate::model::Operation;
+use crate::service::{self, App, ImportOptions};
+use crate::sheet::codec::{CellKind, RawRow};
+use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader};
+use crate::sheet::worker::WorkbookInfo;
+
+pub const STAGE_SUBCOMMAND: &str = "__bench-stage";
+const TENANT: &str = "Bench";
+const POOL: &str = "Standard";
+const TEAMS: [&str; 8] = [
+    "Sales",
+    "Research",
+    "Finance",
+    "Operations",
+    "Support",
+    "Legal",
+    "Marketing",
+    "Engineering",
+];
+const FIRST: [&str; 16] = [
+    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances", "Niklaus",
+    "Radia", "Tim", "Hedy", "Dennis", "Karen", "John",
+];
+const LAST: [&str; 16] = [
+    "Lovelace",
+    "Hopper",
+    "Turing",
+    "Dijkstra",
+    "Liskov",
+    "Knuth",
+    "Hamilton",
+    "Thompson",
+    "Allen",
+    "Wirth",
+    "Perlman",
+    "Berners-Lee",
+    "Lamarr",
+    "Ritchie",
+    "Jones",
+    "Backus",
+];
+const TITLES: [&str; 6] = [
+    "Analyst",
+    "Engineer",
+    "Manager",
+    "Consultant",
+    "Associate",
+    "Director",
+];
+const ROLES: [&str; 3] = ["Learner", "Learner", "Manager"];
+const LANGS: [&str; 4] = ["English", "French", "German", "Spanish"];
+
+/// The values of generated row `i` (0-based), in the add template's column order.
+pub fn row_values(i: usize) -> [String; 8] {
+    let first = FIRST[i % FIRST.len()];
+    let last = LAST[(i / FIRST.len()) % LAST.len()];
+    [
+        format!(
+            "{}.{}.{i}@example.com",
+            first.to_lowercase(),
+            last.to_lowercase()
+        ),
+        first.to_string(),
+        last.to_string(),
+        TITLES[i % TITLES.len()].to_string(),
+        TEAMS[i % TEAMS.len()].to_string(),
+        ROLES[i % ROLES.len()].to_string(),
+        LANGS[i % LANGS.len()].to_string(),
+        POOL.to_string(),
+    ]
+}
+
+/// Writes an add file of `rows` rows with shared strings (as Excel writes text).
+pub fn generate(path: &Path, rows: usize) -> AppResult<()> {
+    let xerr = |e: rust_xlsxwriter::XlsxError| AppError::internal("writing the bench file", e);
+    let mut wb = rust_xlsxwriter::Workbook::new();
+    let ws = wb.add_worksheet_with_low_memory().map_err(xerr)?;
+    ws.set_name(Operation::Add.sheet_name()).map_err(xerr)?;
+    for (c, col) in crate::model::columns(Operation::Add).iter().enumerate() {
+        ws.write_string(0, c as u16, col.header).map_err(xerr)?;
+    }
+    for i in 0..rows {
+        let r = u32::try_from(i + 1).map_err(|e| AppError::internal("row number", e))?;
+        for (c, v) in row_values(i).iter().enumerate() {
+            ws.write_string(r, c as u16, v).map_err(xerr)?;
+        }
+    }
+    wb.save(path).map_err(xerr)
+}
+
+/// One stage's measurement, as printed by the stage process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageResult {
+    pub stage: String,
+    pub rows: u64,
+    pub secs: f64,
+    /// Peak RSS of the stage's own process, MiB.
+    pub rss_mib: f64,
+    /// Peak RSS of its parsing worker (0 when it has none), MiB.
+    pub worker_rss_mib: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageArgs {
+    pub stage: String,
+    pub file: PathBuf,
+    pub data_dir: PathBuf,
+    pub rows: usize,
+}
+
+fn max_rss_mib(who: i32) -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::getrusage(who, &mut u);
+    }
+    u.ru_maxrss as f64 / 1024.0
+}
+
+fn open_app(data_dir: &Path) -> AppResult<App> {
+    let loaded = Config::load_from(
+        &Overrides {
+            data_dir: Some(data_dir.to_path_buf()),
+            ..Default::default()
+        },
+        &[],
+        None,
+    )?;
+    let exe = std::env::current_exe().map_err(|e| AppError::internal("finding the binary", e))?;
+    Ok(App::open(
+        &Loaded {
+            config: loaded.config,
+            file: None,
+            warnings: vec![],
+        },
+        exe,
+    )?)
+}
+
+/// A fresh data directory with the bench tenant, its teams and a pool large enough.
+fn prepare(data_dir: &Path, rows: usize) -> AppResult<App> {
+    let _ = std::fs::remove_dir_all(data_dir);
+    let app = open_app(data_dir)?;
+    let t = db::create_tenant(&app.conn, TENANT)?;
+    for team in TEAMS {
+        db::add_team(&app.conn, t.id, team)?;
+    }
+    db::set_pool(&app.conn, t.id, POOL, rows as i64 + 10)?;
+    Ok(app)
+}
+
+/// Rows made on the fly by the same generator as the file (and as `bare_insert`), to time
+/// the write side alone without holding a million rows in memory.
+struct GeneratedSource {
+    info: WorkbookInfo,
+    next: usize,
+    rows: usize,
+}
+
+impl RowSource for GeneratedSource {
+    fn info(&self) -> &WorkbookInfo {
+        &self.info
+    }
+    fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure> {
+        let i = self.next;
+        if i > self.rows {
+            return Ok(false);
+        }
+        self.next += 1;
+        row.clear(i as u32);
+        if i == 0 {
+            for (c, col) in crate::model::columns(Operation::Add).iter().enumerate() {
+                row.push(c as u32, CellKind::Text, col.header, 0.0);
+            }
+        } else {
+            for (c, v) in row_values(i - 1).iter().enumerate() {
+                row.push(c as u32, CellKind::Text, v, 0.0);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Runs one stage in this process and returns its measurement.
+pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
+    let op = Operation::Add;
+    let file_name = "bench.xlsx";
+    let mut rows = 0u64;
+    let secs;
+    match a.stage.as_str() {
+        "bare_read" => {
+            let start = Instant::now();
+            let mut wb: calamine::Xlsx<_> =
+                calamine::open_workbook(&a.file).map_err(|e| AppError::internal("bare read", e))?;
+            let mut cells = wb
+                .worksheet_cells_reader(&op.sheet_name())
+                .map_err(|e| AppError::internal("bare read", e))?;
+            let mut chars = 0usize;
+            let mut last_row = 0;
+            while let Some(c) = cells
+                .next_cell()
+                .map_err(|e| AppError::internal("bare read", e))?
+            {
+                if let calamine::DataRef::SharedString(s) = c.get_value() {
+                    chars += s.len();
+                }
+                last_row = c.get_position().0;
+            }
+            std::hint::black_box(chars);
+            rows = u64::from(last_row);
+            secs = start.elapsed().as_secs_f64();
+        }
+        "bare_insert" => {
+            let app = prepare(&a.data_dir, a.rows)?;
+            let (tenant_id, pool_id): (i64, i64) =
+                app.conn
+                    .query_row("SELECT tenant_id, id FROM licence_pools", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+            let teams: Vec<i64> = db::list_teams(&app.conn, tenant_id)?
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            let start = Instant::now();
+            let tx = app.conn.unchecked_transaction()?;
+            {
+                let mut st = tx.prepare(
+                    "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, job_title, team_id, role, language, pool_id, status, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?11, ?11)",
+                )?;
+                let now = db::now();
+                for i in 0..a.rows {
+                    let v = row_values(i);
+                    st.execute(params![
+                        tenant_id,
+                        v[0],
+                        v[0].to_lowercase(),
+                        v[1],
+                        v[2],
+                        v[3],
+                        teams[i % teams.len()],
+                        v[5],
+                        v[6],
+                        pool_id,
+                        now
+                    ])?;
+                    rows += 1;
+                }
+            }
+            tx.commit()?;
+            secs = start.elapsed().as_secs_f64();
+        }
+        "read" => {
+            let setup = ReaderSetup::current(&crate::config::Limits::default())
+                .map_err(|e| AppError::internal("bench", e))?;
+            let start = Instant::now();
+            let mut r = SheetReader::open(&setup, &a.file, file_name, &op.sheet_name())
+                .map_err(|e| AppError::internal("read", e))?;
+            let mut row = RawRow::default();
+            while r
+                .next_row(&mut row)
+                .map_err(|e| AppError::internal("read", e))?
+            {
+                rows += 1;
+            }
+            rows = rows.saturating_sub(1);
+            secs = start.elapsed().as_secs_f64();
+        }
+        "validate" => {
+            let app = prepare(&a.data_dir, a.rows)?;
+            let t = db::tenant(&app.conn, TENANT)?;
+            let start = Instant::now();
+            let o = service::validate(
+                &app,
+                &t,
+                op,
+                &a.file,
+                file_name,
+                &mut |_, _, _| {},
+                &mut |_| {},
+            )?;
+            secs = start.elapsed().as_secs_f64();
+            check_valid(&o)?;
+            rows = o.rows;
+        }
+        "apply" => {
+            let app = prepare(&a.data_dir, a.rows)?;
+            let t = db::tenant(&app.conn, TENANT)?;
+            let mut source = GeneratedSource {
+                info: WorkbookInfo {
+                    format: "generated".into(),
+                    sheets: vec![],
+                    data_sheet: Some(op.sheet_name()),
+                    meta: None,
+                    notes: vec![],
+                },
+                next: 0,
+                rows: a.rows,
+            };
+            let start = Instant::now();
+            let tx = app.conn.unchecked_transaction()?;
+            tx.execute(
+                "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at) VALUES (?1, 'add', 'bench', '', 0, '', 'validated', 'bench', ?2)",
+                params![t.id, db::now()],
+            )?;
+            let upload = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at) VALUES (?1, ?2, 'add', 'running', 'bench', ?3)",
+                params![t.id, upload, db::now()],
+            )?;
+            let job_id = tx.last_insert_rowid();
+            let req = Request {
+                tenant: &t,
+                op,
+                path: &a.file,
+                file_name,
+                file_sha256: None,
+                mode: Mode::Apply { job_id },
+            };
+            let o = bulk::process_rows(
+                &tx,
+                &app.config.limits,
+                &req,
+                &mut source,
+                &mut |_, _, _| {},
+                &mut |_| {},
+            )?;
+            check_valid(&o)?;
+            tx.commit()?;
+            secs = start.elapsed().as_secs_f64();
+            rows = o.rows;
+        }
+        "import" | "report" => {
+            let mut app = prepare(&a.data_dir, a.rows)?;
+            let t = db::tenant(&app.conn, TENANT)?;
+            let start = Instant::now();
+            let r = service::import(
+                &mut app,
+                &t,
+                op,
+                &a.file,
+                file_name,
+                ImportOptions {
+                    acknowledge_warnings: false,
+                    results_workbook: false,
+                },
+                &mut |_, _, _| {},
+                &mut |_| {},
+            )?;
+            let import_secs = start.elapsed().as_secs_f64();
+            check_valid(&r.outcome)?;
+            rows = r.outcome.rows;
+            secs = if a.stage == "import" {
+                import_secs
+            } else {
+                let job = r.job_id.unwrap_or_default();
+                let start = Instant::now();
+                crate::sheet::report::write_results_workbook(
+                    &app.conn,
+                    job,
+                    op,
+                    &app.data.results_report(job),
+                )?;
+                start.elapsed().as_secs_f64()
+            };
+        }
+        other => return Err(AppError::Usage(format!("unknown bench stage {other}"))),
+    }
+    Ok(StageResult {
+        stage: a.stage.clone(),
+        rows,
+        secs,
+        rss_mib: max_rss_mib(libc::RUSAGE_SELF),
+        worker_rss_mib: max_rss_mib(libc::RUSAGE_CHILDREN),
+    })
+}
+
+fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
+    if o.is_valid() {
+        return Ok(());
+    }
+    Err(AppError::internal(
+        "bench file did not validate",
+        o.problems
+            .first()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+const STAGES: [&str; 7] = [
+    "bare_read",
+    "bare_insert",
+    "read",
+    "validate",
+    "apply",
+    "import",
+    "report",
+];
+
+/// Runs the benchmark for each size, printing a table per size and the goal ratios.
+pub fn run(sizes: &[usize], dir: &Path, out: &mut dyn std::io::Write) -> AppResult<()> {
+    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    std::fs::create_dir_all(dir).map_err(|e| AppError::internal("bench directory", e))?;
+    let exe = std::env::current_exe().map_err(|e| AppError::internal("finding the binary", e))?;
+    for &n in sizes {
+        let file = dir.join(format!("add-{n}.xlsx"));
+        if !file.exists() {
+            let start = Instant::now();
+            generate(&file, n)?;
+            writeln!(
+                out,
+                "generated {} ({} rows, {:.1} MiB) in {:.1}s",
+                file.display(),
+                n,
+                std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0,
+                start.elapsed().as_secs_f64()
+            )
+            .map_err(w)?;
+        }
+        writeln!(
+            out,
+            "\n{n} rows\n{:<12} {:>9} {:>12} {:>10} {:>11}",
+            "stage", "seconds", "rows/s", "RSS MiB", "worker MiB"
+        )
+        .map_err(w)?;
+        let mut results = std::collections::HashMap::new();
+        for stage in STAGES {
+            let args = StageArgs {
+                stage: stage.to_string(),
+                file: file.clone(),
+                data_dir: dir.join(format!("data-{stage}")),
+                rows: n,
+            };
+            let json = serde_json::to_string(&args)
+                .map_err(|e| AppError::internal("bench arguments", e))?;
+            let o = Command::new(&exe)
+                .arg(STAGE_SUBCOMMAND)
+                .arg(json)
+                .output()
+                .map_err(|e| AppError::internal("starting a bench stage", e))?;
+            if !o.status.success() {
+                return Err(AppError::internal(
+                    format!("bench stage {stage}"),
+                    String::from_utf8_lossy(&o.stderr),
+                ));
+            }
+            let r: StageResult = serde_json::from_slice(&o.stdout)
+                .map_err(|e| AppError::internal("bench stage output", e))?;
+            writeln!(
+                out,
+                "{:<12} {:>9.2} {:>12.0} {:>10.0} {:>11.0}",
+                r.stage,
+                r.secs,
+                r.rows as f64 / r.secs.max(1e-9),
+                r.rss_mib,
+                r.worker_rss_mib
+            )
+            .map_err(w)?;
+            let _ = std::fs::remove_dir_all(&args.data_dir);
+            results.insert(stage, r);
+        }
+        let t = |s: &str| results.get(s).map(|r| r.secs).unwrap_or(f64::NAN);
+        let slowest = t("read").max(t("apply"));
+        let peak = results
+            .get("import")
+            .map(|r| r.rss_mib.max(r.worker_rss_mib))
+            .unwrap_or(f64::NAN);
+        writeln!(
+            out,
+            "goals: import/slowest(read, apply) = {:.2} (<= 1.15); read/bare_read = {:.2} (<= 1.2); apply/bare_insert = {:.2} (<= 1.5); import peak RSS {:.0} MiB (<= 512)",
+            t("import") / slowest,
+            t("read") / t("bare_read"),
+            t("apply") / t("bare_insert"),
+            peak
+        )
+        .map_err(w)?;
+    }
+    Ok(())
+}
