@@ -130,15 +130,6 @@ pub struct StageArgs {
     pub rows: usize,
 }
 
-fn max_rss_mib(who: i32) -> f64 {
-    // SAFETY: getrusage writes into the struct we own.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe {
-        libc::getrusage(who, &mut u);
-    }
-    u.ru_maxrss as f64 / 1024.0
-}
-
 fn open_app(data_dir: &Path) -> AppResult<App> {
     let loaded = Config::load_from(
         &Overrides {
@@ -392,8 +383,10 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
         stage: a.stage.clone(),
         rows,
         secs,
-        rss_mib: max_rss_mib(libc::RUSAGE_SELF),
-        worker_rss_mib: max_rss_mib(libc::RUSAGE_CHILDREN),
+        rss_mib: crate::sheet::codec::peak_rss_kib() as f64 / 1024.0,
+        worker_rss_mib: crate::sheet::reader::MAX_WORKER_PEAK_KIB
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1024.0,
     })
 }
 

@@ -785,3 +785,72 @@ fn a_failure_part_way_leaves_the_roster_as_it_was() {
         .unwrap();
     assert_eq!(changes, 3, "only the first import's changes");
 }
+
+#[test]
+fn ods_and_xls_files_are_read() {
+    let mut env = Env::new();
+    let t = setup(&env);
+    add_three(&mut env, &t);
+    // An OpenDocument spreadsheet as LibreOffice writes it (repeated empty cells included).
+    let p = env.path("deact.ods");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    use std::io::Write;
+    z.start_file("mimetype", stored).unwrap();
+    z.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
+        .unwrap();
+    z.start_file("content.xml", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    let cell = |v: &str| {
+        format!(
+            r#"<table:table-cell office:value-type="string"><text:p>{v}</text:p></table:table-cell>"#
+        )
+    };
+    let row = |a: &str, b: &str| {
+        format!(
+            "<table:table-row>{}{}<table:table-cell table:number-columns-repeated=\"1022\"/></table:table-row>",
+            cell(a),
+            if b.is_empty() {
+                "<table:table-cell/>".to_string()
+            } else {
+                cell(b)
+            }
+        )
+    };
+    let body = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Deactivate Users">{}{}{}<table:table-row table:number-rows-repeated="1048572"><table:table-cell table:number-columns-repeated="1024"/></table:table-row></table:table><table:table table:name="Read Me First"><table:table-row>{}</table:table-row></table:table></office:spreadsheet></office:body></office:document-content>"#,
+        row("Email", "Reason"),
+        row(" Ada@Example.com", "Left"),
+        row("bob@example.com", ""),
+        cell("notes")
+    );
+    z.write_all(body.as_bytes()).unwrap();
+    z.start_file(
+        "META-INF/manifest.xml",
+        zip::write::SimpleFileOptions::default(),
+    )
+    .unwrap();
+    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
+    z.finish().unwrap();
+    let r = import(&mut env, &t, Operation::Deactivate, &p, false);
+    assert!(r.job_id.is_some(), "{:?}", r.outcome.problems);
+    assert_eq!(r.outcome.format, "ods");
+    assert_eq!(r.outcome.totals.deactivate, 2);
+    assert_eq!(
+        user(&env, &t, "ada@example.com").unwrap().status,
+        "deactivated"
+    );
+    // A legacy .xls made by another writer (tests/fixtures/make_xls.py): both already
+    // deactivated now, so two warnings and nothing else.
+    let xls =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deactivate.xls");
+    let (o, _) = validate(&env, &t, Operation::Deactivate, &xls);
+    assert_eq!(
+        codes(&o),
+        vec![
+            (Some(2), "already_deactivated"),
+            (Some(3), "already_deactivated")
+        ]
+    );
+}

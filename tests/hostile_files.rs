@@ -46,6 +46,8 @@ fn refused(o: &Outcome) -> (&'static str, String) {
         "{}",
         p.message
     );
+    // Shown with --nocapture: the outcome table of the issue note.
+    eprintln!("outcome: {} | {}", p.code, p.message);
     (p.code, p.message.clone())
 }
 
@@ -302,4 +304,63 @@ fn formulas_in_cells_are_echoed_as_text_never_as_formulas() {
             }
         }
     }
+}
+
+#[test]
+fn xls_whose_dimensions_claim_four_billion_rows() {
+    // tests/fixtures/make_xls.py made it: a valid .xls with a lying DIMENSIONS record.
+    let env = Env::new();
+    let t = tenant(&env);
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dimensions-lie.xls");
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert!(
+        ["memory_limit", "too_many_rows", "file_damaged"].contains(&code),
+        "{code}: {msg}"
+    );
+    // The same file with an honest record reads fine.
+    let good =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deactivate.xls");
+    let o = check_path(&env, &t, &good);
+    assert!(!o.refused, "{:?}", o.problems);
+    assert_eq!((o.format.as_str(), o.rows), ("xls", 2));
+}
+
+/// Rewrites the declared uncompressed size of a zip entry in its local and central headers.
+fn lie_about_size(bytes: &mut [u8], entry: &str, size: u32) {
+    let name = entry.as_bytes();
+    let mut patched = 0;
+    for i in 0..bytes.len().saturating_sub(46) {
+        if bytes[i..].starts_with(b"PK\x03\x04") {
+            let n = u16::from_le_bytes([bytes[i + 26], bytes[i + 27]]) as usize;
+            if bytes.get(i + 30..i + 30 + n) == Some(name) {
+                bytes[i + 22..i + 26].copy_from_slice(&size.to_le_bytes());
+                patched += 1;
+            }
+        }
+        if bytes[i..].starts_with(b"PK\x01\x02") {
+            let n = u16::from_le_bytes([bytes[i + 28], bytes[i + 29]]) as usize;
+            if bytes.get(i + 46..i + 46 + n) == Some(name) {
+                bytes[i + 24..i + 28].copy_from_slice(&size.to_le_bytes());
+                patched += 1;
+            }
+        }
+    }
+    assert_eq!(patched, 2, "entry {entry} not found twice");
+}
+
+#[test]
+fn zip_entries_that_lie_about_their_size() {
+    let env = Env::with(|c| c.limits.max_zip_entry_mib = 1);
+    let t = tenant(&env);
+    let p = env.path("liar.xlsx");
+    write_xlsx(&p, &[deactivate_sheet(40_000)]);
+    let mut bytes = std::fs::read(&p).unwrap();
+    lie_about_size(&mut bytes, "xl/worksheets/sheet1.xml", 1000);
+    std::fs::write(&p, &bytes).unwrap();
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert!(
+        ["zip_bomb", "file_damaged"].contains(&code),
+        "{code}: {msg}"
+    );
 }

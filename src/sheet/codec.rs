@@ -1,7 +1,7 @@
 //! The byte stream between the parsing worker process and its parent.
 //!
-//! Frames: `I` + JSON (workbook info, first), then `R` rows, then `Z` (end) or `X` + JSON
-//! (a fatal problem with the file). Numbers are little-endian; lengths are LEB128 varints.
+//! Frames: `I` + JSON (workbook info, first), then `R` rows, then `Z` + the worker's peak
+//! memory in KiB (end) or `X` + JSON (a fatal problem with the file). Numbers are little-endian; lengths are LEB128 varints.
 //! A row is its zero-based sheet index and its non-empty cells, each with its column index.
 //! Decoding reuses the caller's buffers so a million rows cost no allocation per cell.
 
@@ -138,6 +138,25 @@ pub fn read_varint(r: &mut impl BufRead) -> io::Result<u64> {
     Err(bad("varint too long"))
 }
 
+/// Peak resident memory of this process in KiB (`VmHWM`), 0 when unknown.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Writes the end frame.
+pub fn write_end(w: &mut impl Write) -> io::Result<()> {
+    w.write_all(&[FRAME_END])?;
+    write_varint(w, peak_rss_kib())
+}
+
 /// Writes a frame with a JSON body (info or fatal).
 pub fn write_json_frame(w: &mut impl Write, tag: u8, json: &str) -> io::Result<()> {
     w.write_all(&[tag])?;
@@ -170,7 +189,8 @@ pub enum Frame {
     Json(u8, String),
     /// The row was decoded into the caller's buffer.
     Row,
-    End,
+    /// End of the rows, with the worker's peak resident memory in KiB.
+    End(u64),
 }
 
 /// Reads the next frame; rows are decoded into `row`. Lengths are bounded by `max_text`.
@@ -187,7 +207,7 @@ pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io
             let s = String::from_utf8(buf).map_err(|_| bad("json frame is not UTF-8"))?;
             Ok(Frame::Json(tag, s))
         }
-        FRAME_END => Ok(Frame::End),
+        FRAME_END => Ok(Frame::End(read_varint(r)?)),
         FRAME_ROW => {
             let index = u32::try_from(read_varint(r)?).map_err(|_| bad("row index"))?;
             row.clear(index);
@@ -252,6 +272,7 @@ mod tests {
         write_json_frame(&mut buf, FRAME_INFO, "{\"a\":1}").unwrap();
         write_row(&mut buf, &row).unwrap();
         buf.push(FRAME_END);
+        write_varint(&mut buf, 1234).unwrap();
         let mut r = io::BufReader::new(&buf[..]);
         let mut out = RawRow::default();
         assert_eq!(
@@ -262,7 +283,7 @@ mod tests {
         assert_eq!(out.index, 7);
         assert_eq!(out.cells(), row.cells());
         assert_eq!(out.get(300).unwrap().num, 45000.25);
-        assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::End);
+        assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::End(1234));
         assert!(read_frame(&mut r, &mut out, 100).is_err());
     }
 

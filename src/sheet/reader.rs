@@ -16,6 +16,10 @@ use super::codec::{self, Frame, RawRow};
 use super::worker::{Fatal, WorkbookInfo, WorkerArgs};
 use crate::config::Limits;
 
+/// The highest peak memory (KiB) of any worker this process started; for the benchmark
+/// and diagnostics.
+pub static MAX_WORKER_PEAK_KIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Name of the hidden subcommand that runs the worker.
 pub const WORKER_SUBCOMMAND: &str = "__read-worker";
 
@@ -67,6 +71,7 @@ pub struct SheetReader {
     timed_out: Arc<AtomicBool>,
     limits: Limits,
     done: bool,
+    worker_peak_kib: u64,
 }
 
 impl SheetReader {
@@ -87,9 +92,9 @@ impl SheetReader {
             return Err(failure(
                 "file_too_large",
                 format!(
-                    "The file has {} MiB; the limit is {} MiB. Split it into smaller files.",
-                    size / (1024 * 1024),
-                    limits.max_file_bytes / (1024 * 1024)
+                    "The file has {}; the limit is {}. Split it into smaller files.",
+                    human_bytes(size),
+                    human_bytes(limits.max_file_bytes)
                 ),
             ));
         }
@@ -172,6 +177,7 @@ impl SheetReader {
             timed_out,
             limits: limits.clone(),
             done: false,
+            worker_peak_kib: 0,
         };
         let mut scratch = RawRow::default();
         let max = reader.max_text();
@@ -194,6 +200,11 @@ impl SheetReader {
         &self.info
     }
 
+    /// The worker's peak resident memory in KiB, known once all rows were read.
+    pub fn worker_peak_kib(&self) -> u64 {
+        self.worker_peak_kib
+    }
+
     fn max_text(&self) -> usize {
         (self.limits.max_cell_chars as usize).saturating_mul(4) + 16
     }
@@ -206,8 +217,10 @@ impl SheetReader {
         let max = self.max_text();
         match codec::read_frame(&mut self.out, row, max) {
             Ok(Frame::Row) => Ok(true),
-            Ok(Frame::End) => {
+            Ok(Frame::End(peak)) => {
                 self.done = true;
+                self.worker_peak_kib = peak;
+                MAX_WORKER_PEAK_KIB.fetch_max(peak, Ordering::Relaxed);
                 self.finish_child()?;
                 Ok(false)
             }
@@ -333,6 +346,21 @@ impl Drop for SheetReader {
             let _ = w.join();
         }
     }
+}
+
+/// "12.5 MiB", "900 bytes": sizes as an administrator reads them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {

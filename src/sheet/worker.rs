@@ -73,7 +73,7 @@ pub fn run(args: &WorkerArgs) -> i32 {
     let mut out = BufWriter::with_capacity(1 << 18, stdout.lock());
     let result = read_file(args, &mut out);
     let written = match result {
-        Ok(()) => out.write_all(&[codec::FRAME_END]),
+        Ok(()) => codec::write_end(&mut out),
         Err(Fail::Fatal(f)) => {
             let json = serde_json::to_string(&f).unwrap_or_default();
             codec::write_json_frame(&mut out, codec::FRAME_FATAL, &json)
