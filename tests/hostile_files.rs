@@ -364,3 +364,89 @@ fn zip_entries_that_lie_about_their_size() {
         "{code}: {msg}"
     );
 }
+
+#[test]
+fn merged_cells_hidden_rows_and_formulas_are_read_as_saved() {
+    let env = Env::new();
+    let t = tenant(&env);
+    db::add_team(&env.app.conn, t.id, "Sales").unwrap();
+    let p = env.path("merged.xlsx");
+    let mut sheet = data_sheet(
+        Operation::Add,
+        &[
+            vec![
+                "a@example.com",
+                "Ann",
+                "Lee",
+                "",
+                "Sales",
+                "Learner",
+                "",
+                "Standard",
+            ],
+            vec![
+                "b@example.com",
+                "",
+                "Lee",
+                "",
+                "",
+                "Learner",
+                "",
+                "Standard",
+            ],
+            vec![
+                "c@example.com",
+                "Cy",
+                "Lee",
+                "",
+                "",
+                "Learner",
+                "",
+                "Standard",
+            ],
+        ],
+    );
+    // Row 4 is hidden; its first-name cell holds a formula whose saved value is used.
+    sheet.rows[3][1] = C::Raw(r#"<c r="B4" t="str"><f>"C"&amp;"y"</f><v>Cy</v></c>"#.into());
+    write_xlsx(&p, &[sheet]);
+    // Merge B2:B3 (as a spreadsheet program saves it: the value only in B2) and hide row 4.
+    let mut bytes = Vec::new();
+    {
+        let mut src = zip::ZipArchive::new(std::fs::File::open(&p).unwrap()).unwrap();
+        let mut out = zip::ZipWriter::new(std::io::Cursor::new(&mut bytes));
+        for i in 0..src.len() {
+            let mut e = src.by_index(i).unwrap();
+            let name = e.name().unwrap().to_string();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            if name == "xl/worksheets/sheet1.xml" {
+                text = text
+                    .replace("</sheetData>", "</sheetData><mergeCells count=\"1\"><mergeCell ref=\"B2:B3\"/></mergeCells>")
+                    .replace("<row r=\"4\">", "<row r=\"4\" hidden=\"1\">");
+            }
+            out.start_file(name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            out.write_all(text.as_bytes()).unwrap();
+        }
+        out.finish().unwrap();
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    let o = check_add(&env, &t, &p);
+    let c: Vec<_> = o.problems.iter().map(|p| (p.row, p.code)).collect();
+    // The merged cell's second row has no value of its own: a row error, not a refusal.
+    assert_eq!(c, vec![(Some(3), "required_missing")], "{:?}", o.problems);
+    assert_eq!(o.rows, 3, "the hidden row is read");
+}
+
+fn check_add(env: &Env, t: &db::Tenant, p: &std::path::Path) -> Outcome {
+    service::validate(
+        &env.app,
+        t,
+        Operation::Add,
+        p,
+        "merged.xlsx",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap()
+}
