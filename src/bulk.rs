@@ -179,7 +179,7 @@ pub fn process_rows(
     conn: &Connection,
     limits: &crate::config::Limits,
     req: &Request<'_>,
-    reader: &mut dyn RowSource,
+    reader: &mut (dyn RowSource + Send),
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
@@ -222,37 +222,81 @@ pub fn process_rows(
     };
 
     let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
-    v.errors_column = errors_column;
     if let Some(sha) = req.file_sha256 {
         v.check_already_applied(sha)?;
     }
-    loop {
-        match reader.next_row(&mut row) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(ReadFailure { code, message }) => {
-                // The file broke part-way: it is refused as a whole (nothing of it may be
-                // applied), and problems of the rows before the break would only distract.
-                let mut refused = Outcome::new(req.op);
-                refused.sheet = v.out.sheet.clone();
-                refused.format = out.format;
-                refused.notes = out.notes;
-                refuse(&mut refused, &code, message);
-                return Ok(refused);
+    // Two threads here (and the worker process): this one looks users up and writes while
+    // the checker reads and checks the next rows.
+    let mut checker = v.checker(errors_column);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Checked>, ReadFailure>>(16);
+    let (applied, checked) = std::thread::scope(|scope| {
+        let check = scope.spawn(move || {
+            let mut row = RawRow::default();
+            let mut batch = Vec::with_capacity(CHECK_BATCH);
+            loop {
+                match reader.next_row(&mut row) {
+                    Ok(true) => {
+                        if let Some(c) = checker.check(&row) {
+                            batch.push(c);
+                        }
+                        if batch.len() == CHECK_BATCH
+                            && tx.send(Ok(std::mem::take(&mut batch))).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(false) => {
+                        let _ = tx.send(Ok(batch));
+                        break;
+                    }
+                    Err(f) => {
+                        let _ = tx.send(Err(f));
+                        break;
+                    }
+                }
             }
-        }
-        v.row(&row, on_effect)?;
-        if v.out.rows.is_multiple_of(4096) {
-            progress(v.out.rows);
-        }
+            checker
+        });
+        let applied = (|| -> AppResult<Option<ReadFailure>> {
+            let mut seen = 0u64;
+            for msg in rx {
+                match msg {
+                    Ok(batch) => {
+                        for c in batch {
+                            v.apply(c, on_effect)?;
+                            seen += 1;
+                        }
+                        progress(seen);
+                    }
+                    Err(f) => return Ok(Some(f)),
+                }
+            }
+            Ok(None)
+        })();
+        (applied, check.join())
+    });
+    let checker = checked.map_err(|_| {
+        crate::error::AppError::internal("checking rows", "the checking thread failed")
+    })?;
+    if let Some(ReadFailure { code, message }) = applied? {
+        // The file broke part-way: it is refused as a whole (nothing of it may be
+        // applied), and problems of the rows before the break would only distract.
+        let mut refused = Outcome::new(req.op);
+        refused.sheet = v.out.sheet.clone();
+        refused.format = out.format;
+        refused.notes = out.notes;
+        refuse(&mut refused, &code, message);
+        return Ok(refused);
     }
-    progress(v.out.rows);
     v.finish();
-    let mut out2 = v.into_outcome();
+    let mut out2 = v.into_outcome(checker);
     out2.format = out.format;
     out2.notes.splice(0..0, out.notes);
     Ok(out2)
 }
+
+/// Rows per message from the checking thread.
+const CHECK_BATCH: usize = 256;
 
 fn file_problem(sheet: &str, code: &str, message: String) -> Problem {
     Problem {
@@ -623,11 +667,21 @@ fn image_of(u: &User) -> Image<'_> {
     }
 }
 
-struct Validator<'c> {
-    conn: &'c Connection,
+/// One row's values after the checks that need no database, with whether they passed.
+struct Checked {
+    row: u32,
+    rv: RowValues,
+    ok: bool,
+    /// Errors this row added (a duplicate also flags the earlier row).
+    errors: u64,
+}
+
+/// The checks of a row that need no database: normalisation, required cells, formats,
+/// choices, lengths and duplicates within the file. It runs on its own thread, ahead of the
+/// `Validator` that looks users up and writes, so the two share the work across cores.
+struct Checker {
     op: Operation,
-    mode: Mode,
-    cols: std::rc::Rc<[Column]>,
+    cols: std::sync::Arc<[Column]>,
     limits: crate::config::Limits,
     tenant: Tenant,
     teams: HashMap<String, (i64, String)>,
@@ -636,129 +690,44 @@ struct Validator<'c> {
     /// Emails claimed by a row of the file (Email, and New Email in updates):
     /// lowercased email -> (row, whether that row was flagged as duplicate already).
     seen: HashMap<Box<str>, (u32, bool)>,
-    find_user: Statement<'c>,
-    writer: Option<Writer<'c>>,
     out: Outcome,
     norms: BTreeMap<(usize, &'static str), Normalisation>,
-    now: String,
     values: Vec<String>,
     row_errors: u64,
     /// The header has the error workbook's Errors column (its cells are ignored).
     errors_column: bool,
 }
 
-struct Writer<'c> {
-    job_id: i64,
-    insert: Statement<'c>,
-    update: Statement<'c>,
-    set_status: Statement<'c>,
-    delete: Statement<'c>,
-    change: Statement<'c>,
-    before: Vec<u8>,
-    after: Vec<u8>,
-}
-
-impl<'c> Validator<'c> {
-    fn new(
-        conn: &'c Connection,
-        req: &Request<'_>,
-        cols: &[Column],
-        limits: &crate::config::Limits,
-        sheet: String,
-    ) -> AppResult<Validator<'c>> {
-        let teams = db::list_teams(conn, req.tenant.id)?
-            .into_iter()
-            .map(|t| (db::norm(&t.name), (t.id, t.name)))
-            .collect();
-        let mut pools = Vec::new();
-        let mut pool_index = HashMap::new();
-        for p in db::list_pools(conn, req.tenant.id)? {
-            pool_index.insert(db::norm(&p.name), pools.len());
-            pools.push(PoolState {
-                id: p.id,
-                name: p.name,
-                seats: p.seats,
-                used: p.used,
-                freed: 0,
-                needed: 0,
-            });
+impl Checker {
+    /// Checks one row; `None` for a row of nothing but spaces.
+    fn check(&mut self, raw: &RawRow) -> Option<Checked> {
+        let row = raw.index + 1;
+        let errors_before = self.out.errors;
+        self.row_errors = 0;
+        let mut ok = self.normalise(raw, row);
+        if self.values.iter().all(String::is_empty) && ok {
+            return None;
         }
-        let find_user = conn.prepare(&format!(
-            "SELECT {USER_COLUMNS} FROM {USER_FROM} WHERE u.tenant_id = ?1 AND u.email_norm = ?2"
-        ))?;
-        let writer = match req.mode {
-            Mode::DryRun => None,
-            Mode::Apply { job_id } => Some(Writer {
-                job_id,
-                insert: conn.prepare(
-                    "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, job_title, team_id, role, language, pool_id, status, custom, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', NULL, ?11, ?11)",
-                )?,
-                update: conn.prepare(
-                    "UPDATE users SET email = ?2, email_norm = ?3, first_name = ?4, last_name = ?5, job_title = ?6, team_id = ?7, role = ?8, language = ?9, pool_id = ?10, updated_at = ?11 WHERE id = ?1",
-                )?,
-                set_status: conn.prepare(
-                    "UPDATE users SET status = ?2, pool_id = ?3, updated_at = ?4 WHERE id = ?1",
-                )?,
-                delete: conn.prepare("DELETE FROM users WHERE id = ?1")?,
-                change: conn.prepare(
-                    "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?,
-                before: Vec::with_capacity(512),
-                after: Vec::with_capacity(512),
-            }),
-        };
-        let mut out = Outcome::new(req.op);
-        out.sheet = sheet;
-        Ok(Validator {
-            conn,
-            op: req.op,
-            mode: req.mode,
-            cols: cols.into(),
-            limits: limits.clone(),
-            tenant: req.tenant.clone(),
-            teams,
-            pools,
-            pool_index,
-            seen: HashMap::new(),
-            find_user,
-            writer,
-            out,
-            norms: BTreeMap::new(),
-            now: db::now(),
-            values: vec![String::new(); cols.len()],
-            row_errors: 0,
-            errors_column: false,
+        self.out.rows += 1;
+        let mut rv = RowValues::default();
+        ok &= self.resolve(row, &mut rv);
+        if !rv.email.is_empty() {
+            let email_col = self.col_of(Field::Email);
+            let email = rv.email.clone();
+            ok &= self.claim(&email, row, email_col);
+            if let Some(ne) = rv.new_email.clone()
+                && !ne.eq_ignore_ascii_case(&email)
+            {
+                let c = self.col_of(Field::NewEmail);
+                ok &= self.claim(&ne, row, c);
+            }
+        }
+        Some(Checked {
+            row,
+            rv,
+            ok,
+            errors: self.out.errors - errors_before,
         })
-    }
-
-    fn into_outcome(mut self) -> Outcome {
-        self.out.normalisations = self.norms.into_values().collect();
-        self.out
-    }
-
-    fn check_already_applied(&mut self, sha: &str) -> AppResult<()> {
-        let prev: Option<(i64, String, String)> = self
-            .conn
-            .query_row(
-                "SELECT j.id, j.submitted_by, j.finished_at FROM jobs j JOIN uploads u ON u.id = j.upload_id
-                 WHERE u.file_sha256 = ?1 AND j.tenant_id = ?2 AND j.operation = ?3 AND j.state = 'succeeded'
-                 ORDER BY j.id DESC LIMIT 1",
-                params![sha, self.tenant.id, self.op.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?.unwrap_or_default())),
-            )
-            .optional()?;
-        if let Some((job, by, at)) = prev {
-            self.problem(
-                Severity::Warning,
-                None,
-                None,
-                None,
-                "already_applied",
-                format!("This same file was already applied on {at} by {by} (job {job}). Submit it again only if that is what you mean."),
-            );
-        }
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -771,28 +740,18 @@ impl<'c> Validator<'c> {
         code: &'static str,
         message: String,
     ) {
-        match severity {
-            Severity::Error => {
-                self.out.errors += 1;
-                self.row_errors += 1;
-            }
-            Severity::Warning => self.out.warnings += 1,
-        }
-        if self.out.problems.len() >= self.limits.max_reported_problems as usize {
-            return;
-        }
-        self.out.problems.push(Problem {
-            severity,
-            sheet: self.out.sheet.clone(),
-            row,
-            column: col.map(column_letter),
-            column_name: col
-                .and_then(|c| self.cols.get(c))
-                .map(|c| c.header.to_string()),
-            value: value.map(|v| v.chars().take(200).collect()),
-            code,
-            message,
-        });
+        let cap = self.limits.max_reported_problems as usize;
+        push_problem(
+            &mut self.out,
+            &mut self.row_errors,
+            &self.cols,
+            cap,
+            (severity, row, col, value, code, message),
+        );
+    }
+
+    fn col_of(&self, f: Field) -> Option<usize> {
+        self.cols.iter().position(|c| c.field == f)
     }
 
     fn note(&mut self, col: usize, kind: &'static str, row: u32, example: impl FnOnce() -> String) {
@@ -1146,10 +1105,6 @@ impl<'c> Validator<'c> {
         ok
     }
 
-    fn col_of(&self, f: Field) -> Option<usize> {
-        self.cols.iter().position(|c| c.field == f)
-    }
-
     /// Records that `email` is used by `row`; reports both rows when it was used before.
     fn claim(&mut self, email: &str, row: u32, col: Option<usize>) -> bool {
         let key = email.to_lowercase();
@@ -1173,6 +1128,249 @@ impl<'c> Validator<'c> {
                 false
             }
         }
+    }
+}
+
+/// Records a problem in `out`, counting it even when the list is full.
+fn push_problem(
+    out: &mut Outcome,
+    row_errors: &mut u64,
+    cols: &[Column],
+    cap: usize,
+    (severity, row, col, value, code, message): (
+        Severity,
+        Option<u32>,
+        Option<usize>,
+        Option<&str>,
+        &'static str,
+        String,
+    ),
+) {
+    match severity {
+        Severity::Error => {
+            out.errors += 1;
+            *row_errors += 1;
+        }
+        Severity::Warning => out.warnings += 1,
+    }
+    if out.problems.len() >= cap {
+        return;
+    }
+    out.problems.push(Problem {
+        severity,
+        sheet: out.sheet.clone(),
+        row,
+        column: col.map(column_letter),
+        column_name: col.and_then(|c| cols.get(c)).map(|c| c.header.to_string()),
+        value: value.map(|v| v.chars().take(200).collect()),
+        code,
+        message,
+    });
+}
+
+/// The checks of a row that need the roster (does the user exist, in which state), the
+/// effect of each row, the licence counts, and — in apply mode — the writes.
+struct Validator<'c> {
+    conn: &'c Connection,
+    op: Operation,
+    mode: Mode,
+    cols: std::sync::Arc<[Column]>,
+    limits: crate::config::Limits,
+    tenant: Tenant,
+    teams: HashMap<String, (i64, String)>,
+    pools: Vec<PoolState>,
+    pool_index: HashMap<String, usize>,
+    find_user: Statement<'c>,
+    writer: Option<Writer<'c>>,
+    out: Outcome,
+    now: String,
+    row_errors: u64,
+    /// Errors the `Checker` found in the rows received so far.
+    checker_errors: u64,
+}
+
+struct Writer<'c> {
+    job_id: i64,
+    insert: Statement<'c>,
+    update: Statement<'c>,
+    set_status: Statement<'c>,
+    delete: Statement<'c>,
+    change: Statement<'c>,
+    before: Vec<u8>,
+    after: Vec<u8>,
+}
+
+impl<'c> Validator<'c> {
+    fn new(
+        conn: &'c Connection,
+        req: &Request<'_>,
+        cols: &[Column],
+        limits: &crate::config::Limits,
+        sheet: String,
+    ) -> AppResult<Validator<'c>> {
+        let teams = db::list_teams(conn, req.tenant.id)?
+            .into_iter()
+            .map(|t| (db::norm(&t.name), (t.id, t.name)))
+            .collect();
+        let mut pools = Vec::new();
+        let mut pool_index = HashMap::new();
+        for p in db::list_pools(conn, req.tenant.id)? {
+            pool_index.insert(db::norm(&p.name), pools.len());
+            pools.push(PoolState {
+                id: p.id,
+                name: p.name,
+                seats: p.seats,
+                used: p.used,
+                freed: 0,
+                needed: 0,
+            });
+        }
+        let find_user = conn.prepare(&format!(
+            "SELECT {USER_COLUMNS} FROM {USER_FROM} WHERE u.tenant_id = ?1 AND u.email_norm = ?2"
+        ))?;
+        let writer = match req.mode {
+            Mode::DryRun => None,
+            Mode::Apply { job_id } => Some(Writer {
+                job_id,
+                insert: conn.prepare(
+                    "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, job_title, team_id, role, language, pool_id, status, custom, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', NULL, ?11, ?11)",
+                )?,
+                update: conn.prepare(
+                    "UPDATE users SET email = ?2, email_norm = ?3, first_name = ?4, last_name = ?5, job_title = ?6, team_id = ?7, role = ?8, language = ?9, pool_id = ?10, updated_at = ?11 WHERE id = ?1",
+                )?,
+                set_status: conn.prepare(
+                    "UPDATE users SET status = ?2, pool_id = ?3, updated_at = ?4 WHERE id = ?1",
+                )?,
+                delete: conn.prepare("DELETE FROM users WHERE id = ?1")?,
+                change: conn.prepare(
+                    "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?,
+                before: Vec::with_capacity(512),
+                after: Vec::with_capacity(512),
+            }),
+        };
+        let mut out = Outcome::new(req.op);
+        out.sheet = sheet;
+        Ok(Validator {
+            conn,
+            op: req.op,
+            mode: req.mode,
+            cols: cols.into(),
+            limits: limits.clone(),
+            tenant: req.tenant.clone(),
+            teams,
+            pools,
+            pool_index,
+            find_user,
+            writer,
+            out,
+            now: db::now(),
+            row_errors: 0,
+            checker_errors: 0,
+        })
+    }
+
+    /// The row checker for this file, with its own copy of the tenant's lists.
+    fn checker(&self, errors_column: bool) -> Checker {
+        let mut out = Outcome::new(self.op);
+        out.sheet = self.out.sheet.clone();
+        Checker {
+            op: self.op,
+            cols: self.cols.clone(),
+            limits: self.limits.clone(),
+            tenant: self.tenant.clone(),
+            teams: self.teams.clone(),
+            pools: self
+                .pools
+                .iter()
+                .map(|p| PoolState {
+                    id: p.id,
+                    name: p.name.clone(),
+                    seats: p.seats,
+                    used: p.used,
+                    freed: 0,
+                    needed: 0,
+                })
+                .collect(),
+            pool_index: self.pool_index.clone(),
+            seen: HashMap::new(),
+            out,
+            norms: BTreeMap::new(),
+            values: vec![String::new(); self.cols.len()],
+            row_errors: 0,
+            errors_column,
+        }
+    }
+
+    /// Errors found so far, by both halves.
+    fn errors_so_far(&self) -> u64 {
+        self.out.errors + self.checker_errors
+    }
+
+    /// Merges the checker's findings into the outcome.
+    fn into_outcome(mut self, checker: Checker) -> Outcome {
+        let c = checker.out;
+        self.out.rows = c.rows;
+        self.out.errors += c.errors;
+        self.out.warnings += c.warnings;
+        self.out.problems.extend(c.problems);
+        self.out
+            .problems
+            .sort_by_key(|p| (p.row.unwrap_or(0), p.severity));
+        self.out
+            .problems
+            .truncate(self.limits.max_reported_problems as usize);
+        self.out.normalisations = checker.norms.into_values().collect();
+        self.out
+    }
+
+    fn check_already_applied(&mut self, sha: &str) -> AppResult<()> {
+        let prev: Option<(i64, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT j.id, j.submitted_by, j.finished_at FROM jobs j JOIN uploads u ON u.id = j.upload_id
+                 WHERE u.file_sha256 = ?1 AND j.tenant_id = ?2 AND j.operation = ?3 AND j.state = 'succeeded'
+                 ORDER BY j.id DESC LIMIT 1",
+                params![sha, self.tenant.id, self.op.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?.unwrap_or_default())),
+            )
+            .optional()?;
+        if let Some((job, by, at)) = prev {
+            self.problem(
+                Severity::Warning,
+                None,
+                None,
+                None,
+                "already_applied",
+                format!("This same file was already applied on {at} by {by} (job {job}). Submit it again only if that is what you mean."),
+            );
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn problem(
+        &mut self,
+        severity: Severity,
+        row: Option<u32>,
+        col: Option<usize>,
+        value: Option<&str>,
+        code: &'static str,
+        message: String,
+    ) {
+        let cap = self.limits.max_reported_problems as usize;
+        push_problem(
+            &mut self.out,
+            &mut self.row_errors,
+            &self.cols,
+            cap,
+            (severity, row, col, value, code, message),
+        );
+    }
+
+    fn col_of(&self, f: Field) -> Option<usize> {
+        self.cols.iter().position(|c| c.field == f)
     }
 
     fn lookup(&mut self, email: &str) -> AppResult<Option<User>> {
@@ -1203,35 +1401,27 @@ impl<'c> Validator<'c> {
         self.teams.values().find(|t| t.0 == id).map(|t| t.1.clone())
     }
 
-    fn row(&mut self, raw: &RawRow, on_effect: &mut EffectSink<'_>) -> AppResult<()> {
-        let row = raw.index + 1;
-        self.out.rows += 1;
+    /// Takes one checked row: looks the user up, computes the effect and, when writing and
+    /// no error was found so far, writes it.
+    fn apply(&mut self, c: Checked, on_effect: &mut EffectSink<'_>) -> AppResult<()> {
+        let Checked {
+            row,
+            rv,
+            ok,
+            errors,
+        } = c;
+        self.checker_errors += errors;
         self.row_errors = 0;
-        let mut cells_ok = self.normalise(raw, row);
-        if self.values.iter().all(String::is_empty) {
-            // Only spaces: treat as an empty row.
-            self.out.rows -= 1;
-            return Ok(());
-        }
-        let mut rv = RowValues::default();
-        cells_ok &= self.resolve(row, &mut rv);
         let email_col = self.col_of(Field::Email);
         if rv.email.is_empty() {
             return Ok(());
         }
         let email = rv.email.clone();
-        let mut ok = self.claim(&email, row, email_col) && cells_ok;
-        if let Some(ne) = rv.new_email.clone()
-            && !ne.eq_ignore_ascii_case(&email)
-        {
-            let c = self.col_of(Field::NewEmail);
-            ok &= self.claim(&ne, row, c);
-        }
         let email_norm = email.to_lowercase();
         // Adding while writing without errors so far: the insert itself finds an existing
         // user (its unique index), which spares a lookup per row.
         let insert_finds_existing =
-            self.op == Operation::Add && self.writer.is_some() && self.out.errors == 0;
+            self.op == Operation::Add && self.writer.is_some() && self.errors_so_far() == 0;
         let existing = if insert_finds_existing {
             None
         } else {
@@ -1340,7 +1530,7 @@ impl<'c> Validator<'c> {
         if !ok || self.row_errors > 0 {
             return Ok(());
         }
-        if self.writer.is_some() && self.out.errors == 0 {
+        if self.writer.is_some() && self.errors_so_far() == 0 {
             let written = self.write(row, &rv, &email_norm, existing.as_ref(), &effect)?;
             if !written {
                 // The insert met an existing user: report it as validation would have.
