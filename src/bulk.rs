@@ -595,6 +595,8 @@ struct PoolState {
 #[derive(Default)]
 struct RowValues {
     email: String,
+    /// `email` lowercased: the key users are matched by.
+    email_norm: String,
     new_email: Option<String>,
     first_name: Option<String>,
     last_name: Option<String>,
@@ -712,6 +714,7 @@ impl Checker {
         let mut rv = RowValues::default();
         ok &= self.resolve(row, &mut rv);
         if !rv.email.is_empty() {
+            rv.email_norm = rv.email.to_lowercase();
             let email_col = self.col_of(Field::Email);
             let email = rv.email.clone();
             ok &= self.claim(&email, row, email_col);
@@ -1406,7 +1409,7 @@ impl<'c> Validator<'c> {
     fn apply(&mut self, c: Checked, on_effect: &mut EffectSink<'_>) -> AppResult<()> {
         let Checked {
             row,
-            rv,
+            mut rv,
             ok,
             errors,
         } = c;
@@ -1417,7 +1420,7 @@ impl<'c> Validator<'c> {
             return Ok(());
         }
         let email = rv.email.clone();
-        let email_norm = email.to_lowercase();
+        let email_norm = std::mem::take(&mut rv.email_norm);
         // Adding while writing without errors so far: the insert itself finds an existing
         // user (its unique index), which spares a lookup per row.
         let insert_finds_existing =
