@@ -6,8 +6,10 @@
 //! inserting the rows into the users table in one transaction), `read` (our worker + the
 //! row stream, no validation), `validate` (dry run: read, validate, preview), `apply`
 //! (validate + apply + before/after records on rows made by the generator, not read from
-//! the file: the write side alone), `import` (the end-to-end single pass: read, validate, preview, apply), and
-//! `report` (the results workbook of the import).
+//! the file: the write side alone), `import` (the end-to-end single pass: read, validate,
+//! preview, apply), `report` (the results workbook of the import) and `audit` (appending the
+//! import's audit entries, one per changed user with every field before and after, to the
+//! hash-chained log).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -120,6 +122,9 @@ pub struct StageResult {
     pub rss_mib: f64,
     /// Peak RSS of its parsing worker (0 when it has none), MiB.
     pub worker_rss_mib: f64,
+    /// Size of the audit log written (the `audit` stage), bytes.
+    #[serde(default)]
+    pub audit_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +204,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
     let op = Operation::Add;
     let file_name = "bench.xlsx";
     let mut rows = 0u64;
+    let mut audit_bytes = 0u64;
     let secs;
     match a.stage.as_str() {
         "bare_read" => {
@@ -343,7 +349,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             secs = start.elapsed().as_secs_f64();
             rows = o.rows;
         }
-        "import" | "report" => {
+        "import" | "report" | "audit" => {
             let mut app = prepare(&a.data_dir, a.rows)?;
             let t = db::tenant(&app.conn, TENANT)?;
             let start = Instant::now();
@@ -356,6 +362,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 ImportOptions {
                     acknowledge_warnings: false,
                     results_workbook: false,
+                    flush_audit: false,
                 },
                 &mut |_, _, _| {},
                 &mut |_| {},
@@ -365,6 +372,16 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             rows = r.outcome.rows;
             secs = if a.stage == "import" {
                 import_secs
+            } else if a.stage == "audit" {
+                let start = Instant::now();
+                service::flush_audit(&app)?;
+                let secs = start.elapsed().as_secs_f64();
+                audit_bytes = crate::audit::files(&app.data.audit_dir())?
+                    .iter()
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum();
+                secs
             } else {
                 let job = r.job_id.unwrap_or_default();
                 let start = Instant::now();
@@ -383,6 +400,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
         stage: a.stage.clone(),
         rows,
         secs,
+        audit_bytes,
         rss_mib: crate::sheet::codec::peak_rss_kib() as f64 / 1024.0,
         worker_rss_mib: crate::sheet::reader::MAX_WORKER_PEAK_KIB
             .load(std::sync::atomic::Ordering::Relaxed) as f64
@@ -403,7 +421,7 @@ fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
     ))
 }
 
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 8] = [
     "bare_read",
     "bare_insert",
     "read",
@@ -411,6 +429,7 @@ const STAGES: [&str; 7] = [
     "apply",
     "import",
     "report",
+    "audit",
 ];
 
 /// Runs the benchmark for each size, printing a table per size and the goal ratios.
@@ -490,6 +509,15 @@ pub fn run(sizes: &[usize], dir: &Path, out: &mut dyn std::io::Write) -> AppResu
             peak
         )
         .map_err(w)?;
+        if let Some(a) = results.get("audit") {
+            writeln!(
+                out,
+                "audit: import + audit / import = {:.2} (<= 1.3); {:.1} MiB of audit log per 100k changes",
+                (t("import") + a.secs) / t("import"),
+                a.audit_bytes as f64 / 1048576.0 / (a.rows.max(1) as f64 / 100_000.0)
+            )
+            .map_err(w)?;
+        }
     }
     Ok(())
 }

@@ -101,6 +101,9 @@ pub enum Command {
     /// List or export a tenant's users.
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Check and read the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Measure each stage of an import against the bare libraries (see docs/BENCHMARKS.md).
     ///
     /// Generates add files of the given sizes (kept in --dir for the next run) and prints
@@ -169,6 +172,41 @@ pub enum PoolCmd {
     List {
         #[arg(long)]
         tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Check the whole chain; names the first entry altered, removed, inserted or reordered.
+    ///
+    /// Exit code 0: intact; 1: broken. Example: rollcall audit verify
+    Verify {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print entries, filtered, as JSON lines (default) or CSV.
+    ///
+    /// Example: rollcall audit show --tenant Acme --user ada@example.com --format csv
+    Show {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A user's email: the changes made to that user.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        job: Option<i64>,
+        #[arg(long)]
+        actor: Option<String>,
+        /// Entries at or after this time (RFC 3339, e.g. 2026-11-24T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Entries at or before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// jsonl or csv.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
     },
 }
 
@@ -269,7 +307,11 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             Ok(0)
         }
         Command::Tenant(TenantCmd::Create { name }) => {
-            let t = db::create_tenant(&app.conn, &name)?;
+            let t = service::change_audited(&app, "tenant.create", |c| {
+                let t = db::create_tenant(c, &name)?;
+                let (tn, id) = (t.name.clone(), t.id);
+                Ok((t, Some(tn.clone()), tn, serde_json::json!({ "id": id })))
+            })?;
             writeln!(out, "Created tenant {} (id {}).", t.name, t.id).map_err(w)?;
             Ok(0)
         }
@@ -297,7 +339,16 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         }
         Command::Team(TeamCmd::Add { tenant, name }) => {
             let t = db::tenant(&app.conn, &tenant)?;
-            let team = db::add_team(&app.conn, t.id, &name)?;
+            let team = service::change_audited(&app, "team.create", |c| {
+                let team = db::add_team(c, t.id, &name)?;
+                let (n, id) = (team.name.clone(), team.id);
+                Ok((
+                    team,
+                    Some(t.name.clone()),
+                    n,
+                    serde_json::json!({ "id": id }),
+                ))
+            })?;
             writeln!(out, "Added team {} to {}.", team.name, t.name).map_err(w)?;
             Ok(0)
         }
@@ -314,7 +365,17 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             seats,
         }) => {
             let t = db::tenant(&app.conn, &tenant)?;
-            let p = db::set_pool(&app.conn, t.id, &name, seats)?;
+            let p = service::change_audited(&app, "pool.set", |c| {
+                let before = db::list_pools(c, t.id)?
+                    .into_iter()
+                    .find(|p| db::norm(&p.name) == db::norm(&name))
+                    .map(|p| p.seats);
+                let p = db::set_pool(c, t.id, &name, seats)?;
+                let details =
+                    serde_json::json!({ "id": p.id, "seats_before": before, "seats": p.seats });
+                let n = p.name.clone();
+                Ok((p, Some(t.name.clone()), n, details))
+            })?;
             writeln!(
                 out,
                 "Licence pool {} of {}: {} seats, {} used, {} free.",
@@ -478,6 +539,58 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 }
             }
             Ok(if res.job_id.is_some() { 0 } else { 1 })
+        }
+        Command::Audit(AuditCmd::Verify { json }) => {
+            let v = crate::audit::verify(&app.conn, &app.data.audit_dir())?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &v)
+                    .map_err(|e| AppError::internal("writing JSON", e))?;
+                writeln!(out).map_err(w)?;
+            } else if let Some(p) = &v.problem {
+                writeln!(
+                    out,
+                    "BROKEN: {p}. ({} entries checked in {} files.)",
+                    v.entries, v.files
+                )
+                .map_err(w)?;
+            } else {
+                writeln!(
+                    out,
+                    "OK: {} entries in {} files, the chain is whole.",
+                    v.entries, v.files
+                )
+                .map_err(w)?;
+            }
+            Ok(if v.problem.is_none() { 0 } else { 1 })
+        }
+        Command::Audit(AuditCmd::Show {
+            tenant,
+            user,
+            job,
+            actor,
+            since,
+            until,
+            format,
+        }) => {
+            let csv = match format.as_str() {
+                "jsonl" | "json" => false,
+                "csv" => true,
+                other => {
+                    return Err(AppError::Usage(format!(
+                        "--format is jsonl or csv, not {other:?}"
+                    )));
+                }
+            };
+            let filter = crate::audit::Filter {
+                tenant,
+                user,
+                job,
+                actor,
+                since,
+                until,
+            };
+            crate::audit::show(&app.data.audit_dir(), &filter, csv, out)?;
+            Ok(0)
         }
         Command::Users(UsersCmd::List { tenant, status }) => {
             let t = db::tenant(&app.conn, &tenant)?;

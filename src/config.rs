@@ -83,6 +83,20 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// The audit log.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A log file is closed and the next one started past this size, in MiB.
+    pub max_file_mib: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { max_file_mib: 64 }
+    }
+}
+
 /// The whole configuration after all layers were applied.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -93,6 +107,7 @@ pub struct Config {
     pub listen: String,
     pub limits: Limits,
     pub database: DatabaseConfig,
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -102,6 +117,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".to_string(),
             limits: Limits::default(),
             database: DatabaseConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -132,6 +148,7 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_LIMITS_MAX_REPORTED_PROBLEMS",
     "ROLLCALL_DATABASE_CACHE_MIB",
     "ROLLCALL_DATABASE_BUSY_TIMEOUT_MS",
+    "ROLLCALL_AUDIT_MAX_FILE_MIB",
 ];
 
 /// A loaded configuration together with where it came from.
@@ -293,6 +310,7 @@ impl Config {
             "ROLLCALL_DATABASE_BUSY_TIMEOUT_MS",
             config.database.busy_timeout_ms
         );
+        env_num!("ROLLCALL_AUDIT_MAX_FILE_MIB", config.audit.max_file_mib);
 
         // Flags.
         if let Some(d) = &overrides.data_dir {
@@ -346,6 +364,7 @@ impl DataDir {
             dd.uploads_dir(),
             dd.reports_dir(),
             dd.tmp_dir(),
+            dd.audit_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(unwritable)?;
         }
@@ -389,6 +408,10 @@ impl DataDir {
     /// Scratch space for files being written; renamed into place when complete.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+    /// The hash-chained audit log files.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
     }
     /// A tenant's rule scripts on an installed appliance.
     pub fn rules_dir(&self) -> PathBuf {

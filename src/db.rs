@@ -11,7 +11,10 @@ use crate::config::DatabaseConfig;
 use crate::error::{AppError, AppResult, StartupError};
 
 /// Migrations in order; the schema version is the number of applied migrations.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (2, include_str!("../migrations/0002_audit.sql")),
+];
 
 /// Newest schema this binary knows.
 pub fn schema_version() -> i64 {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
+use crate::audit::{self, Event};
 use crate::bulk::{self, EffectSink, Mode, Outcome, Request};
 use crate::config::{Config, DataDir, Loaded};
 use crate::db::{self, Tenant};
@@ -114,7 +115,72 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
     Ok(StoredFile { sha256, size, path })
 }
 
-/// Validates a file without storing anything (a dry run).
+/// Appends the queued audit entries to the log (fsync'd); returns how many.
+pub fn flush_audit(app: &App) -> AppResult<u64> {
+    audit::flush(
+        &app.conn,
+        &app.data.audit_dir(),
+        app.config.audit.max_file_mib.saturating_mul(1024 * 1024),
+    )
+}
+
+/// Records `event` and appends it to the log at once.
+pub fn audit_now(app: &App, event: &Event) -> AppResult<()> {
+    audit::record(&app.conn, event)?;
+    flush_audit(app).map(|_| ())
+}
+
+/// Makes a change and its audit entry in one transaction, then appends the entry to the log
+/// (fsync'd) before returning: the change is reported done only once it is audited.
+pub fn change_audited<T>(
+    app: &App,
+    action: &'static str,
+    change: impl FnOnce(&Connection) -> AppResult<(T, Option<String>, String, serde_json::Value)>,
+) -> AppResult<T> {
+    let tx = app.conn.unchecked_transaction()?;
+    let (value, tenant, target, details) = change(&tx)?;
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant,
+            action,
+            target,
+            details,
+        },
+    )?;
+    tx.commit()?;
+    flush_audit(app)?;
+    Ok(value)
+}
+
+/// What the audit log keeps of an upload: the file, its counts and its problems' codes.
+fn upload_details(
+    upload_id: i64,
+    op: Operation,
+    stored: &StoredFile,
+    outcome: &Outcome,
+    acknowledged: bool,
+) -> serde_json::Value {
+    let mut codes: std::collections::BTreeMap<&str, u64> = Default::default();
+    for p in &outcome.problems {
+        *codes.entry(p.code).or_default() += 1;
+    }
+    serde_json::json!({
+        "upload": upload_id,
+        "operation": op.as_str(),
+        "sha256": stored.sha256,
+        "size": stored.size,
+        "format": outcome.format,
+        "rows": outcome.rows,
+        "errors": outcome.errors,
+        "warnings": outcome.warnings,
+        "warnings_acknowledged": acknowledged && outcome.warnings > 0,
+        "problem_codes": codes,
+    })
+}
+
+/// Validates a file without storing anything but an audit entry (a dry run).
 pub fn validate(
     app: &App,
     tenant: &Tenant,
@@ -125,7 +191,7 @@ pub fn validate(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
     let sha = store_hash(file)?;
-    bulk::process(
+    let outcome = bulk::process(
         &app.conn,
         &app.reader,
         &Request {
@@ -138,7 +204,22 @@ pub fn validate(
         },
         on_effect,
         progress,
-    )
+    )?;
+    audit_now(
+        app,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant.name.clone()),
+            action: "file.checked",
+            target: file_name.to_string(),
+            details: serde_json::json!({
+                "operation": op.as_str(), "sha256": sha, "format": outcome.format,
+                "rows": outcome.rows, "valid": outcome.is_valid(),
+                "errors": outcome.errors, "warnings": outcome.warnings,
+            }),
+        },
+    )?;
+    Ok(outcome)
 }
 
 fn store_hash(file: &Path) -> AppResult<String> {
@@ -178,6 +259,8 @@ pub struct ImportOptions {
     pub acknowledge_warnings: bool,
     /// Write the results workbook after commit (benchmarks time it separately).
     pub results_workbook: bool,
+    /// Append the audit entries to the log before returning (benchmarks time it apart).
+    pub flush_audit: bool,
 }
 
 impl ImportOptions {
@@ -185,6 +268,7 @@ impl ImportOptions {
         ImportOptions {
             acknowledge_warnings,
             results_workbook: true,
+            flush_audit: true,
         }
     }
 }
@@ -246,7 +330,42 @@ pub fn import(
             "UPDATE jobs SET state = 'succeeded', finished_at = ?2, rows_total = ?3, rows_done = ?3, result = ?4 WHERE id = ?1",
             params![job_id, db::now(), outcome.rows as i64, result],
         )?;
+        let ev = |action: &'static str, target: String, details: serde_json::Value| Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant.name.clone()),
+            action,
+            target,
+            details,
+        };
+        audit::record(
+            &tx,
+            &ev(
+                "upload.validated",
+                file_name.to_string(),
+                upload_details(upload_id, op, &stored, &outcome, acknowledge_warnings),
+            ),
+        )?;
+        audit::record(
+            &tx,
+            &ev(
+                "job.submitted",
+                format!("job {job_id}"),
+                serde_json::json!({"job": job_id, "upload": upload_id, "operation": op.as_str(), "rows": outcome.rows}),
+            ),
+        )?;
+        audit::record_job(&tx, &app.actor, &tenant.name, job_id)?;
+        audit::record(
+            &tx,
+            &ev(
+                "job.succeeded",
+                format!("job {job_id}"),
+                serde_json::json!({"job": job_id, "totals": outcome.totals, "licence_forecast": outcome.forecast}),
+            ),
+        )?;
         tx.commit()?;
+        if opts.flush_audit {
+            flush_audit(app)?;
+        }
         let results_report = if opts.results_workbook {
             let path = app.data.results_report(job_id);
             report::write_results_workbook(&app.conn, job_id, op, &path)?;
@@ -283,7 +402,24 @@ pub fn import(
     })
     .to_string();
     save_upload_result(&tx, upload_id, status, &outcome, &result)?;
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant.name.clone()),
+            action: if outcome.is_valid() {
+                "upload.validated"
+            } else {
+                "upload.rejected"
+            },
+            target: file_name.to_string(),
+            details: upload_details(upload_id, op, &stored, &outcome, acknowledge_warnings),
+        },
+    )?;
     tx.commit()?;
+    if opts.flush_audit {
+        flush_audit(app)?;
+    }
     let error_report = if outcome.is_valid() {
         None
     } else {

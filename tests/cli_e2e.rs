@@ -242,6 +242,42 @@ fn a_first_session_from_the_command_line() {
         out.contains("ada@example.com,Ada,Lovelace,,Sales,Learner,English,Standard,deactivated"),
         "{out}"
     );
+    // Every change above is in the audit log, and the chain is whole.
+    let o = run(d, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).starts_with("OK:"), "{}", text(&o));
+    let o = run(
+        d,
+        &[
+            "audit",
+            "show",
+            "--user",
+            "ada@example.com",
+            "--format",
+            "csv",
+        ],
+    );
+    let shown = text(&o);
+    assert!(
+        shown.contains("user.create") && shown.contains("user.deactivate"),
+        "{shown}"
+    );
+    let o = run(d, &["audit", "show", "--tenant", "Acme"]);
+    for action in [
+        "tenant.create",
+        "pool.set",
+        "team.create",
+        "upload.validated",
+        "upload.rejected",
+        "job.submitted",
+        "job.succeeded",
+        "file.checked",
+    ] {
+        assert!(
+            text(&o).contains(&format!("\"action\":\"{action}\"")),
+            "{action} missing"
+        );
+    }
     let xlsx = dir.path().join("users.xlsx");
     assert!(
         run(
