@@ -70,7 +70,8 @@ CREATE TABLE uploads (
     file_sha256   TEXT NOT NULL,
     file_size     INTEGER NOT NULL,
     stored_path   TEXT NOT NULL,
-    status        TEXT NOT NULL CHECK (status IN ('validated', 'rejected')),
+    -- pending: submitted and not yet read (an import straight to the queue)
+    status        TEXT NOT NULL CHECK (status IN ('pending', 'validated', 'rejected')),
     rows_total    INTEGER NOT NULL DEFAULT 0,
     error_count   INTEGER NOT NULL DEFAULT 0,
     warning_count INTEGER NOT NULL DEFAULT 0,
@@ -94,16 +95,22 @@ CREATE TABLE upload_problems (
     PRIMARY KEY (upload_id, seq)
 ) WITHOUT ROWID;
 
+-- One job at a time for the whole appliance, in id order. A job's changes and its move to
+-- 'succeeded' commit in one transaction; a job found 'running' at start never committed and
+-- is queued again.
 CREATE TABLE jobs (
     id           INTEGER PRIMARY KEY,
     tenant_id    INTEGER NOT NULL REFERENCES tenants(id),
     upload_id    INTEGER NOT NULL REFERENCES uploads(id),
     operation    TEXT NOT NULL,
-    state        TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    state        TEXT NOT NULL CHECK (state IN ('scheduled', 'awaiting_approval', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     submitted_by TEXT NOT NULL,
     submitted_at TEXT NOT NULL,
+    not_before   TEXT,             -- held in 'scheduled' until this time
+    options      TEXT NOT NULL DEFAULT '{}',  -- JSON: warnings acknowledged, ...
     started_at   TEXT,
     finished_at  TEXT,
+    cancelled_by TEXT,
     rows_total   INTEGER NOT NULL DEFAULT 0,
     rows_done    INTEGER NOT NULL DEFAULT 0,
     result       TEXT,             -- JSON: totals and licence forecast of the applied file

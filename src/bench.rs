@@ -383,7 +383,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                     .sum();
                 secs
             } else {
-                let job = r.job_id.unwrap_or_default();
+                let job = r.job_id;
                 let start = Instant::now();
                 crate::sheet::report::write_results_workbook(
                     &app.conn,

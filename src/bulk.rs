@@ -58,6 +58,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// An outcome with nothing found yet.
+    pub fn empty(op: Operation) -> Outcome {
+        Outcome::new(op)
+    }
+
     fn new(op: Operation) -> Outcome {
         Outcome {
             operation: op,
@@ -306,38 +311,9 @@ fn file_problem(sheet: &str, code: &str, message: String) -> Problem {
         column: None,
         column_name: None,
         value: None,
-        code: intern_code(code),
+        code: model::intern_code(code),
         message,
     }
-}
-
-/// Codes from the worker arrive as strings; problems carry `&'static str` codes.
-fn intern_code(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "file_unreadable",
-        "file_empty",
-        "file_encrypted",
-        "file_wrong_type",
-        "file_damaged",
-        "file_too_large",
-        "csv_encoding",
-        "zip_bomb",
-        "zip_too_many_entries",
-        "too_many_rows",
-        "too_many_columns",
-        "memory_limit",
-        "time_limit",
-        "internal",
-        "wrong_operation",
-        "template_too_new",
-        "sheet_missing",
-        "columns_mismatch",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or("file_unreadable")
 }
 
 fn refuse(out: &mut Outcome, code: &str, message: String) {

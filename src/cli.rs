@@ -12,6 +12,7 @@ use crate::config::{Config, Overrides};
 use crate::db;
 use crate::error::{AppError, AppResult};
 use crate::model::{Effect, Operation, Severity};
+use crate::scheduler;
 use crate::service::{self, App};
 use crate::sheet::template;
 
@@ -97,7 +98,17 @@ pub enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Submit to the job queue and return at once (the worker of `rollcall serve` or
+        /// `rollcall jobs work` runs it).
+        #[arg(long)]
+        no_wait: bool,
+        /// Hold the job until this time (RFC 3339, e.g. 2026-12-31T17:00:00Z); implies --no-wait.
+        #[arg(long, value_name = "TIME")]
+        not_before: Option<String>,
     },
+    /// List, follow, cancel and run jobs.
+    #[command(subcommand)]
+    Jobs(JobsCmd),
     /// List or export a tenant's users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -172,6 +183,29 @@ pub enum PoolCmd {
     List {
         #[arg(long)]
         tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// Jobs, newest first, with queue positions. Example: rollcall jobs list --tenant Acme
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One job: state, place in the queue, progress with ETA, result. Example: rollcall jobs show 12
+    Show { id: i64 },
+    /// Cancel a job that has not started. Example: rollcall jobs cancel 12
+    Cancel { id: i64 },
+    /// Run the job worker in the foreground (what `serve` does besides the web server).
+    ///
+    /// Example: rollcall jobs work --until-idle
+    Work {
+        /// Stop when no job is waiting instead of waiting for more.
+        #[arg(long)]
+        until_idle: bool,
     },
 }
 
@@ -480,8 +514,40 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             yes,
             report,
             json,
+            no_wait,
+            not_before,
         } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
+            if no_wait || not_before.is_some() {
+                let not_before = not_before.as_deref().map(parse_time).transpose()?;
+                let name = file_name(&file.file);
+                let stored = service::store_upload(&app.data, &file.file, &name)?;
+                let opts = scheduler::JobOptions {
+                    acknowledge_warnings: yes,
+                };
+                let (_, job) = scheduler::submit(
+                    &app,
+                    &t,
+                    file.op,
+                    &stored,
+                    &name,
+                    &opts,
+                    not_before.as_deref(),
+                )?;
+                match not_before {
+                    Some(at) => writeln!(
+                        out,
+                        "Scheduled as job {job}: it will not start before {at}."
+                    )
+                    .map_err(w)?,
+                    None => writeln!(
+                        out,
+                        "Submitted as job {job}; follow it with: rollcall jobs show {job}"
+                    )
+                    .map_err(w)?,
+                }
+                return Ok(0);
+            }
             let name = file_name(&file.file);
             let mut effects = Vec::new();
             let mut sink = |row: u32, email: &str, e: &Effect| {
@@ -516,12 +582,13 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     out,
                     &res.outcome,
                     &effects,
-                    res.job_id,
+                    Some(res.job_id),
                     Some(res.needs_acknowledgement),
                 )?;
             } else {
                 print_outcome(out, &name, &res.outcome, &effects, false)?;
-                if let Some(job) = res.job_id {
+                let job = res.job_id;
+                if res.applied {
                     writeln!(
                         out,
                         "Applied as job {job}: {}.",
@@ -529,16 +596,88 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     )
                     .map_err(w)?;
                 } else if res.needs_acknowledgement {
-                    writeln!(out, "Nothing was applied: {} warnings need acknowledgement. Check them, then run the same command with --yes.", res.outcome.warnings).map_err(w)?;
+                    writeln!(out, "Nothing was applied (job {job} failed): {} warnings need acknowledgement. Check them, then run the same command with --yes.", res.outcome.warnings).map_err(w)?;
                 } else {
-                    writeln!(out, "Nothing was applied.").map_err(w)?;
+                    writeln!(
+                        out,
+                        "Nothing was applied (job {job} {}{}).",
+                        res.state,
+                        res.error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )
+                    .map_err(w)?;
                 }
                 if let Some(p) = produced {
                     writeln!(out, "Report: {}", report.as_ref().unwrap_or(p).display())
                         .map_err(w)?;
                 }
             }
-            Ok(if res.job_id.is_some() { 0 } else { 1 })
+            Ok(if res.applied { 0 } else { 1 })
+        }
+        Command::Jobs(JobsCmd::List { tenant, limit }) => {
+            let tid = match tenant {
+                Some(t) => Some(db::tenant(&app.conn, &t)?.id),
+                None => None,
+            };
+            writeln!(
+                out,
+                "{:>6}  {:<10} {:<11} {:<18} {:<12} FILE",
+                "JOB", "TENANT", "OPERATION", "STATE", "QUEUE"
+            )
+            .map_err(w)?;
+            for j in scheduler::list(&app.conn, tid, limit)? {
+                let queue = match (j.position, j.estimated_start_secs) {
+                    (Some(p), Some(s)) => format!("#{p} ~{s:.0}s"),
+                    (Some(p), None) => format!("#{p}"),
+                    _ => String::new(),
+                };
+                writeln!(
+                    out,
+                    "{:>6}  {:<10} {:<11} {:<18} {:<12} {}",
+                    j.id, j.tenant, j.operation, j.state, queue, j.file_name
+                )
+                .map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Jobs(JobsCmd::Show { id }) => {
+            let Some(j) = scheduler::list(&app.conn, None, i64::MAX)?
+                .into_iter()
+                .find(|j| j.id == id)
+            else {
+                return Err(AppError::Usage(format!("there is no job {id}")));
+            };
+            let progress = scheduler::progress(&app.data, id);
+            let v = serde_json::json!({ "job": j, "progress": progress });
+            serde_json::to_writer_pretty(&mut *out, &v)
+                .map_err(|e| AppError::internal("writing JSON", e))?;
+            writeln!(out).map_err(w)?;
+            Ok(0)
+        }
+        Command::Jobs(JobsCmd::Cancel { id }) => {
+            scheduler::cancel(&app, id)?;
+            writeln!(out, "Cancelled job {id}.").map_err(w)?;
+            Ok(0)
+        }
+        Command::Jobs(JobsCmd::Work { until_idle }) => {
+            let Some(lock) = scheduler::WorkerLock::try_take(&app.data)? else {
+                return Err(AppError::Usage(
+                    "another rollcall process is the job worker of this data directory".into(),
+                ));
+            };
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            scheduler::work(
+                &app,
+                &lock,
+                &stop,
+                until_idle,
+                None,
+                &mut |_, _, _| {},
+                &mut |_| {},
+            )?;
+            Ok(0)
         }
         Command::Audit(AuditCmd::Verify { json }) => {
             let v = crate::audit::verify(&app.conn, &app.data.audit_dir())?;
@@ -626,6 +765,16 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             Ok(0)
         }
     }
+}
+
+/// Checks a time given on the command line (RFC 3339) and returns it in UTC.
+fn parse_time(s: &str) -> AppResult<String> {
+    let fmt = time::format_description::well_known::Rfc3339;
+    let t = time::OffsetDateTime::parse(s.trim(), &fmt)
+        .map_err(|_| AppError::Usage(format!("{s:?} is not a time like 2026-12-31T17:00:00Z")))?;
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .map_err(|e| AppError::internal("formatting a time", e))
 }
 
 fn file_name(p: &Path) -> String {

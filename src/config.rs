@@ -365,6 +365,7 @@ impl DataDir {
             dd.reports_dir(),
             dd.tmp_dir(),
             dd.audit_dir(),
+            dd.run_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(unwritable)?;
         }
@@ -408,6 +409,19 @@ impl DataDir {
     /// Scratch space for files being written; renamed into place when complete.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+    /// Run-time files: the scheduler's lock and wake-up socket, job progress.
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn scheduler_lock(&self) -> PathBuf {
+        self.run_dir().join("scheduler.lock")
+    }
+    pub fn wake_socket(&self) -> PathBuf {
+        self.run_dir().join("wake.sock")
+    }
+    pub fn progress_file(&self, job_id: i64) -> PathBuf {
+        self.run_dir().join(format!("job-{job_id}.progress.json"))
     }
     /// The hash-chained audit log files.
     pub fn audit_dir(&self) -> PathBuf {

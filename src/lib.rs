@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod model;
+pub mod scheduler;
 pub mod serve;
 pub mod service;
 pub mod sheet;

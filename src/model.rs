@@ -347,6 +347,59 @@ pub fn column_letter(index: usize) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// Every problem code, for documentation and for reading stored problems back.
+pub const PROBLEM_CODES: &[&str] = &[
+    // The file as a whole.
+    "file_unreadable",
+    "file_empty",
+    "file_encrypted",
+    "file_wrong_type",
+    "file_damaged",
+    "file_too_large",
+    "csv_encoding",
+    "zip_bomb",
+    "zip_too_many_entries",
+    "too_many_rows",
+    "too_many_columns",
+    "memory_limit",
+    "time_limit",
+    "internal",
+    "wrong_operation",
+    "template_too_new",
+    "sheet_missing",
+    "columns_mismatch",
+    "licence_pool_full",
+    "already_applied",
+    // One cell or row.
+    "required_missing",
+    "email_invalid",
+    "invalid_choice",
+    "unknown_team",
+    "unknown_pool",
+    "too_long",
+    "duplicate_in_file",
+    "user_exists",
+    "user_not_found",
+    "cannot_clear",
+    "email_taken",
+    "control_character",
+    "cell_error",
+    "cell_too_long",
+    "invalid_date",
+    "value_outside_template",
+    "already_deactivated",
+    "already_active",
+];
+
+/// The static code equal to `code` (unknown codes read back as `file_unreadable`).
+pub fn intern_code(code: &str) -> &'static str {
+    PROBLEM_CODES
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("file_unreadable")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -424,7 +477,7 @@ impl Effect {
 }
 
 /// Rows per kind of effect.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Totals {
     pub create: u64,
     pub change: u64,
@@ -452,7 +505,7 @@ impl Totals {
 }
 
 /// Seats of one licence pool before and after the file.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PoolForecast {
     pub pool: String,
     pub seats: i64,

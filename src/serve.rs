@@ -1,5 +1,6 @@
-//! `rollcall serve`: the HTTP server. For now it answers `GET /api/v1/health` and shuts down
-//! cleanly on Ctrl-C or SIGTERM; the web UI and API arrive with their own issue.
+//! `rollcall serve`: the HTTP server and the job worker. For now the server answers
+//! `GET /api/v1/health`; the web UI and API arrive with their own issue. Ctrl-C or SIGTERM
+//! stops both cleanly (a running job finishes first; a kill is safe too, see `scheduler`).
 
 use std::net::SocketAddr;
 
@@ -15,6 +16,24 @@ pub fn run(app: &App) -> AppResult<()> {
             app.config.listen
         ))
     })?;
+    // The job worker runs beside the web server, on its own connection.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker_app = app.reopen()?;
+    let worker_stop = stop.clone();
+    let worker = std::thread::Builder::new()
+        .name("job-worker".into())
+        .spawn(move || crate::scheduler::serve(worker_app, worker_stop))
+        .map_err(|e| AppError::internal("starting the job worker", e))?;
+    let served = serve_http(app, addr);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    crate::scheduler::nudge(&app.data);
+    if worker.join().is_err() {
+        eprintln!("rollcall: the job worker stopped on an internal error");
+    }
+    served
+}
+
+fn serve_http(app: &App, addr: SocketAddr) -> AppResult<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, params};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{self, Event};
@@ -15,8 +15,8 @@ use crate::config::{Config, DataDir, Loaded};
 use crate::db::{self, Tenant};
 use crate::error::{AppError, AppResult, StartupError};
 use crate::model::{Operation, Severity};
+use crate::scheduler;
 use crate::sheet::reader::ReaderSetup;
-use crate::sheet::report;
 use crate::sheet::template::TemplateLists;
 
 /// Everything a command needs, wired once.
@@ -27,6 +27,19 @@ pub struct App {
     pub reader: ReaderSetup,
     /// Who is acting, for upload and job records (the OS user at the console).
     pub actor: String,
+}
+
+impl App {
+    /// The same application on a connection of its own (for another thread).
+    pub fn reopen(&self) -> Result<App, StartupError> {
+        Ok(App {
+            config: self.config.clone(),
+            data: self.data.clone(),
+            conn: db::open(&self.data.database(), &self.config.database)?,
+            reader: self.reader.clone(),
+            actor: self.actor.clone(),
+        })
+    }
 }
 
 impl App {
@@ -155,7 +168,7 @@ pub fn change_audited<T>(
 }
 
 /// What the audit log keeps of an upload: the file, its counts and its problems' codes.
-fn upload_details(
+pub fn upload_details(
     upload_id: i64,
     op: Operation,
     stored: &StoredFile,
@@ -243,8 +256,13 @@ fn store_hash(file: &Path) -> AppResult<String> {
 #[derive(Debug)]
 pub struct ImportResult {
     pub upload_id: i64,
-    /// The job, when the file was applied.
-    pub job_id: Option<i64>,
+    pub job_id: i64,
+    /// The job applied the file (it succeeded).
+    pub applied: bool,
+    /// The job's state when the import returned.
+    pub state: String,
+    /// The job's reason when it failed.
+    pub error: Option<String>,
     pub outcome: Outcome,
     /// Warnings were found and not acknowledged: nothing was applied.
     pub needs_acknowledgement: bool,
@@ -273,8 +291,10 @@ impl ImportOptions {
     }
 }
 
-/// Stores, validates and applies a file in one pass and one transaction; a file with errors
-/// (or with warnings not acknowledged) changes nothing.
+/// Stores a file and submits it to the job queue, then waits for its job: when no other
+/// process is the worker, this one runs the queue (jobs submitted earlier first); else the
+/// worker (e.g. `rollcall serve`) runs it and this waits. A file with errors (or warnings
+/// not acknowledged) changes nothing.
 #[allow(clippy::too_many_arguments)]
 pub fn import(
     app: &mut App,
@@ -286,167 +306,140 @@ pub fn import(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<ImportResult> {
-    let acknowledge_warnings = opts.acknowledge_warnings;
     let stored = store_upload(&app.data, file, file_name)?;
-    let now = db::now();
-    let tx = app
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(
-        "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'validated', ?7, ?8)",
-        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
-    )?;
-    let upload_id = tx.last_insert_rowid();
-    tx.execute(
-        "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at, started_at)
-         VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?5)",
-        params![tenant.id, upload_id, op.as_str(), app.actor, now],
-    )?;
-    let job_id = tx.last_insert_rowid();
-    let outcome = bulk::process(
-        &tx,
-        &app.reader,
-        &Request {
-            tenant,
-            op,
-            path: &stored.path,
-            file_name,
-            file_sha256: Some(&stored.sha256),
-            mode: Mode::Apply { job_id },
-        },
-        on_effect,
-        progress,
-    )?;
-    let needs_ack = outcome.is_valid() && outcome.warnings > 0 && !acknowledge_warnings;
-    if outcome.is_valid() && !needs_ack {
-        let result = serde_json::json!({
-            "totals": outcome.totals, "forecast": outcome.forecast,
-            "normalisations": outcome.normalisations, "notes": outcome.notes,
-        })
-        .to_string();
-        save_upload_result(&tx, upload_id, "validated", &outcome, &result)?;
-        tx.execute(
-            "UPDATE jobs SET state = 'succeeded', finished_at = ?2, rows_total = ?3, rows_done = ?3, result = ?4 WHERE id = ?1",
-            params![job_id, db::now(), outcome.rows as i64, result],
-        )?;
-        let ev = |action: &'static str, target: String, details: serde_json::Value| Event {
-            actor: app.actor.clone(),
-            tenant: Some(tenant.name.clone()),
-            action,
-            target,
-            details,
-        };
-        audit::record(
-            &tx,
-            &ev(
-                "upload.validated",
-                file_name.to_string(),
-                upload_details(upload_id, op, &stored, &outcome, acknowledge_warnings),
-            ),
-        )?;
-        audit::record(
-            &tx,
-            &ev(
-                "job.submitted",
-                format!("job {job_id}"),
-                serde_json::json!({"job": job_id, "upload": upload_id, "operation": op.as_str(), "rows": outcome.rows}),
-            ),
-        )?;
-        audit::record_job(&tx, &app.actor, &tenant.name, job_id)?;
-        audit::record(
-            &tx,
-            &ev(
-                "job.succeeded",
-                format!("job {job_id}"),
-                serde_json::json!({"job": job_id, "totals": outcome.totals, "licence_forecast": outcome.forecast}),
-            ),
-        )?;
-        tx.commit()?;
-        if opts.flush_audit {
-            flush_audit(app)?;
+    let job_opts = scheduler::JobOptions {
+        acknowledge_warnings: opts.acknowledge_warnings,
+    };
+    let (upload_id, job_id) =
+        scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;
+    let run_opts = scheduler::RunOptions {
+        results_workbook: opts.results_workbook,
+        flush_audit: opts.flush_audit,
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut ran = None;
+    loop {
+        if let Some(lock) = scheduler::WorkerLock::try_take(&app.data)? {
+            scheduler::recover(app)?;
+            while !scheduler::is_finished(&app.conn, job_id)? {
+                let Some(next) = scheduler::next_job(&app.conn)? else {
+                    break;
+                };
+                let run = if next == job_id {
+                    scheduler::run_job(app, next, run_opts, on_effect, progress)?
+                } else {
+                    scheduler::run_job(
+                        app,
+                        next,
+                        scheduler::RunOptions::default(),
+                        &mut |_, _, _| {},
+                        &mut |_| {},
+                    )?
+                };
+                if next == job_id {
+                    ran = run;
+                }
+            }
+            drop(lock);
+            let _ = &stop;
+            break;
         }
-        let results_report = if opts.results_workbook {
-            let path = app.data.results_report(job_id);
-            report::write_results_workbook(&app.conn, job_id, op, &path)?;
-            Some(path)
-        } else {
-            None
-        };
+        // Another process is the worker: follow the job's progress until it ends.
+        if scheduler::is_finished(&app.conn, job_id)? {
+            break;
+        }
+        if let Some(p) = scheduler::progress(&app.data, job_id) {
+            progress(p.rows_done);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (state, error): (String, Option<String>) = app.conn.query_row(
+        "SELECT state, error FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if let Some(run) = ran {
         return Ok(ImportResult {
             upload_id,
-            job_id: Some(job_id),
-            outcome,
-            needs_acknowledgement: false,
-            error_report: None,
-            results_report,
+            job_id,
+            applied: run.applied,
+            state,
+            error,
+            outcome: run.outcome,
+            needs_acknowledgement: run.needs_acknowledgement,
+            error_report: run.error_report,
+            results_report: run.results_report,
         });
     }
-    // Nothing of the file may stay: roll back every change, then record the upload alone.
-    tx.rollback()?;
-    let tx = app.conn.transaction()?;
-    tx.execute(
-        "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'rejected', ?7, ?8)",
-        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
-    )?;
-    let upload_id = tx.last_insert_rowid();
-    let status = if outcome.is_valid() {
-        "validated"
-    } else {
-        "rejected"
-    };
-    let result = serde_json::json!({
-        "totals": outcome.totals, "forecast": outcome.forecast,
-        "normalisations": outcome.normalisations, "notes": outcome.notes,
-    })
-    .to_string();
-    save_upload_result(&tx, upload_id, status, &outcome, &result)?;
-    audit::record(
-        &tx,
-        &Event {
-            actor: app.actor.clone(),
-            tenant: Some(tenant.name.clone()),
-            action: if outcome.is_valid() {
-                "upload.validated"
-            } else {
-                "upload.rejected"
-            },
-            target: file_name.to_string(),
-            details: upload_details(upload_id, op, &stored, &outcome, acknowledge_warnings),
-        },
-    )?;
-    tx.commit()?;
-    if opts.flush_audit {
-        flush_audit(app)?;
-    }
-    let error_report = if outcome.is_valid() {
-        None
-    } else {
-        let path = app.data.error_report(upload_id);
-        let lists = template_lists(&app.conn, tenant)?;
-        report::write_error_workbook(
-            &app.reader,
-            op,
-            &lists,
-            &stored.path,
-            file_name,
-            &outcome,
-            &path,
-        )?;
-        Some(path)
-    };
+    let outcome = load_outcome(&app.conn, upload_id, op)?;
+    let applied = state == "succeeded";
+    let needs_acknowledgement = !applied && outcome.is_valid() && outcome.warnings > 0;
+    let error_report = Some(app.data.error_report(upload_id)).filter(|p| p.exists());
+    let results_report = Some(app.data.results_report(job_id)).filter(|p| p.exists());
     Ok(ImportResult {
         upload_id,
-        job_id: None,
+        job_id,
+        applied,
+        state,
+        error,
         outcome,
-        needs_acknowledgement: needs_ack,
+        needs_acknowledgement,
         error_report,
-        results_report: None,
+        results_report,
     })
 }
 
-fn save_upload_result(
+/// An upload's outcome as stored (its problems, counts, preview totals and forecast).
+pub fn load_outcome(conn: &Connection, upload_id: i64, op: Operation) -> AppResult<Outcome> {
+    let (rows, errors, warnings, result): (i64, i64, i64, Option<String>) = conn.query_row(
+        "SELECT rows_total, error_count, warning_count, result FROM uploads WHERE id = ?1",
+        [upload_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
+    let mut o = Outcome::empty(op);
+    o.rows = rows as u64;
+    o.errors = errors as u64;
+    o.warnings = warnings as u64;
+    let result: serde_json::Value = result
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or_default();
+    if let Ok(t) = serde_json::from_value(result["totals"].clone()) {
+        o.totals = t;
+    }
+    if let Ok(f) = serde_json::from_value(result["forecast"].clone()) {
+        o.forecast = f;
+    }
+    if let Ok(n) = serde_json::from_value(result["notes"].clone()) {
+        o.notes = n;
+    }
+    let mut st = conn.prepare(
+        "SELECT severity, sheet, row_number, col_letter, col_name, value, code, message FROM upload_problems WHERE upload_id = ?1 ORDER BY seq",
+    )?;
+    let problems = st.query_map([upload_id], |r| {
+        Ok(crate::model::Problem {
+            severity: if r.get::<_, String>(0)? == "warning" {
+                Severity::Warning
+            } else {
+                Severity::Error
+            },
+            sheet: r.get(1)?,
+            row: r.get(2)?,
+            column: r.get(3)?,
+            column_name: r.get(4)?,
+            value: r.get(5)?,
+            code: crate::model::intern_code(&r.get::<_, String>(6)?),
+            message: r.get(7)?,
+        })
+    })?;
+    o.problems = problems.collect::<Result<_, _>>()?;
+    o.refused = o
+        .problems
+        .iter()
+        .any(|p| p.row.is_none() && p.severity == Severity::Error && p.code != "licence_pool_full");
+    Ok(o)
+}
+
+pub fn save_upload_result(
     conn: &Connection,
     upload_id: i64,
     status: &str,

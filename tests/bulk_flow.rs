@@ -129,7 +129,7 @@ fn add_three(env: &mut Env, t: &db::Tenant) {
         ],
     );
     let r = import(env, t, Operation::Add, &p, false);
-    assert!(r.job_id.is_some(), "{:?}", r.outcome.problems);
+    assert!(r.applied, "{:?}", r.outcome.problems);
 }
 
 #[test]
@@ -232,7 +232,8 @@ fn add_round_trip_with_preview_and_results_workbook() {
     assert_eq!(user_count(&env), 0, "validate changes nothing");
 
     let r = import(&mut env, &t, Operation::Add, &p, false);
-    let job = r.job_id.expect("applied");
+    assert!(r.applied);
+    let job = r.job_id;
     let ada = user(&env, &t, "ada@example.com").unwrap();
     assert_eq!(
         (
@@ -302,7 +303,7 @@ fn update_round_trip_from_csv() {
     assert_eq!(changes[1].new.as_deref(), Some("King"));
     assert!(o.notes.iter().any(|n| n.contains("semicolon")));
     let r = import(&mut env, &t, Operation::Update, &p, false);
-    assert!(r.job_id.is_some(), "{:?}", r.outcome.problems);
+    assert!(r.applied, "{:?}", r.outcome.problems);
     let ada = user(&env, &t, "ada.king@example.com").unwrap();
     assert_eq!(
         (
@@ -339,11 +340,7 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
             &[vec!["ada@example.com", "Left"]],
         )],
     );
-    assert!(
-        import(&mut env, &t, Operation::Deactivate, &p, false)
-            .job_id
-            .is_some()
-    );
+    assert!(import(&mut env, &t, Operation::Deactivate, &p, false).applied);
     assert_eq!(
         user(&env, &t, "ada@example.com").unwrap().status,
         "deactivated"
@@ -358,7 +355,7 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
         )],
     );
     let r = import(&mut env, &t, Operation::Deactivate, &p2, false);
-    assert!(r.job_id.is_none() && r.needs_acknowledgement);
+    assert!(!r.applied && r.needs_acknowledgement);
     assert_eq!(codes(&r.outcome), vec![(Some(2), "already_deactivated")]);
     assert_eq!(
         user(&env, &t, "bob@example.com").unwrap().status,
@@ -366,7 +363,7 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
         "nothing applied"
     );
     let r = import(&mut env, &t, Operation::Deactivate, &p2, true);
-    assert!(r.job_id.is_some());
+    assert!(r.applied);
     assert_eq!(
         user(&env, &t, "bob@example.com").unwrap().status,
         "deactivated"
@@ -400,7 +397,7 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
         )],
     );
     let r = import(&mut env, &t, Operation::Reactivate, &p3, false);
-    assert!(r.job_id.is_some(), "{:?}", r.outcome.problems);
+    assert!(r.applied, "{:?}", r.outcome.problems);
     let ada = user(&env, &t, "ada@example.com").unwrap();
     assert_eq!(
         (ada.status.as_str(), ada.pool.as_str()),
@@ -417,7 +414,8 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
         )],
     );
     let r = import(&mut env, &t, Operation::Delete, &p4, false);
-    let job = r.job_id.unwrap();
+    assert!(r.applied);
+    let job = r.job_id;
     assert!(user(&env, &t, "cy@example.com").is_none());
     let before: String = env
         .app
@@ -579,7 +577,7 @@ fn every_row_error_code_and_nothing_applied() {
         (Some("H"), Some("Licence Pool"), Some("Gold"), "Add Users")
     );
     let r = import(&mut env, &t, Operation::Add, &p, true);
-    assert!(r.job_id.is_none());
+    assert!(!r.applied);
     assert_eq!(
         user_count(&env),
         before,
@@ -834,7 +832,7 @@ fn ods_and_xls_files_are_read() {
     z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
     z.finish().unwrap();
     let r = import(&mut env, &t, Operation::Deactivate, &p, false);
-    assert!(r.job_id.is_some(), "{:?}", r.outcome.problems);
+    assert!(r.applied, "{:?}", r.outcome.problems);
     assert_eq!(r.outcome.format, "ods");
     assert_eq!(r.outcome.totals.deactivate, 2);
     assert_eq!(

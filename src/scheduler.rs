@@ -1,0 +1,757 @@
+//! The job queue and its one worker.
+//!
+//! Jobs persist in SQLite and run one at a time for the whole data directory, in id order.
+//! Whoever holds `run/scheduler.lock` is the worker: `rollcall serve`, `rollcall jobs work`,
+//! or an `import` that finds nobody else holding it. Submitting wakes the worker at once
+//! through a datagram on `run/wake.sock`. A job's changes and its move to `succeeded` commit
+//! in one transaction, so a job found `running` when the worker starts never committed
+//! anything and is queued again: never half-applied, never applied twice. What follows a
+//! commit (the audit append, the results workbook) is redone at start when a crash cut it.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::audit::{self, Event};
+use crate::bulk::{self, EffectSink, Mode, Outcome, Request};
+use crate::config::DataDir;
+use crate::db;
+use crate::error::{AppError, AppResult};
+use crate::model::Operation;
+use crate::service::{self, App, StoredFile};
+use crate::sheet::report;
+
+/// Held by the one worker of a data directory; released when dropped.
+pub struct WorkerLock {
+    _file: File,
+    socket: Option<UnixDatagram>,
+}
+
+impl WorkerLock {
+    /// Takes the lock if nobody holds it.
+    pub fn try_take(data: &DataDir) -> AppResult<Option<WorkerLock>> {
+        let path = data.scheduler_lock();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| AppError::internal(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on a descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        let sock = data.wake_socket();
+        let _ = std::fs::remove_file(&sock);
+        // A path too long for a socket leaves the worker polling once a second instead.
+        let socket = UnixDatagram::bind(&sock).ok();
+        Ok(Some(WorkerLock {
+            _file: file,
+            socket,
+        }))
+    }
+
+    /// Waits for a wake-up or the timeout.
+    fn wait(&self, timeout: Duration) {
+        match &self.socket {
+            Some(s) => {
+                let _ = s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))));
+                let mut buf = [0u8; 16];
+                let _ = s.recv(&mut buf);
+            }
+            None => std::thread::sleep(timeout.min(Duration::from_secs(1))),
+        }
+    }
+}
+
+/// Tells the worker, whichever process it is, that a job is waiting.
+pub fn wake(data: &DataDir) {
+    if let Ok(s) = UnixDatagram::unbound() {
+        let _ = s.send_to(b"w", data.wake_socket());
+    }
+}
+
+/// Options of a submission.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct JobOptions {
+    /// The warnings of the file were acknowledged by the submitter.
+    #[serde(default)]
+    pub acknowledge_warnings: bool,
+}
+
+/// Queues a job for a stored upload; returns (upload id, job id).
+pub fn submit(
+    app: &App,
+    tenant: &db::Tenant,
+    op: Operation,
+    stored: &StoredFile,
+    file_name: &str,
+    opts: &JobOptions,
+    not_before: Option<&str>,
+) -> AppResult<(i64, i64)> {
+    let now = db::now();
+    let tx = app.conn.unchecked_transaction()?;
+    tx.execute(
+        "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)",
+        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
+    )?;
+    let upload_id = tx.last_insert_rowid();
+    let state = if not_before.is_some_and(|t| t > now.as_str()) {
+        "scheduled"
+    } else {
+        "queued"
+    };
+    let options = serde_json::to_string(opts).map_err(|e| AppError::internal("job options", e))?;
+    tx.execute(
+        "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at, not_before, options)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![tenant.id, upload_id, op.as_str(), state, app.actor, now, not_before, options],
+    )?;
+    let job_id = tx.last_insert_rowid();
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant.name.clone()),
+            action: "job.submitted",
+            target: format!("job {job_id}"),
+            details: serde_json::json!({
+                "job": job_id, "upload": upload_id, "operation": op.as_str(), "file": file_name,
+                "sha256": stored.sha256, "not_before": not_before,
+                "warnings_acknowledged": opts.acknowledge_warnings,
+            }),
+        },
+    )?;
+    tx.commit()?;
+    service::flush_audit(app)?;
+    wake(&app.data);
+    Ok((upload_id, job_id))
+}
+
+/// Cancels a job that has not started.
+pub fn cancel(app: &App, job_id: i64) -> AppResult<()> {
+    let tx = app.conn.unchecked_transaction()?;
+    let n = tx.execute(
+        "UPDATE jobs SET state = 'cancelled', cancelled_by = ?2, finished_at = ?3
+         WHERE id = ?1 AND state IN ('queued', 'scheduled', 'awaiting_approval')",
+        params![job_id, app.actor, db::now()],
+    )?;
+    if n == 0 {
+        let state: Option<String> = tx
+            .query_row("SELECT state FROM jobs WHERE id = ?1", [job_id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        return Err(AppError::Usage(match state {
+            None => format!("there is no job {job_id}"),
+            Some(s) => {
+                format!("job {job_id} is {s}; only a job that has not started can be cancelled")
+            }
+        }));
+    }
+    let tenant: String = tx.query_row(
+        "SELECT t.name FROM jobs j JOIN tenants t ON t.id = j.tenant_id WHERE j.id = ?1",
+        [job_id],
+        |r| r.get(0),
+    )?;
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant),
+            action: "job.cancelled",
+            target: format!("job {job_id}"),
+            details: serde_json::json!({ "job": job_id }),
+        },
+    )?;
+    tx.commit()?;
+    service::flush_audit(app)?;
+    Ok(())
+}
+
+/// Puts back in the queue every job a crash left `running` (its transaction never
+/// committed), appends audit entries a crash left in the outbox, and writes missing results
+/// workbooks. Only the lock holder may call this.
+pub fn recover(app: &App) -> AppResult<u64> {
+    let n = app.conn.execute(
+        "UPDATE jobs SET state = 'queued', started_at = NULL WHERE state = 'running'",
+        [],
+    )?;
+    service::flush_audit(app)?;
+    let mut st = app.conn.prepare(
+        "SELECT id, operation FROM jobs WHERE state = 'succeeded' ORDER BY id DESC LIMIT 20",
+    )?;
+    let done: Vec<(i64, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, op) in done {
+        let path = app.data.results_report(id);
+        if !path.exists()
+            && let Ok(op) = op.parse::<Operation>()
+        {
+            report::write_results_workbook(&app.conn, id, op, &path)?;
+        }
+    }
+    Ok(n as u64)
+}
+
+/// The next job to run: scheduled jobs whose time has come are queued first.
+pub fn next_job(conn: &Connection) -> AppResult<Option<i64>> {
+    conn.execute(
+        "UPDATE jobs SET state = 'queued' WHERE state = 'scheduled' AND not_before <= ?1",
+        [db::now()],
+    )?;
+    Ok(conn
+        .query_row(
+            "SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// How long until the next scheduled job is due (capped).
+fn next_due(conn: &Connection, cap: Duration) -> Duration {
+    let next: Option<String> = conn
+        .query_row(
+            "SELECT min(not_before) FROM jobs WHERE state = 'scheduled'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+        .flatten();
+    let Some(t) = next else { return cap };
+    let fmt = time::format_description::well_known::Rfc3339;
+    match time::OffsetDateTime::parse(&t, &fmt) {
+        Ok(at) => {
+            let secs = (at - time::OffsetDateTime::now_utc()).as_seconds_f64();
+            if secs <= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(secs).min(cap)
+            }
+        }
+        Err(_) => cap,
+    }
+}
+
+/// What running one job did.
+#[derive(Debug)]
+pub struct JobRun {
+    pub job_id: i64,
+    pub upload_id: i64,
+    pub applied: bool,
+    pub outcome: Outcome,
+    pub needs_acknowledgement: bool,
+    pub error_report: Option<std::path::PathBuf>,
+    pub results_report: Option<std::path::PathBuf>,
+}
+
+/// Options of running a job that benchmarks turn off to time stages apart.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub results_workbook: bool,
+    pub flush_audit: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            results_workbook: true,
+            flush_audit: true,
+        }
+    }
+}
+
+/// Writes the job's progress where the CLI and the UI read it (at most twice a second).
+struct ProgressFile<'a> {
+    path: std::path::PathBuf,
+    job_id: i64,
+    total: i64,
+    started: Instant,
+    last: Option<Instant>,
+    tmp: &'a Path,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct Progress {
+    pub job: i64,
+    pub rows_done: u64,
+    /// 0 when not known before the file is read.
+    pub rows_total: i64,
+    pub elapsed_secs: f64,
+    /// Seconds left at the current speed, when the total is known.
+    pub eta_secs: Option<f64>,
+}
+
+impl ProgressFile<'_> {
+    fn update(&mut self, rows: u64, force: bool) {
+        let now = Instant::now();
+        if !force
+            && self
+                .last
+                .is_some_and(|l| now - l < Duration::from_millis(500))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let elapsed = (now - self.started).as_secs_f64();
+        let rate = rows as f64 / elapsed.max(1e-3);
+        let p = Progress {
+            job: self.job_id,
+            rows_done: rows,
+            rows_total: self.total,
+            elapsed_secs: elapsed,
+            eta_secs: (self.total > 0 && rate > 0.0)
+                .then(|| (self.total as f64 - rows as f64).max(0.0) / rate),
+        };
+        let tmp = self
+            .tmp
+            .join(format!("job-{}.progress.partial", self.job_id));
+        if let Ok(text) = serde_json::to_vec(&p)
+            && std::fs::write(&tmp, text).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &self.path);
+        }
+    }
+}
+
+/// Reads a running job's progress, if it is running.
+pub fn progress(data: &DataDir, job_id: i64) -> Option<Progress> {
+    let text = std::fs::read(data.progress_file(job_id)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Runs one queued job: validates and applies its file in one transaction.
+pub fn run_job(
+    app: &App,
+    job_id: i64,
+    run: RunOptions,
+    on_effect: &mut EffectSink<'_>,
+    on_rows: &mut dyn FnMut(u64),
+) -> AppResult<Option<JobRun>> {
+    let started = db::now();
+    let n = app.conn.execute(
+        "UPDATE jobs SET state = 'running', started_at = ?2 WHERE id = ?1 AND state = 'queued'",
+        params![job_id, started],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    type JobRow = (
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        i64,
+        String,
+        i64,
+    );
+    let (tenant_id, upload_id, op, options, tenant_name, file_name, stored_path, sha, size, submitted_by, rows_known): JobRow =
+        app.conn.query_row(
+            "SELECT j.tenant_id, j.upload_id, j.operation, j.options, t.name, u.file_name, u.stored_path, u.file_sha256, u.file_size, j.submitted_by, u.rows_total
+             FROM jobs j JOIN tenants t ON t.id = j.tenant_id JOIN uploads u ON u.id = j.upload_id WHERE j.id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?)),
+        )?;
+    let op: Operation = op.parse().map_err(AppError::Usage)?;
+    let opts: JobOptions = serde_json::from_str(&options).unwrap_or_default();
+    let tenant = db::Tenant {
+        id: tenant_id,
+        name: tenant_name,
+    };
+    let stored = StoredFile {
+        sha256: sha,
+        size: size as u64,
+        path: stored_path.into(),
+    };
+    let tmp = app.data.run_dir();
+    let mut pf = ProgressFile {
+        path: app.data.progress_file(job_id),
+        job_id,
+        total: rows_known,
+        started: Instant::now(),
+        last: None,
+        tmp: &tmp,
+    };
+    pf.update(0, true);
+    let tx = rusqlite::Transaction::new_unchecked(&app.conn, TransactionBehavior::Immediate)?;
+    let outcome = bulk::process(
+        &tx,
+        &app.reader,
+        &Request {
+            tenant: &tenant,
+            op,
+            path: &stored.path,
+            file_name: &file_name,
+            file_sha256: Some(&stored.sha256),
+            mode: Mode::Apply { job_id },
+        },
+        on_effect,
+        &mut |rows| {
+            on_rows(rows);
+            pf.update(rows, false);
+        },
+    );
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            drop(tx);
+            let _ = std::fs::remove_file(&pf.path);
+            fail_job(
+                app,
+                job_id,
+                &tenant,
+                &format!("the job stopped on an internal error: {e}"),
+            )?;
+            return Err(e);
+        }
+    };
+    let actor = submitted_by;
+    let ev = |action: &'static str, target: String, details: serde_json::Value| Event {
+        actor: actor.clone(),
+        tenant: Some(tenant.name.clone()),
+        action,
+        target,
+        details,
+    };
+    let needs_ack = outcome.is_valid() && outcome.warnings > 0 && !opts.acknowledge_warnings;
+    let result = serde_json::json!({
+        "totals": outcome.totals, "forecast": outcome.forecast,
+        "normalisations": outcome.normalisations, "notes": outcome.notes,
+    })
+    .to_string();
+    let details =
+        service::upload_details(upload_id, op, &stored, &outcome, opts.acknowledge_warnings);
+    if outcome.is_valid() && !needs_ack {
+        service::save_upload_result(&tx, upload_id, "validated", &outcome, &result)?;
+        tx.execute(
+            "UPDATE jobs SET state = 'succeeded', finished_at = ?2, rows_total = ?3, rows_done = ?3, result = ?4 WHERE id = ?1",
+            params![job_id, db::now(), outcome.rows as i64, result],
+        )?;
+        audit::record(&tx, &ev("upload.validated", file_name.clone(), details))?;
+        audit::record_job(&tx, &actor, &tenant.name, job_id)?;
+        audit::record(
+            &tx,
+            &ev(
+                "job.succeeded",
+                format!("job {job_id}"),
+                serde_json::json!({"job": job_id, "totals": outcome.totals, "licence_forecast": outcome.forecast}),
+            ),
+        )?;
+        tx.commit()?;
+        pf.update(outcome.rows, true);
+        if run.flush_audit {
+            service::flush_audit(app)?;
+        }
+        let results_report = if run.results_workbook {
+            let path = app.data.results_report(job_id);
+            report::write_results_workbook(&app.conn, job_id, op, &path)?;
+            Some(path)
+        } else {
+            None
+        };
+        let _ = std::fs::remove_file(&pf.path);
+        return Ok(Some(JobRun {
+            job_id,
+            upload_id,
+            applied: true,
+            outcome,
+            needs_acknowledgement: false,
+            error_report: None,
+            results_report,
+        }));
+    }
+    // Nothing of the file may stay: roll back every change, then record why.
+    tx.rollback()?;
+    let reason = if needs_ack {
+        format!(
+            "{} warnings need acknowledgement; nothing was changed",
+            outcome.warnings
+        )
+    } else if outcome.refused {
+        "the file was refused; nothing was changed".to_string()
+    } else {
+        format!(
+            "the file has {} errors; nothing was changed",
+            outcome.errors
+        )
+    };
+    let tx = app.conn.unchecked_transaction()?;
+    let status = if outcome.is_valid() {
+        "validated"
+    } else {
+        "rejected"
+    };
+    service::save_upload_result(&tx, upload_id, status, &outcome, &result)?;
+    tx.execute(
+        "UPDATE jobs SET state = 'failed', finished_at = ?2, rows_total = ?3, error = ?4, result = ?5 WHERE id = ?1",
+        params![job_id, db::now(), outcome.rows as i64, reason, result],
+    )?;
+    audit::record(
+        &tx,
+        &ev(
+            if outcome.is_valid() {
+                "upload.validated"
+            } else {
+                "upload.rejected"
+            },
+            file_name.clone(),
+            details,
+        ),
+    )?;
+    audit::record(
+        &tx,
+        &ev(
+            "job.failed",
+            format!("job {job_id}"),
+            serde_json::json!({"job": job_id, "reason": reason}),
+        ),
+    )?;
+    tx.commit()?;
+    let _ = std::fs::remove_file(&pf.path);
+    if run.flush_audit {
+        service::flush_audit(app)?;
+    }
+    let error_report = if outcome.is_valid() {
+        None
+    } else {
+        let path = app.data.error_report(upload_id);
+        let lists = service::template_lists(&app.conn, &tenant)?;
+        report::write_error_workbook(
+            &app.reader,
+            op,
+            &lists,
+            &stored.path,
+            &file_name,
+            &outcome,
+            &path,
+        )?;
+        Some(path)
+    };
+    Ok(Some(JobRun {
+        job_id,
+        upload_id,
+        applied: false,
+        outcome,
+        needs_acknowledgement: needs_ack,
+        error_report,
+        results_report: None,
+    }))
+}
+
+fn fail_job(app: &App, job_id: i64, tenant: &db::Tenant, reason: &str) -> AppResult<()> {
+    let tx = app.conn.unchecked_transaction()?;
+    tx.execute(
+        "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
+        params![job_id, db::now(), reason],
+    )?;
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant.name.clone()),
+            action: "job.failed",
+            target: format!("job {job_id}"),
+            details: serde_json::json!({ "job": job_id, "reason": reason }),
+        },
+    )?;
+    tx.commit()?;
+    service::flush_audit(app).map(|_| ())
+}
+
+/// Runs queued jobs in order while holding the lock, until `done` says so or the queue is
+/// empty (with `until_idle`), or `stop` is set. Returns the run of `watch`, if it ran here.
+pub fn work(
+    app: &App,
+    lock: &WorkerLock,
+    stop: &AtomicBool,
+    until_idle: bool,
+    watch: Option<i64>,
+    on_effect: &mut EffectSink<'_>,
+    on_rows: &mut dyn FnMut(u64),
+) -> AppResult<Option<JobRun>> {
+    recover(app)?;
+    let mut watched = None;
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(w) = watch
+            && is_finished(&app.conn, w)?
+        {
+            break;
+        }
+        match next_job(&app.conn)? {
+            Some(id) => {
+                let run = if Some(id) == watch {
+                    run_job(app, id, RunOptions::default(), on_effect, on_rows)?
+                } else {
+                    run_job(
+                        app,
+                        id,
+                        RunOptions::default(),
+                        &mut |_, _, _| {},
+                        &mut |_| {},
+                    )?
+                };
+                if Some(id) == watch {
+                    watched = run;
+                }
+            }
+            None if until_idle || watch.is_some() => break,
+            None => lock.wait(next_due(&app.conn, Duration::from_secs(60))),
+        }
+    }
+    Ok(watched)
+}
+
+/// Whether a job reached an end state.
+pub fn is_finished(conn: &Connection, job_id: i64) -> AppResult<bool> {
+    let state: Option<String> = conn
+        .query_row("SELECT state FROM jobs WHERE id = ?1", [job_id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(matches!(
+        state.as_deref(),
+        Some("succeeded") | Some("failed") | Some("cancelled") | None
+    ))
+}
+
+/// The worker thread of `rollcall serve`: waits for the lock, then works until `stop`.
+pub fn serve(app: App, stop: std::sync::Arc<AtomicBool>) {
+    let lock = loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match WorkerLock::try_take(&app.data) {
+            Ok(Some(l)) => break l,
+            Ok(None) => std::thread::sleep(Duration::from_millis(500)),
+            Err(e) => {
+                eprintln!("rollcall: the job worker cannot start: {e}");
+                return;
+            }
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = work(
+            &app,
+            &lock,
+            &stop,
+            false,
+            None,
+            &mut |_, _, _| {},
+            &mut |_| {},
+        ) {
+            eprintln!("rollcall: job worker: {e}");
+            lock.wait(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Stops a waiting `serve` worker promptly.
+pub fn nudge(data: &DataDir) {
+    wake(data);
+}
+
+/// A job as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobInfo {
+    pub id: i64,
+    pub tenant: String,
+    pub operation: String,
+    pub state: String,
+    pub file_name: String,
+    pub submitted_by: String,
+    pub submitted_at: String,
+    pub not_before: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub rows_total: i64,
+    pub error: Option<String>,
+    /// Place in the queue (1 = next) for a waiting job.
+    pub position: Option<i64>,
+    /// Estimated start, seconds from now, for a waiting job (from recent jobs' speed).
+    pub estimated_start_secs: Option<f64>,
+}
+
+/// Jobs, newest first (optionally of one tenant).
+pub fn list(conn: &Connection, tenant_id: Option<i64>, limit: i64) -> AppResult<Vec<JobInfo>> {
+    let mut st = conn.prepare(
+        "SELECT j.id, t.name, j.operation, j.state, u.file_name, j.submitted_by, j.submitted_at, j.not_before, j.started_at, j.finished_at, j.rows_total, j.error
+         FROM jobs j JOIN tenants t ON t.id = j.tenant_id JOIN uploads u ON u.id = j.upload_id
+         WHERE ?1 IS NULL OR j.tenant_id = ?1 ORDER BY j.id DESC LIMIT ?2",
+    )?;
+    let mut jobs: Vec<JobInfo> = st
+        .query_map(params![tenant_id, limit], |r| {
+            Ok(JobInfo {
+                id: r.get(0)?,
+                tenant: r.get(1)?,
+                operation: r.get(2)?,
+                state: r.get(3)?,
+                file_name: r.get(4)?,
+                submitted_by: r.get(5)?,
+                submitted_at: r.get(6)?,
+                not_before: r.get(7)?,
+                started_at: r.get(8)?,
+                finished_at: r.get(9)?,
+                rows_total: r.get(10)?,
+                error: r.get(11)?,
+                position: None,
+                estimated_start_secs: None,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let rate = recent_rate(conn)?;
+    for j in &mut jobs {
+        if j.state == "queued" {
+            let (ahead, ahead_bytes): (i64, i64) = conn.query_row(
+                "SELECT count(*), coalesce(sum(u.file_size), 0) FROM jobs j JOIN uploads u ON u.id = j.upload_id
+                 WHERE j.id < ?1 AND j.state IN ('queued', 'running')",
+                [j.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            j.position = Some(ahead + 1);
+            j.estimated_start_secs = rate.map(|bytes_per_sec| ahead_bytes as f64 / bytes_per_sec);
+        }
+    }
+    Ok(jobs)
+}
+
+/// Bytes of upload processed per second by the last finished jobs (None before any).
+fn recent_rate(conn: &Connection) -> AppResult<Option<f64>> {
+    let mut st = conn.prepare(
+        "SELECT u.file_size, j.started_at, j.finished_at FROM jobs j JOIN uploads u ON u.id = j.upload_id
+         WHERE j.state = 'succeeded' AND j.started_at IS NOT NULL ORDER BY j.id DESC LIMIT 5",
+    )?;
+    let fmt = time::format_description::well_known::Rfc3339;
+    let mut bytes = 0f64;
+    let mut secs = 0f64;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (size, s, f) = row?;
+        if let (Ok(s), Ok(f)) = (
+            time::OffsetDateTime::parse(&s, &fmt),
+            time::OffsetDateTime::parse(&f, &fmt),
+        ) {
+            bytes += size as f64;
+            secs += (f - s).as_seconds_f64().max(0.001);
+        }
+    }
+    Ok((secs > 0.0).then(|| bytes / secs))
+}
