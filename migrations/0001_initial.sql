@@ -6,7 +6,8 @@ CREATE TABLE tenants (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL,
     name_norm   TEXT NOT NULL UNIQUE,
-    created_at  TEXT NOT NULL
+    created_at  TEXT NOT NULL,
+    settings    TEXT NOT NULL DEFAULT '{}'   -- JSON: safeguards, drop folder (see TenantSettings)
 );
 
 CREATE TABLE administrators (
@@ -101,8 +102,11 @@ CREATE TABLE upload_problems (
 CREATE TABLE jobs (
     id           INTEGER PRIMARY KEY,
     tenant_id    INTEGER NOT NULL REFERENCES tenants(id),
-    upload_id    INTEGER NOT NULL REFERENCES uploads(id),
-    operation    TEXT NOT NULL,
+    upload_id    INTEGER REFERENCES uploads(id),  -- NULL for an undo job
+    operation    TEXT NOT NULL,    -- add, update, deactivate, reactivate, delete, or undo
+    undo_of      INTEGER REFERENCES jobs(id),     -- the job an undo job reverts
+    undone_by    INTEGER REFERENCES jobs(id),     -- the undo job that reverted this one
+    changes_purged_at TEXT,        -- when the before/after images passed the undo window
     state        TEXT NOT NULL CHECK (state IN ('scheduled', 'awaiting_approval', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     submitted_by TEXT NOT NULL,
     submitted_at TEXT NOT NULL,

@@ -388,7 +388,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 crate::sheet::report::write_results_workbook(
                     &app.conn,
                     job,
-                    op,
+                    "Add users",
                     &app.data.results_report(job),
                 )?;
                 start.elapsed().as_secs_f64()

@@ -628,6 +628,11 @@ impl Serialize for Image<'_> {
     }
 }
 
+/// A user's recorded image as JSON (what `job_changes` holds).
+pub fn image_json(u: &User) -> String {
+    serde_json::to_string(&image_of(u)).unwrap_or_default()
+}
+
 fn image_of(u: &User) -> Image<'_> {
     Image {
         email: &u.email,

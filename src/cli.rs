@@ -199,6 +199,14 @@ pub enum JobsCmd {
     Show { id: i64 },
     /// Cancel a job that has not started. Example: rollcall jobs cancel 12
     Cancel { id: i64 },
+    /// Revert a succeeded job from its before-images, as a new job; users changed since
+    /// stop it with a list of conflicts. Example: rollcall jobs undo 12
+    Undo {
+        id: i64,
+        /// Return once queued instead of waiting for the result.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Run the job worker in the foreground (what `serve` does besides the web server).
     ///
     /// Example: rollcall jobs work --until-idle
@@ -660,6 +668,26 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             scheduler::cancel(&app, id)?;
             writeln!(out, "Cancelled job {id}.").map_err(w)?;
             Ok(0)
+        }
+        Command::Jobs(JobsCmd::Undo { id, no_wait }) => {
+            let undo = crate::undo::submit(&app, id)?;
+            if no_wait {
+                writeln!(out, "Submitted the undo of job {id} as job {undo}.").map_err(w)?;
+                return Ok(0);
+            }
+            let (state, error) = scheduler::run_or_wait(&app, undo)?;
+            if state == "succeeded" {
+                writeln!(out, "Job {id} was undone by job {undo}.").map_err(w)?;
+                Ok(0)
+            } else {
+                writeln!(
+                    out,
+                    "Job {id} was not undone (job {undo} {state}): {}",
+                    error.unwrap_or_default()
+                )
+                .map_err(w)?;
+                Ok(1)
+            }
         }
         Command::Jobs(JobsCmd::Work { until_idle }) => {
             let Some(lock) = scheduler::WorkerLock::try_take(&app.data)? else {

@@ -97,6 +97,26 @@ impl Default for AuditConfig {
     }
 }
 
+/// Jobs, undo and retention.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// A succeeded job can be undone this many days after it finished; its before/after
+    /// images are purged after that.
+    pub undo_days: u32,
+    /// Uploaded files and reports are deleted this many days after upload.
+    pub file_retention_days: u32,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            undo_days: 30,
+            file_retention_days: 90,
+        }
+    }
+}
+
 /// The whole configuration after all layers were applied.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -108,6 +128,7 @@ pub struct Config {
     pub limits: Limits,
     pub database: DatabaseConfig,
     pub audit: AuditConfig,
+    pub jobs: JobsConfig,
 }
 
 impl Default for Config {
@@ -118,6 +139,7 @@ impl Default for Config {
             limits: Limits::default(),
             database: DatabaseConfig::default(),
             audit: AuditConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -149,6 +171,8 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_DATABASE_CACHE_MIB",
     "ROLLCALL_DATABASE_BUSY_TIMEOUT_MS",
     "ROLLCALL_AUDIT_MAX_FILE_MIB",
+    "ROLLCALL_JOBS_UNDO_DAYS",
+    "ROLLCALL_JOBS_FILE_RETENTION_DAYS",
 ];
 
 /// A loaded configuration together with where it came from.
@@ -311,6 +335,11 @@ impl Config {
             config.database.busy_timeout_ms
         );
         env_num!("ROLLCALL_AUDIT_MAX_FILE_MIB", config.audit.max_file_mib);
+        env_num!("ROLLCALL_JOBS_UNDO_DAYS", config.jobs.undo_days);
+        env_num!(
+            "ROLLCALL_JOBS_FILE_RETENTION_DAYS",
+            config.jobs.file_retention_days
+        );
 
         // Flags.
         if let Some(d) = &overrides.data_dir {

@@ -12,3 +12,4 @@ pub mod scheduler;
 pub mod serve;
 pub mod service;
 pub mod sheet;
+pub mod undo;

@@ -196,7 +196,7 @@ pub fn recover(app: &App) -> AppResult<u64> {
         if !path.exists()
             && let Ok(op) = op.parse::<Operation>()
         {
-            report::write_results_workbook(&app.conn, id, op, &path)?;
+            report::write_results_workbook(&app.conn, id, &format!("{} users", op.title()), &path)?;
         }
     }
     Ok(n as u64)
@@ -345,6 +345,14 @@ pub fn run_job(
     if n == 0 {
         return Ok(None);
     }
+    let (operation, undo_of): (String, Option<i64>) = app.conn.query_row(
+        "SELECT operation, undo_of FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if operation == "undo" {
+        return run_undo(app, job_id, undo_of.unwrap_or_default(), run).map(Some);
+    }
     type JobRow = (
         i64,
         i64,
@@ -457,7 +465,12 @@ pub fn run_job(
         }
         let results_report = if run.results_workbook {
             let path = app.data.results_report(job_id);
-            report::write_results_workbook(&app.conn, job_id, op, &path)?;
+            report::write_results_workbook(
+                &app.conn,
+                job_id,
+                &format!("{} users", op.title()),
+                &path,
+            )?;
             Some(path)
         } else {
             None
@@ -549,6 +562,140 @@ pub fn run_job(
         error_report,
         results_report: None,
     }))
+}
+
+/// Runs an undo job: one transaction reverting the job's changes, or nothing when any
+/// user conflicts.
+fn run_undo(app: &App, job_id: i64, of: i64, run: RunOptions) -> AppResult<JobRun> {
+    let (tenant_id, tenant_name, actor): (i64, String, String) = app.conn.query_row(
+        "SELECT j.tenant_id, t.name, j.submitted_by FROM jobs j JOIN tenants t ON t.id = j.tenant_id WHERE j.id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let tenant = db::Tenant {
+        id: tenant_id,
+        name: tenant_name,
+    };
+    let ev = |action: &'static str, details: serde_json::Value| Event {
+        actor: actor.clone(),
+        tenant: Some(tenant.name.clone()),
+        action,
+        target: format!("job {job_id}"),
+        details,
+    };
+    let tx = rusqlite::Transaction::new_unchecked(&app.conn, TransactionBehavior::Immediate)?;
+    let mut outcome = Outcome::empty(Operation::Add);
+    match crate::undo::apply(&tx, tenant_id, job_id, of)? {
+        Ok(reverted) => {
+            let result = serde_json::json!({ "undo_of": of, "reverted": reverted }).to_string();
+            tx.execute(
+                "UPDATE jobs SET state = 'succeeded', finished_at = ?2, rows_total = ?3, rows_done = ?3, result = ?4 WHERE id = ?1",
+                params![job_id, db::now(), reverted as i64, result],
+            )?;
+            audit::record_job(&tx, &actor, &tenant.name, job_id)?;
+            audit::record(
+                &tx,
+                &ev(
+                    "job.succeeded",
+                    serde_json::json!({ "job": job_id, "undo_of": of, "reverted": reverted }),
+                ),
+            )?;
+            tx.commit()?;
+            if run.flush_audit {
+                service::flush_audit(app)?;
+            }
+            let path = app.data.results_report(job_id);
+            report::write_results_workbook(&app.conn, job_id, &format!("Undo of job {of}"), &path)?;
+            outcome.rows = reverted;
+            Ok(JobRun {
+                job_id,
+                upload_id: 0,
+                applied: true,
+                outcome,
+                needs_acknowledgement: false,
+                error_report: None,
+                results_report: Some(path),
+            })
+        }
+        Err(conflicts) => {
+            tx.rollback()?;
+            let first: Vec<String> = conflicts
+                .iter()
+                .take(5)
+                .map(|c| {
+                    if c.row > 0 {
+                        format!("row {} ({}): {}", c.row, c.email, c.reason)
+                    } else {
+                        c.reason.clone()
+                    }
+                })
+                .collect();
+            let reason = format!(
+                "{} conflicts, nothing was changed: {}{}",
+                conflicts.len(),
+                first.join("; "),
+                if conflicts.len() > 5 { "; ..." } else { "" }
+            );
+            let result = serde_json::json!({ "undo_of": of, "conflicts": conflicts }).to_string();
+            let tx = app.conn.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3, result = ?4 WHERE id = ?1",
+                params![job_id, db::now(), reason, result],
+            )?;
+            audit::record(
+                &tx,
+                &ev(
+                    "job.failed",
+                    serde_json::json!({ "job": job_id, "undo_of": of, "conflicts": conflicts }),
+                ),
+            )?;
+            tx.commit()?;
+            if run.flush_audit {
+                service::flush_audit(app)?;
+            }
+            Ok(JobRun {
+                job_id,
+                upload_id: 0,
+                applied: false,
+                outcome,
+                needs_acknowledgement: false,
+                error_report: None,
+                results_report: None,
+            })
+        }
+    }
+}
+
+/// Runs `job_id` here when no other process is the worker (jobs ahead of it first), else
+/// waits for the worker to finish it. Returns the job's final state and error.
+pub fn run_or_wait(app: &App, job_id: i64) -> AppResult<(String, Option<String>)> {
+    loop {
+        if let Some(_lock) = WorkerLock::try_take(&app.data)? {
+            recover(app)?;
+            while !is_finished(&app.conn, job_id)? {
+                let Some(next) = next_job(&app.conn)? else {
+                    break;
+                };
+                run_job(
+                    app,
+                    next,
+                    RunOptions::default(),
+                    &mut |_, _, _| {},
+                    &mut |_| {},
+                )?;
+            }
+            break;
+        }
+        if is_finished(&app.conn, job_id)? {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(app.conn.query_row(
+        "SELECT state, error FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
 }
 
 fn fail_job(app: &App, job_id: i64, tenant: &db::Tenant, reason: &str) -> AppResult<()> {
@@ -687,8 +834,8 @@ pub struct JobInfo {
 /// Jobs, newest first (optionally of one tenant).
 pub fn list(conn: &Connection, tenant_id: Option<i64>, limit: i64) -> AppResult<Vec<JobInfo>> {
     let mut st = conn.prepare(
-        "SELECT j.id, t.name, j.operation, j.state, u.file_name, j.submitted_by, j.submitted_at, j.not_before, j.started_at, j.finished_at, j.rows_total, j.error
-         FROM jobs j JOIN tenants t ON t.id = j.tenant_id JOIN uploads u ON u.id = j.upload_id
+        "SELECT j.id, t.name, j.operation, j.state, coalesce(u.file_name, 'undo of job ' || j.undo_of), j.submitted_by, j.submitted_at, j.not_before, j.started_at, j.finished_at, j.rows_total, j.error
+         FROM jobs j JOIN tenants t ON t.id = j.tenant_id LEFT JOIN uploads u ON u.id = j.upload_id
          WHERE ?1 IS NULL OR j.tenant_id = ?1 ORDER BY j.id DESC LIMIT ?2",
     )?;
     let mut jobs: Vec<JobInfo> = st
@@ -715,7 +862,7 @@ pub fn list(conn: &Connection, tenant_id: Option<i64>, limit: i64) -> AppResult<
     for j in &mut jobs {
         if j.state == "queued" {
             let (ahead, ahead_bytes): (i64, i64) = conn.query_row(
-                "SELECT count(*), coalesce(sum(u.file_size), 0) FROM jobs j JOIN uploads u ON u.id = j.upload_id
+                "SELECT count(*), coalesce(sum(u.file_size), 0) FROM jobs j LEFT JOIN uploads u ON u.id = j.upload_id
                  WHERE j.id < ?1 AND j.state IN ('queued', 'running')",
                 [j.id],
                 |r| Ok((r.get(0)?, r.get(1)?)),

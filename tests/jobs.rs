@@ -368,3 +368,163 @@ fn killing_the_process_at_any_moment_never_half_applies_nor_applies_twice() {
         "{seen_before_restart:?}"
     );
 }
+
+fn import_csv(
+    env: &mut Env,
+    t: &db::Tenant,
+    op: Operation,
+    name: &str,
+    text: &str,
+) -> service::ImportResult {
+    let p = env.path(name);
+    std::fs::write(&p, text).unwrap();
+    service::import(
+        &mut env.app,
+        t,
+        op,
+        &p,
+        name,
+        service::ImportOptions::new(true),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn undo(env: &Env, job: i64) -> (String, Option<String>) {
+    let id = rollcall::undo::submit(&env.app, job).unwrap();
+    scheduler::run_or_wait(&env.app, id).unwrap()
+}
+
+fn user_row(env: &Env, email: &str) -> Option<(i64, String, String, String)> {
+    env.app
+        .conn
+        .query_row(
+            "SELECT id, first_name, status, email FROM users WHERE email_norm = ?1",
+            [email.to_lowercase()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .ok()
+}
+
+#[test]
+fn undo_reverts_each_operation_and_is_audited() {
+    let (mut env, t) = setup();
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let add = import_csv(
+        &mut env,
+        &t,
+        Operation::Add,
+        "add.csv",
+        &format!(
+            "{header}ada@example.com,Ada,L,,,Learner,,Standard\nbob@example.com,Bob,B,,,Learner,,Standard\n"
+        ),
+    );
+    assert!(add.applied);
+    let upd = import_csv(
+        &mut env,
+        &t,
+        Operation::Update,
+        "upd.csv",
+        "Email,New Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nada@example.com,ada.k@example.com,Adah,,,,,,\n",
+    );
+    assert!(upd.applied);
+    let deact = import_csv(
+        &mut env,
+        &t,
+        Operation::Deactivate,
+        "d.csv",
+        "Email,Reason\nbob@example.com,x\n",
+    );
+    let del = import_csv(
+        &mut env,
+        &t,
+        Operation::Delete,
+        "del.csv",
+        "Email,Reason\nada.k@example.com,x\n",
+    );
+    let bob_id = user_row(&env, "bob@example.com").unwrap().0;
+    let ada_id = user_row(&env, "ada.k@example.com").map(|u| u.0);
+    assert!(ada_id.is_none(), "deleted");
+
+    // Undo in reverse order: the delete, the deactivation, the update, the add.
+    assert_eq!(undo(&env, del.job_id).0, "succeeded");
+    let ada = user_row(&env, "ada.k@example.com").unwrap();
+    assert_eq!((ada.1.as_str(), ada.2.as_str()), ("Adah", "active"));
+    assert_eq!(undo(&env, deact.job_id).0, "succeeded");
+    assert_eq!(user_row(&env, "bob@example.com").unwrap().2, "active");
+    assert_eq!(undo(&env, upd.job_id).0, "succeeded");
+    let ada = user_row(&env, "ada@example.com").unwrap();
+    assert_eq!((ada.1.as_str(), ada.3.as_str()), ("Ada", "ada@example.com"));
+    assert_eq!(undo(&env, add.job_id).0, "succeeded");
+    assert!(
+        user_row(&env, "ada@example.com").is_none() && user_row(&env, "bob@example.com").is_none()
+    );
+    let _ = bob_id;
+    // Once only.
+    let e = rollcall::undo::submit(&env.app, add.job_id).unwrap_err();
+    assert!(e.to_string().contains("already undone"), "{e}");
+    // Every reverting change is in the audit log, and the chain is whole.
+    let mut out = Vec::new();
+    rollcall::audit::show(
+        &env.app.data.audit_dir(),
+        &rollcall::audit::Filter::default(),
+        false,
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("\"action\":\"user.delete\"") && text.contains("\"undo_of\""));
+    assert!(
+        rollcall::audit::verify(&env.app.conn, &env.app.data.audit_dir())
+            .unwrap()
+            .problem
+            .is_none()
+    );
+}
+
+#[test]
+fn undo_stops_on_users_changed_since_and_changes_nothing() {
+    let (mut env, t) = setup();
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let add = import_csv(
+        &mut env,
+        &t,
+        Operation::Add,
+        "add.csv",
+        &format!(
+            "{header}ada@example.com,Ada,L,,,Learner,,Standard\nbob@example.com,Bob,B,,,Learner,,Standard\n"
+        ),
+    );
+    import_csv(
+        &mut env,
+        &t,
+        Operation::Update,
+        "upd.csv",
+        "Email,New Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nbob@example.com,,Robert,,,,,,\n",
+    );
+    let (state, error) = undo(&env, add.job_id);
+    assert_eq!(state, "failed");
+    let error = error.unwrap();
+    assert!(
+        error.contains("1 conflicts")
+            && error.contains("bob@example.com")
+            && error.contains("changed since"),
+        "{error}"
+    );
+    assert!(
+        user_row(&env, "ada@example.com").is_some(),
+        "nothing changed"
+    );
+    assert_eq!(user_row(&env, "bob@example.com").unwrap().1, "Robert");
+    // Past the undo window the images are gone.
+    env.app
+        .conn
+        .execute(
+            "UPDATE jobs SET finished_at = '2020-01-01T00:00:00Z' WHERE id = ?1",
+            [add.job_id],
+        )
+        .unwrap();
+    let e = rollcall::undo::submit(&env.app, add.job_id).unwrap_err();
+    assert!(e.to_string().contains("30 days"), "{e}");
+}

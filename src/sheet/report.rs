@@ -266,10 +266,11 @@ pub fn describe_change(action: &str, before: Option<&Value>, after: Option<&Valu
 }
 
 /// Writes the results workbook of a job from its recorded changes.
+/// `title` names the job, e.g. "Add users" or "Undo of job 12".
 pub fn write_results_workbook(
     conn: &Connection,
     job_id: i64,
-    op: Operation,
+    title: &str,
     out: &Path,
 ) -> AppResult<()> {
     let f = Formats::new();
@@ -312,7 +313,7 @@ pub fn write_results_workbook(
     ws.set_freeze_panes(1, 0).map_err(xlsx_err)?;
     wb.set_properties(
         &rust_xlsxwriter::DocProperties::new()
-            .set_title(format!("{} users — results of job {job_id}", op.title())),
+            .set_title(format!("{title} — results of job {job_id}")),
     );
     save_atomically(&mut wb, out)
 }
