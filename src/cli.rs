@@ -109,6 +109,9 @@ pub enum Command {
     /// List, follow, cancel and run jobs.
     #[command(subcommand)]
     Jobs(JobsCmd),
+    /// Housekeeping tasks: their last and next run and last error; run one now.
+    #[command(subcommand)]
+    Tasks(TasksCmd),
     /// List or export a tenant's users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -215,6 +218,14 @@ pub enum JobsCmd {
         #[arg(long)]
         until_idle: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TasksCmd {
+    /// Example: rollcall tasks list
+    List,
+    /// Run a task now. Example: rollcall tasks run purge_files
+    Run { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -705,6 +716,33 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 &mut |_, _, _| {},
                 &mut |_| {},
             )?;
+            Ok(0)
+        }
+        Command::Tasks(TasksCmd::List) => {
+            for t in crate::tasks::list(&app)? {
+                writeln!(
+                    out,
+                    "{:<16} last run {:<32} next run {:<32} {}\n                 {}{}",
+                    t.name,
+                    t.last_run.as_deref().unwrap_or("never"),
+                    t.next_run,
+                    t.last_error
+                        .as_deref()
+                        .map(|e| format!("LAST ERROR: {e}"))
+                        .unwrap_or_default(),
+                    t.description,
+                    t.last_result
+                        .as_deref()
+                        .map(|r| format!(" (last: {r})"))
+                        .unwrap_or_default()
+                )
+                .map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Tasks(TasksCmd::Run { name }) => {
+            let done = crate::tasks::run(&app, &name)?;
+            writeln!(out, "{name}: {done}").map_err(w)?;
             Ok(0)
         }
         Command::Audit(AuditCmd::Verify { json }) => {

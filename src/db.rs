@@ -14,6 +14,7 @@ use crate::error::{AppError, AppResult, StartupError};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_audit.sql")),
+    (3, include_str!("../migrations/0003_tasks.sql")),
 ];
 
 /// Newest schema this binary knows.

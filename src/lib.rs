@@ -12,4 +12,5 @@ pub mod scheduler;
 pub mod serve;
 pub mod service;
 pub mod sheet;
+pub mod tasks;
 pub mod undo;

@@ -755,7 +755,10 @@ pub fn work(
                 }
             }
             None if until_idle || watch.is_some() => break,
-            None => lock.wait(next_due(&app.conn, Duration::from_secs(60))),
+            None => {
+                crate::tasks::run_due(app)?;
+                lock.wait(next_due(&app.conn, Duration::from_secs(60)));
+            }
         }
     }
     Ok(watched)

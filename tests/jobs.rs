@@ -528,3 +528,113 @@ fn undo_stops_on_users_changed_since_and_changes_nothing() {
     let e = rollcall::undo::submit(&env.app, add.job_id).unwrap_err();
     assert!(e.to_string().contains("30 days"), "{e}");
 }
+
+#[test]
+fn housekeeping_tasks_purge_what_is_past_retention_and_rotate_the_audit_log() {
+    let (mut env, t) = setup();
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let add = import_csv(
+        &mut env,
+        &t,
+        Operation::Add,
+        "add.csv",
+        &format!("{header}ada@example.com,Ada,L,,,Learner,,Standard\n"),
+    );
+    let del = import_csv(
+        &mut env,
+        &t,
+        Operation::Delete,
+        "del.csv",
+        "Email,Reason\nada@example.com,x\n",
+    );
+    let tasks = rollcall::tasks::list(&env.app).unwrap();
+    assert_eq!(
+        tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["purge_files", "purge_undo_data", "rotate_audit"]
+    );
+    // Nothing is old yet: nothing is purged.
+    assert!(
+        rollcall::tasks::run(&env.app, "purge_undo_data")
+            .unwrap()
+            .starts_with("0 before/after")
+    );
+    // Age the first job and upload past both windows.
+    env.app
+        .conn
+        .execute(
+            "UPDATE jobs SET finished_at = '2020-01-01T00:00:00Z' WHERE id = ?1",
+            [add.job_id],
+        )
+        .unwrap();
+    env.app
+        .conn
+        .execute(
+            "UPDATE uploads SET uploaded_at = '2020-01-01T00:00:00Z' WHERE id = ?1",
+            [add.upload_id],
+        )
+        .unwrap();
+    let stored: String = env
+        .app
+        .conn
+        .query_row(
+            "SELECT stored_path FROM uploads WHERE id = ?1",
+            [add.upload_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(std::path::Path::new(&stored).exists());
+    let r = rollcall::tasks::run(&env.app, "purge_undo_data").unwrap();
+    assert!(r.starts_with("1 before/after images of 1 jobs"), "{r}");
+    let left: i64 = env
+        .app
+        .conn
+        .query_row(
+            "SELECT count(*) FROM job_changes WHERE job_id = ?1",
+            [add.job_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0);
+    let kept: i64 = env
+        .app
+        .conn
+        .query_row(
+            "SELECT count(*) FROM job_changes WHERE job_id = ?1",
+            [del.job_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 1, "the recent job keeps its images");
+    let r = rollcall::tasks::run(&env.app, "purge_files").unwrap();
+    assert!(r.contains("1 uploads"), "{r}");
+    assert!(!std::path::Path::new(&stored).exists());
+    assert!(!env.app.data.results_report(add.job_id).exists());
+    assert!(env.app.data.results_report(del.job_id).exists());
+    // Rotation starts a new file; the next entries go there and the chain stays whole.
+    let before = rollcall::audit::files(&env.app.data.audit_dir())
+        .unwrap()
+        .len();
+    rollcall::tasks::run(&env.app, "rotate_audit").unwrap();
+    import_csv(
+        &mut env,
+        &t,
+        Operation::Add,
+        "add2.csv",
+        &format!("{header}bob@example.com,Bob,B,,,Learner,,Standard\n"),
+    );
+    let files = rollcall::audit::files(&env.app.data.audit_dir()).unwrap();
+    assert_eq!(files.len(), before + 1);
+    assert!(std::fs::metadata(files.last().unwrap()).unwrap().len() > 0);
+    assert!(
+        rollcall::audit::verify(&env.app.conn, &env.app.data.audit_dir())
+            .unwrap()
+            .problem
+            .is_none()
+    );
+    let info = rollcall::tasks::list(&env.app).unwrap();
+    assert!(
+        info.iter()
+            .all(|t| t.last_run.is_some() && t.last_error.is_none())
+    );
+    assert!(rollcall::tasks::run(&env.app, "nope").is_err());
+}
