@@ -115,6 +115,7 @@ CREATE TABLE jobs (
     started_at   TEXT,
     finished_at  TEXT,
     cancelled_by TEXT,
+    approved_by  TEXT,             -- the second administrator, when the tenant requires one
     rows_total   INTEGER NOT NULL DEFAULT 0,
     rows_done    INTEGER NOT NULL DEFAULT 0,
     result       TEXT,             -- JSON: totals and licence forecast of the applied file

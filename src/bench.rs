@@ -360,9 +360,9 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 &a.file,
                 file_name,
                 ImportOptions {
-                    acknowledge_warnings: false,
                     results_workbook: false,
                     flush_audit: false,
+                    ..ImportOptions::default()
                 },
                 &mut |_, _, _| {},
                 &mut |_| {},

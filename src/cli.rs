@@ -105,6 +105,10 @@ pub enum Command {
         /// Hold the job until this time (RFC 3339, e.g. 2026-12-31T17:00:00Z); implies --no-wait.
         #[arg(long, value_name = "TIME")]
         not_before: Option<String>,
+        /// Confirm a large deactivation or deletion with the phrase rollcall asks for,
+        /// e.g. --confirm "DELETE 152 USERS".
+        #[arg(long, value_name = "PHRASE")]
+        confirm: Option<String>,
     },
     /// List, follow, cancel and run jobs.
     #[command(subcommand)]
@@ -156,6 +160,26 @@ pub enum TenantCmd {
     Create { name: String },
     /// List tenants with their user counts.
     List,
+    /// Show a tenant's settings. Example: rollcall tenant show Acme
+    Show { name: String },
+    /// Change a tenant's settings.
+    ///
+    /// Example: rollcall tenant set Acme --require-approval true --large-change-percent 10
+    Set {
+        name: String,
+        /// Deactivating/deleting more than this percent of the users needs a typed confirmation.
+        #[arg(long)]
+        large_change_percent: Option<u32>,
+        /// ... or more than this many users (0 turns the count off).
+        #[arg(long)]
+        large_change_count: Option<u64>,
+        /// Delete and deactivate jobs wait for a second administrator's approval.
+        #[arg(long)]
+        require_approval: Option<bool>,
+        /// Valid files dropped in the tenant's inbox folder are submitted (else only checked).
+        #[arg(long)]
+        drop_folder_submit: Option<bool>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,6 +226,10 @@ pub enum JobsCmd {
     Show { id: i64 },
     /// Cancel a job that has not started. Example: rollcall jobs cancel 12
     Cancel { id: i64 },
+    /// Approve a job waiting for a second administrator (not its submitter).
+    ///
+    /// Example: rollcall jobs approve 12
+    Approve { id: i64 },
     /// Revert a succeeded job from its before-images, as a new job; users changed since
     /// stop it with a list of conflicts. Example: rollcall jobs undo 12
     Undo {
@@ -390,6 +418,58 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             }
             Ok(0)
         }
+        Command::Tenant(TenantCmd::Show { name }) => {
+            let t = db::tenant(&app.conn, &name)?;
+            let s = db::tenant_settings(&app.conn, t.id)?;
+            serde_json::to_writer_pretty(
+                &mut *out,
+                &serde_json::json!({ "tenant": t.name, "settings": s }),
+            )
+            .map_err(|e| AppError::internal("writing JSON", e))?;
+            writeln!(out).map_err(w)?;
+            Ok(0)
+        }
+        Command::Tenant(TenantCmd::Set {
+            name,
+            large_change_percent,
+            large_change_count,
+            require_approval,
+            drop_folder_submit,
+        }) => {
+            let t = db::tenant(&app.conn, &name)?;
+            let after = service::change_audited(&app, "settings.change", |c| {
+                let before = db::tenant_settings(c, t.id)?;
+                let mut s = before.clone();
+                if let Some(p) = large_change_percent {
+                    if p > 100 {
+                        return Err(AppError::Usage(
+                            "--large-change-percent is between 0 and 100".into(),
+                        ));
+                    }
+                    s.large_change_percent = p;
+                }
+                if let Some(n) = large_change_count {
+                    s.large_change_count = (n > 0).then_some(n);
+                }
+                if let Some(b) = require_approval {
+                    s.require_approval = b;
+                }
+                if let Some(b) = drop_folder_submit {
+                    s.drop_folder_submit = b;
+                }
+                db::set_tenant_settings(c, t.id, &s)?;
+                let details = serde_json::json!({ "before": before, "after": s });
+                Ok((s, Some(t.name.clone()), t.name.clone(), details))
+            })?;
+            writeln!(
+                out,
+                "Settings of {}: {}",
+                t.name,
+                serde_json::to_string(&after).unwrap_or_default()
+            )
+            .map_err(w)?;
+            Ok(0)
+        }
         Command::Team(TeamCmd::Add { tenant, name }) => {
             let t = db::tenant(&app.conn, &tenant)?;
             let team = service::change_audited(&app, "team.create", |c| {
@@ -535,6 +615,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             json,
             no_wait,
             not_before,
+            confirm,
         } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
             if no_wait || not_before.is_some() {
@@ -543,6 +624,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 let stored = service::store_upload(&app.data, &file.file, &name)?;
                 let opts = scheduler::JobOptions {
                     acknowledge_warnings: yes,
+                    confirm: confirm.clone(),
                 };
                 let (_, job) = scheduler::submit(
                     &app,
@@ -585,7 +667,10 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 file.op,
                 &file.file,
                 &name,
-                service::ImportOptions::new(yes),
+                service::ImportOptions {
+                    confirm: confirm.clone(),
+                    ..service::ImportOptions::new(yes)
+                },
                 &mut sink,
                 &mut |n| bar.tick(n),
             )?;
@@ -614,6 +699,10 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                         res.outcome.success_message()
                     )
                     .map_err(w)?;
+                } else if let Some(phrase) = &res.needs_confirmation {
+                    writeln!(out, "Nothing was applied (job {job} failed): {}.\nTo go ahead, run the same command with: --confirm \"{phrase}\"", res.error.as_deref().unwrap_or("a typed confirmation is needed")).map_err(w)?;
+                } else if res.state == "awaiting_approval" {
+                    writeln!(out, "Job {job} waits for a second administrator's approval (the tenant requires it): rollcall jobs approve {job}").map_err(w)?;
                 } else if res.needs_acknowledgement {
                     writeln!(out, "Nothing was applied (job {job} failed): {} warnings need acknowledgement. Check them, then run the same command with --yes.", res.outcome.warnings).map_err(w)?;
                 } else {
@@ -673,6 +762,11 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             serde_json::to_writer_pretty(&mut *out, &v)
                 .map_err(|e| AppError::internal("writing JSON", e))?;
             writeln!(out).map_err(w)?;
+            Ok(0)
+        }
+        Command::Jobs(JobsCmd::Approve { id }) => {
+            scheduler::approve(&app, id)?;
+            writeln!(out, "Approved job {id}; it joins the queue.").map_err(w)?;
             Ok(0)
         }
         Command::Jobs(JobsCmd::Cancel { id }) => {

@@ -172,6 +172,51 @@ fn check_name(what: &str, name: &str) -> AppResult<()> {
     Ok(())
 }
 
+/// A tenant's settings (the `settings` JSON of `tenants`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TenantSettings {
+    /// Deactivating or deleting more than this share (percent) of the tenant's users in one
+    /// job needs a typed confirmation.
+    pub large_change_percent: u32,
+    /// ... or more than this many users, when set.
+    pub large_change_count: Option<u64>,
+    /// Delete and deactivate jobs wait for a second administrator's approval.
+    pub require_approval: bool,
+    /// Files dropped in the tenant's inbox folder are submitted when valid (else only
+    /// checked, with the results beside them).
+    pub drop_folder_submit: bool,
+}
+
+impl Default for TenantSettings {
+    fn default() -> Self {
+        TenantSettings {
+            large_change_percent: 20,
+            large_change_count: None,
+            require_approval: false,
+            drop_folder_submit: false,
+        }
+    }
+}
+
+pub fn tenant_settings(conn: &Connection, tenant_id: i64) -> AppResult<TenantSettings> {
+    let text: String = conn.query_row(
+        "SELECT settings FROM tenants WHERE id = ?1",
+        [tenant_id],
+        |r| r.get(0),
+    )?;
+    Ok(serde_json::from_str(&text).unwrap_or_default())
+}
+
+pub fn set_tenant_settings(conn: &Connection, tenant_id: i64, s: &TenantSettings) -> AppResult<()> {
+    let text = serde_json::to_string(s).map_err(|e| AppError::internal("saving settings", e))?;
+    conn.execute(
+        "UPDATE tenants SET settings = ?2 WHERE id = ?1",
+        params![tenant_id, text],
+    )?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Team {
     pub id: i64,

@@ -83,6 +83,9 @@ pub struct JobOptions {
     /// The warnings of the file were acknowledged by the submitter.
     #[serde(default)]
     pub acknowledge_warnings: bool,
+    /// The typed confirmation of a large deactivation or deletion ("DELETE 152 USERS").
+    #[serde(default)]
+    pub confirm: Option<String>,
 }
 
 /// Queues a job for a stored upload; returns (upload id, job id).
@@ -103,11 +106,15 @@ pub fn submit(
         params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
     )?;
     let upload_id = tx.last_insert_rowid();
-    let state = if not_before.is_some_and(|t| t > now.as_str()) {
-        "scheduled"
-    } else {
-        "queued"
-    };
+    let settings = db::tenant_settings(&tx, tenant.id)?;
+    let state =
+        if settings.require_approval && matches!(op, Operation::Deactivate | Operation::Delete) {
+            "awaiting_approval"
+        } else if not_before.is_some_and(|t| t > now.as_str()) {
+            "scheduled"
+        } else {
+            "queued"
+        };
     let options = serde_json::to_string(opts).map_err(|e| AppError::internal("job options", e))?;
     tx.execute(
         "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at, not_before, options)
@@ -133,6 +140,56 @@ pub fn submit(
     service::flush_audit(app)?;
     wake(&app.data);
     Ok((upload_id, job_id))
+}
+
+/// Approves a job waiting for a second administrator (not the one who submitted it).
+pub fn approve(app: &App, job_id: i64) -> AppResult<()> {
+    let row: Option<(String, String, Option<String>, String)> = app
+        .conn
+        .query_row(
+            "SELECT j.state, j.submitted_by, j.not_before, t.name FROM jobs j JOIN tenants t ON t.id = j.tenant_id WHERE j.id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((state, submitter, not_before, tenant)) = row else {
+        return Err(AppError::Usage(format!("there is no job {job_id}")));
+    };
+    if state != "awaiting_approval" {
+        return Err(AppError::Usage(format!(
+            "job {job_id} is {state}; it does not wait for approval"
+        )));
+    }
+    if submitter == app.actor {
+        return Err(AppError::Usage(format!(
+            "job {job_id} was submitted by {submitter}; a second administrator must approve it"
+        )));
+    }
+    let now = db::now();
+    let next = if not_before.as_deref().is_some_and(|t| t > now.as_str()) {
+        "scheduled"
+    } else {
+        "queued"
+    };
+    let tx = app.conn.unchecked_transaction()?;
+    tx.execute(
+        "UPDATE jobs SET state = ?2, approved_by = ?3 WHERE id = ?1 AND state = 'awaiting_approval'",
+        params![job_id, next, app.actor],
+    )?;
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant),
+            action: "job.approved",
+            target: format!("job {job_id}"),
+            details: serde_json::json!({ "job": job_id, "submitted_by": submitter }),
+        },
+    )?;
+    tx.commit()?;
+    service::flush_audit(app)?;
+    wake(&app.data);
+    Ok(())
 }
 
 /// Cancels a job that has not started.
@@ -250,6 +307,8 @@ pub struct JobRun {
     pub applied: bool,
     pub outcome: Outcome,
     pub needs_acknowledgement: bool,
+    /// The phrase a large deactivation or deletion must be confirmed with.
+    pub needs_confirmation: Option<String>,
     pub error_report: Option<std::path::PathBuf>,
     pub results_report: Option<std::path::PathBuf>,
 }
@@ -394,6 +453,11 @@ pub fn run_job(
         tmp: &tmp,
     };
     pf.update(0, true);
+    let users_before: i64 = app.conn.query_row(
+        "SELECT count(*) FROM users WHERE tenant_id = ?1",
+        [tenant.id],
+        |r| r.get(0),
+    )?;
     let tx = rusqlite::Transaction::new_unchecked(&app.conn, TransactionBehavior::Immediate)?;
     let outcome = bulk::process(
         &tx,
@@ -435,6 +499,16 @@ pub fn run_job(
         details,
     };
     let needs_ack = outcome.is_valid() && outcome.warnings > 0 && !opts.acknowledge_warnings;
+    // A large deactivation or deletion needs the typed confirmation.
+    let confirmation = if outcome.is_valid() && !needs_ack {
+        large_change_phrase(&tx, &tenant, op, &outcome, users_before)?.filter(|(phrase, _)| {
+            opts.confirm
+                .as_deref()
+                .is_none_or(|c| !c.trim().eq_ignore_ascii_case(phrase))
+        })
+    } else {
+        None
+    };
     let result = serde_json::json!({
         "totals": outcome.totals, "forecast": outcome.forecast,
         "normalisations": outcome.normalisations, "notes": outcome.notes,
@@ -442,7 +516,7 @@ pub fn run_job(
     .to_string();
     let details =
         service::upload_details(upload_id, op, &stored, &outcome, opts.acknowledge_warnings);
-    if outcome.is_valid() && !needs_ack {
+    if outcome.is_valid() && !needs_ack && confirmation.is_none() {
         service::save_upload_result(&tx, upload_id, "validated", &outcome, &result)?;
         tx.execute(
             "UPDATE jobs SET state = 'succeeded', finished_at = ?2, rows_total = ?3, rows_done = ?3, result = ?4 WHERE id = ?1",
@@ -482,13 +556,18 @@ pub fn run_job(
             applied: true,
             outcome,
             needs_acknowledgement: false,
+            needs_confirmation: None,
             error_report: None,
             results_report,
         }));
     }
     // Nothing of the file may stay: roll back every change, then record why.
     tx.rollback()?;
-    let reason = if needs_ack {
+    let reason = if let Some((phrase, why)) = &confirmation {
+        format!(
+            "{why} needs a typed confirmation; nothing was changed. Submit it again confirming with: {phrase}"
+        )
+    } else if needs_ack {
         format!(
             "{} warnings need acknowledgement; nothing was changed",
             outcome.warnings
@@ -559,9 +638,41 @@ pub fn run_job(
         applied: false,
         outcome,
         needs_acknowledgement: needs_ack,
+        needs_confirmation: confirmation.map(|c| c.0),
         error_report,
         results_report: None,
     }))
+}
+
+/// For a deactivation or deletion above the tenant's threshold: the phrase to type and why.
+fn large_change_phrase(
+    conn: &Connection,
+    tenant: &db::Tenant,
+    op: Operation,
+    outcome: &Outcome,
+    users_before: i64,
+) -> AppResult<Option<(String, String)>> {
+    let n = match op {
+        Operation::Deactivate => outcome.totals.deactivate,
+        Operation::Delete => outcome.totals.delete,
+        _ => return Ok(None),
+    };
+    let s = db::tenant_settings(conn, tenant.id)?;
+    let share = n as f64 * 100.0 / users_before.max(1) as f64;
+    let over_share = share > f64::from(s.large_change_percent);
+    let over_count = s.large_change_count.is_some_and(|c| n > c);
+    if n == 0 || !(over_share || over_count) {
+        return Ok(None);
+    }
+    let verb = if op == Operation::Delete {
+        "Deleting"
+    } else {
+        "Deactivating"
+    };
+    Ok(Some((
+        format!("{} {n} USERS", op.title().to_uppercase()),
+        format!("{verb} {n} of {users_before} users ({share:.0}%)"),
+    )))
 }
 
 /// Runs an undo job: one transaction reverting the job's changes, or nothing when any
@@ -613,6 +724,7 @@ fn run_undo(app: &App, job_id: i64, of: i64, run: RunOptions) -> AppResult<JobRu
                 applied: true,
                 outcome,
                 needs_acknowledgement: false,
+                needs_confirmation: None,
                 error_report: None,
                 results_report: Some(path),
             })
@@ -659,6 +771,7 @@ fn run_undo(app: &App, job_id: i64, of: i64, run: RunOptions) -> AppResult<JobRu
                 applied: false,
                 outcome,
                 needs_acknowledgement: false,
+                needs_confirmation: None,
                 error_report: None,
                 results_report: None,
             })

@@ -266,15 +266,19 @@ pub struct ImportResult {
     pub outcome: Outcome,
     /// Warnings were found and not acknowledged: nothing was applied.
     pub needs_acknowledgement: bool,
+    /// A large deactivation or deletion needs this phrase typed to confirm it.
+    pub needs_confirmation: Option<String>,
     pub error_report: Option<PathBuf>,
     pub results_report: Option<PathBuf>,
 }
 
 /// Choices of an import.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
     /// Apply although the file has warnings (the administrator acknowledged them).
     pub acknowledge_warnings: bool,
+    /// The typed confirmation of a large deactivation or deletion.
+    pub confirm: Option<String>,
     /// Write the results workbook after commit (benchmarks time it separately).
     pub results_workbook: bool,
     /// Append the audit entries to the log before returning (benchmarks time it apart).
@@ -285,6 +289,7 @@ impl ImportOptions {
     pub fn new(acknowledge_warnings: bool) -> ImportOptions {
         ImportOptions {
             acknowledge_warnings,
+            confirm: None,
             results_workbook: true,
             flush_audit: true,
         }
@@ -309,6 +314,7 @@ pub fn import(
     let stored = store_upload(&app.data, file, file_name)?;
     let job_opts = scheduler::JobOptions {
         acknowledge_warnings: opts.acknowledge_warnings,
+        confirm: opts.confirm.clone(),
     };
     let (upload_id, job_id) =
         scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;
@@ -367,6 +373,7 @@ pub fn import(
             error,
             outcome: run.outcome,
             needs_acknowledgement: run.needs_acknowledgement,
+            needs_confirmation: run.needs_confirmation,
             error_report: run.error_report,
             results_report: run.results_report,
         });
@@ -384,6 +391,7 @@ pub fn import(
         error,
         outcome,
         needs_acknowledgement,
+        needs_confirmation: None,
         error_report,
         results_report,
     })

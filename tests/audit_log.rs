@@ -263,9 +263,9 @@ fn an_append_cut_by_a_crash_resumes_exactly_once() {
         .collect();
     write_xlsx(&p, &[data_sheet(Operation::Add, &rows)]);
     let opts = ImportOptions {
-        acknowledge_warnings: false,
         results_workbook: false,
         flush_audit: false,
+        ..ImportOptions::default()
     };
     service::import(
         &mut env.app,

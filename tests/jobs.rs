@@ -638,3 +638,108 @@ fn housekeeping_tasks_purge_what_is_past_retention_and_rotate_the_audit_log() {
     );
     assert!(rollcall::tasks::run(&env.app, "nope").is_err());
 }
+
+#[test]
+fn large_deactivations_need_a_typed_confirmation_and_deletes_can_need_a_second_admin() {
+    let (mut env, t) = setup();
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let mut rows = String::from(header);
+    for i in 0..5 {
+        rows.push_str(&format!("u{i}@example.com,A,B,,,Learner,,Standard\n"));
+    }
+    assert!(import_csv(&mut env, &t, Operation::Add, "add.csv", &rows).applied);
+    // 2 of 5 users is 40%, above the default 20%.
+    let p = env.path("d.csv");
+    std::fs::write(&p, "Email,Reason\nu0@example.com,\nu1@example.com,\n").unwrap();
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Deactivate,
+        &p,
+        "d.csv",
+        service::ImportOptions::new(false),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!r.applied);
+    assert_eq!(r.needs_confirmation.as_deref(), Some("DEACTIVATE 2 USERS"));
+    assert!(r.error.unwrap().contains("Deactivating 2 of 5 users (40%)"));
+    assert_eq!(
+        user_row(&env, "u0@example.com").unwrap().2,
+        "active",
+        "nothing changed"
+    );
+    let opts = service::ImportOptions {
+        confirm: Some("deactivate 2 users".into()),
+        ..service::ImportOptions::new(false)
+    };
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Deactivate,
+        &p,
+        "d.csv",
+        opts,
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(r.applied, "{:?}", r.error);
+
+    // A second administrator must approve deletions.
+    let mut s = db::tenant_settings(&env.app.conn, t.id).unwrap();
+    s.require_approval = true;
+    s.large_change_percent = 100;
+    db::set_tenant_settings(&env.app.conn, t.id, &s).unwrap();
+    std::fs::write(&p, "Email,Reason\nu4@example.com,\n").unwrap();
+    env.app.actor = "console:alice".into();
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Delete,
+        &p,
+        "del.csv",
+        service::ImportOptions::new(false),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(r.state, "awaiting_approval");
+    let e = scheduler::approve(&env.app, r.job_id).unwrap_err();
+    assert!(e.to_string().contains("second administrator"), "{e}");
+    env.app.actor = "console:bob".into();
+    scheduler::approve(&env.app, r.job_id).unwrap();
+    assert_eq!(
+        scheduler::run_or_wait(&env.app, r.job_id).unwrap().0,
+        "succeeded"
+    );
+    assert!(user_row(&env, "u4@example.com").is_none());
+    let (by,): (String,) = env
+        .app
+        .conn
+        .query_row(
+            "SELECT approved_by FROM jobs WHERE id = ?1",
+            [r.job_id],
+            |r| Ok((r.get(0)?,)),
+        )
+        .unwrap();
+    assert_eq!(by, "console:bob");
+    // A count threshold applies too.
+    s.require_approval = false;
+    s.large_change_count = Some(1);
+    db::set_tenant_settings(&env.app.conn, t.id, &s).unwrap();
+    std::fs::write(&p, "Email,Reason\nu2@example.com,\nu3@example.com,\n").unwrap();
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Delete,
+        &p,
+        "del2.csv",
+        service::ImportOptions::new(false),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(r.needs_confirmation.as_deref(), Some("DELETE 2 USERS"));
+}
