@@ -17,6 +17,11 @@ fn setup(env: &Env) -> db::Tenant {
     db::set_pool(c, t.id, "Premium", 1).unwrap();
     db::add_team(c, t.id, "Sales").unwrap();
     db::add_team(c, t.id, "Research").unwrap();
+    // These rosters are tiny: any deactivation is a large share of them. The typed
+    // confirmation has its own test (tests/jobs.rs).
+    let mut s = db::tenant_settings(c, t.id).unwrap();
+    s.large_change_percent = 100;
+    db::set_tenant_settings(c, t.id, &s).unwrap();
     t
 }
 

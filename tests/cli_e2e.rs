@@ -153,24 +153,19 @@ fn a_first_session_from_the_command_line() {
     );
     assert!(report.exists());
 
-    // Warnings need --yes.
+    // Deactivating 1 of 2 users is above the tenant's 20%: a typed confirmation first.
     let deact = dir.path().join("deact.csv");
     std::fs::write(&deact, "Email,Reason\nada@example.com,left\n").unwrap();
-    assert_eq!(
-        run(
-            d,
-            &[
-                "import",
-                "--tenant",
-                "Acme",
-                "--op",
-                "deactivate",
-                deact.to_str().unwrap()
-            ]
-        )
-        .status
-        .code(),
-        Some(0)
+    let dpath = deact.to_str().unwrap();
+    let o = run(
+        d,
+        &["import", "--tenant", "Acme", "--op", "deactivate", dpath],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("--confirm \"DEACTIVATE 1 USERS\""),
+        "{}",
+        text(&o)
     );
     let o = run(
         d,
@@ -180,8 +175,16 @@ fn a_first_session_from_the_command_line() {
             "Acme",
             "--op",
             "deactivate",
-            deact.to_str().unwrap(),
+            "--confirm",
+            "DEACTIVATE 1 USERS",
+            dpath,
         ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Warnings need --yes.
+    let o = run(
+        d,
+        &["import", "--tenant", "Acme", "--op", "deactivate", dpath],
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("--yes"), "{}", text(&o));
@@ -195,7 +198,7 @@ fn a_first_session_from_the_command_line() {
                 "--op",
                 "deactivate",
                 "--yes",
-                deact.to_str().unwrap()
+                dpath
             ]
         )
         .status
