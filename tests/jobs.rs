@@ -63,6 +63,10 @@ fn setup() -> (Env, db::Tenant) {
     let env = Env::new();
     let t = db::create_tenant(&env.app.conn, "Acme").unwrap();
     db::set_pool(&env.app.conn, t.id, "Standard", 1_000_000).unwrap();
+    // Tiny rosters: any deletion is a large share; the safeguard test sets its own.
+    let mut s = db::tenant_settings(&env.app.conn, t.id).unwrap();
+    s.large_change_percent = 100;
+    db::set_tenant_settings(&env.app.conn, t.id, &s).unwrap();
     (env, t)
 }
 
@@ -648,7 +652,10 @@ fn large_deactivations_need_a_typed_confirmation_and_deletes_can_need_a_second_a
         rows.push_str(&format!("u{i}@example.com,A,B,,,Learner,,Standard\n"));
     }
     assert!(import_csv(&mut env, &t, Operation::Add, "add.csv", &rows).applied);
-    // 2 of 5 users is 40%, above the default 20%.
+    let mut s = db::tenant_settings(&env.app.conn, t.id).unwrap();
+    s.large_change_percent = 20;
+    db::set_tenant_settings(&env.app.conn, t.id, &s).unwrap();
+    // 2 of 5 users is 40%, above 20%.
     let p = env.path("d.csv");
     std::fs::write(&p, "Email,Reason\nu0@example.com,\nu1@example.com,\n").unwrap();
     let r = service::import(
