@@ -7,3 +7,15 @@ CREATE TABLE tasks (
     last_error TEXT,
     last_result TEXT
 );
+
+-- Files taken from the drop folder (inbox/<tenant>/<operation>/): a file is claimed by moving
+-- it into processing/, and its claim and its job are recorded in one transaction, so no file
+-- is submitted twice, even across a crash.
+CREATE TABLE inbox_claims (
+    path       TEXT PRIMARY KEY,   -- the file in processing/
+    tenant_id  INTEGER NOT NULL REFERENCES tenants(id),
+    operation  TEXT NOT NULL,
+    job_id     INTEGER REFERENCES jobs(id),
+    claimed_at TEXT NOT NULL,
+    done_at    TEXT
+);

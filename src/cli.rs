@@ -113,6 +113,9 @@ pub enum Command {
     /// List, follow, cancel and run jobs.
     #[command(subcommand)]
     Jobs(JobsCmd),
+    /// The drop folder (inbox/<tenant>/<operation>/ in the data directory).
+    #[command(subcommand)]
+    Inbox(InboxCmd),
     /// Housekeeping tasks: their last and next run and last error; run one now.
     #[command(subcommand)]
     Tasks(TasksCmd),
@@ -246,6 +249,13 @@ pub enum JobsCmd {
         #[arg(long)]
         until_idle: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InboxCmd {
+    /// Take up the files waiting in the drop folders now (the job worker does this by
+    /// itself every few seconds). Example: rollcall inbox scan
+    Scan,
 }
 
 #[derive(Subcommand, Debug)]
@@ -810,6 +820,16 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 &mut |_, _, _| {},
                 &mut |_| {},
             )?;
+            Ok(0)
+        }
+        Command::Inbox(InboxCmd::Scan) => {
+            let s = crate::inbox::scan(&app)?;
+            writeln!(
+                out,
+                "{} files taken up, {} results written, {} files still being written",
+                s.picked, s.finished, s.waiting
+            )
+            .map_err(w)?;
             Ok(0)
         }
         Command::Tasks(TasksCmd::List) => {

@@ -395,6 +395,7 @@ impl DataDir {
             dd.tmp_dir(),
             dd.audit_dir(),
             dd.run_dir(),
+            dd.inbox_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(unwritable)?;
         }
@@ -451,6 +452,10 @@ impl DataDir {
     }
     pub fn progress_file(&self, job_id: i64) -> PathBuf {
         self.run_dir().join(format!("job-{job_id}.progress.json"))
+    }
+    /// The drop folder: `inbox/<tenant>/<operation>/`.
+    pub fn inbox_dir(&self) -> PathBuf {
+        self.root.join("inbox")
     }
     /// The hash-chained audit log files.
     pub fn audit_dir(&self) -> PathBuf {

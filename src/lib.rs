@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod inbox;
 pub mod model;
 pub mod scheduler;
 pub mod serve;

@@ -98,15 +98,37 @@ pub fn submit(
     opts: &JobOptions,
     not_before: Option<&str>,
 ) -> AppResult<(i64, i64)> {
-    let now = db::now();
     let tx = app.conn.unchecked_transaction()?;
+    let ids = submit_in(
+        &tx, &app.actor, tenant, op, stored, file_name, opts, not_before,
+    )?;
+    tx.commit()?;
+    service::flush_audit(app)?;
+    wake(&app.data);
+    Ok(ids)
+}
+
+/// `submit` inside the caller's transaction (the caller commits, flushes the audit log and
+/// wakes the worker).
+#[allow(clippy::too_many_arguments)]
+pub fn submit_in(
+    tx: &Connection,
+    actor: &str,
+    tenant: &db::Tenant,
+    op: Operation,
+    stored: &StoredFile,
+    file_name: &str,
+    opts: &JobOptions,
+    not_before: Option<&str>,
+) -> AppResult<(i64, i64)> {
+    let now = db::now();
     tx.execute(
         "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)",
-        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), app.actor, now],
+        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), actor, now],
     )?;
     let upload_id = tx.last_insert_rowid();
-    let settings = db::tenant_settings(&tx, tenant.id)?;
+    let settings = db::tenant_settings(tx, tenant.id)?;
     let state =
         if settings.require_approval && matches!(op, Operation::Deactivate | Operation::Delete) {
             "awaiting_approval"
@@ -119,13 +141,13 @@ pub fn submit(
     tx.execute(
         "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at, not_before, options)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![tenant.id, upload_id, op.as_str(), state, app.actor, now, not_before, options],
+        params![tenant.id, upload_id, op.as_str(), state, actor, now, not_before, options],
     )?;
     let job_id = tx.last_insert_rowid();
     audit::record(
-        &tx,
+        tx,
         &Event {
-            actor: app.actor.clone(),
+            actor: actor.to_string(),
             tenant: Some(tenant.name.clone()),
             action: "job.submitted",
             target: format!("job {job_id}"),
@@ -136,9 +158,6 @@ pub fn submit(
             }),
         },
     )?;
-    tx.commit()?;
-    service::flush_audit(app)?;
-    wake(&app.data);
     Ok((upload_id, job_id))
 }
 
@@ -867,10 +886,22 @@ pub fn work(
                     watched = run;
                 }
             }
-            None if until_idle || watch.is_some() => break,
+            None if until_idle || watch.is_some() => {
+                // Finish drop-folder files whose jobs ran, and take new ones.
+                if until_idle && crate::inbox::scan(app)?.picked > 0 {
+                    continue;
+                }
+                break;
+            }
             None => {
                 crate::tasks::run_due(app)?;
-                lock.wait(next_due(&app.conn, Duration::from_secs(60)));
+                // Drop folders are looked at every few seconds while idle.
+                if crate::inbox::scan(app)?.picked == 0 {
+                    lock.wait(next_due(
+                        &app.conn,
+                        Duration::from_secs(crate::inbox::SETTLE_SECS),
+                    ));
+                }
             }
         }
     }

@@ -750,3 +750,145 @@ fn large_deactivations_need_a_typed_confirmation_and_deletes_can_need_a_second_a
     .unwrap();
     assert_eq!(r.needs_confirmation.as_deref(), Some("DELETE 2 USERS"));
 }
+
+fn age(p: &std::path::Path) {
+    let f = std::fs::File::options().append(true).open(p).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+        .unwrap();
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn drop_folder_files_are_checked_or_submitted_once_and_half_written_ones_wait() {
+    let (env, t) = setup();
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let folder = env.app.data.inbox_dir().join("acme").join("add");
+    std::fs::create_dir_all(&folder).unwrap();
+    // Checked only (the tenant's default): a result beside it, nothing applied.
+    let f = folder.join("hires.csv");
+    std::fs::write(
+        &f,
+        format!("{header}ada@example.com,Ada,L,,,Learner,,Standard\n"),
+    )
+    .unwrap();
+    age(&f);
+    let s = rollcall::inbox::scan(&env.app).unwrap();
+    assert_eq!((s.picked, s.finished), (1, 1));
+    let results = files_in(&folder.join("results"));
+    assert!(
+        results
+            .iter()
+            .any(|r| r.ends_with("-hires.csv.result.json")),
+        "{results:?}"
+    );
+    let text = std::fs::read_to_string(
+        folder
+            .join("results")
+            .join(results.iter().find(|r| r.ends_with(".json")).unwrap()),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["valid"].as_bool(), v["applied"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(files_in(&folder.join("processed")).len(), 1);
+    assert!(files_in(&folder).is_empty());
+    assert!(user_row(&env, "ada@example.com").is_none());
+
+    // Submitted when the tenant allows it; files still being written wait.
+    let mut st = db::tenant_settings(&env.app.conn, t.id).unwrap();
+    st.drop_folder_submit = true;
+    db::set_tenant_settings(&env.app.conn, t.id, &st).unwrap();
+    let f = folder.join("more.csv");
+    std::fs::write(
+        &f,
+        format!("{header}bob@example.com,Bob,B,,,Learner,,Standard\n"),
+    )
+    .unwrap();
+    age(&f);
+    std::fs::write(folder.join("next.csv.partial"), header).unwrap();
+    std::fs::write(folder.join("fresh.csv"), header).unwrap();
+    let s = rollcall::inbox::scan(&env.app).unwrap();
+    assert_eq!((s.picked, s.waiting), (1, 2));
+    // A file left in processing/ by a crash right after its claim is taken up once.
+    let crashed = folder.join("processing").join("1700000000000-crashed.csv");
+    std::fs::write(
+        &crashed,
+        format!("{header}cy@example.com,Cy,C,,,Learner,,Standard\n"),
+    )
+    .unwrap();
+    let lock = scheduler::WorkerLock::try_take(&env.app.data)
+        .unwrap()
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    scheduler::work(
+        &env.app,
+        &lock,
+        &stop,
+        true,
+        None,
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    drop(lock);
+    let dbg: Vec<(i64, String, Option<String>)> = {
+        let mut st = env
+            .app
+            .conn
+            .prepare("SELECT id, state, error FROM jobs")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(
+        user_row(&env, "bob@example.com").is_some() && user_row(&env, "cy@example.com").is_some(),
+        "{dbg:?}"
+    );
+    let jobs: i64 = env
+        .app
+        .conn
+        .query_row(
+            "SELECT count(*) FROM jobs WHERE submitted_by = 'drop-folder'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(jobs, 2, "each file submitted once");
+    let results = files_in(&folder.join("results"));
+    assert!(
+        results
+            .iter()
+            .any(|r| r.ends_with("-more.csv.results.xlsx")),
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .any(|r| r == "1700000000000-crashed.csv.result.json"),
+        "{results:?}"
+    );
+    assert!(files_in(&folder.join("processing")).is_empty());
+    // Nothing is taken twice.
+    let s = rollcall::inbox::scan(&env.app).unwrap();
+    assert_eq!((s.picked, s.finished), (0, 0));
+    assert_eq!(
+        files_in(&folder),
+        vec!["fresh.csv".to_string(), "next.csv.partial".to_string()]
+    );
+}
