@@ -86,6 +86,37 @@ fn file_name(n: u64) -> String {
     format!("audit-{n:06}.jsonl")
 }
 
+/// The number in a log file's name (`audit-000042.jsonl` -> 42).
+fn file_number(path: &Path) -> u64 {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| {
+            n.trim_start_matches("audit-")
+                .trim_end_matches(".jsonl")
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Closes the current log file and starts the next one (the chain continues into it).
+/// Returns the new file, or `None` when there is nothing to rotate (no file, or an empty one).
+pub fn rotate(dir: &Path) -> AppResult<Option<PathBuf>> {
+    let _lock = DirLock::take(dir)?;
+    let Some(last) = files(dir)?.pop() else {
+        return Ok(None);
+    };
+    if fs::metadata(&last).map(|m| m.len() == 0).unwrap_or(true) {
+        return Ok(None);
+    }
+    let next = dir.join(file_name(file_number(&last) + 1));
+    File::create_new(&next).map_err(|e| io_err("creating", &next, e))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(Some(next))
+}
+
 fn sha_hex(line: &[u8]) -> String {
     hex::encode(Sha256::digest(line))
 }
@@ -318,9 +349,25 @@ pub fn flush(conn: &Connection, dir: &Path, max_file_bytes: u64) -> AppResult<u6
 static FIELDS_JSON: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| serde_json::to_string(&IMAGE_KEYS).unwrap_or_default());
 
+/// The email of a recorded image (its first field), read without building the whole value.
 fn image_email(img: Option<&str>) -> String {
-    img.and_then(|s| serde_json::from_str::<Value>(s).ok())
-        .and_then(|v| v.get(0).and_then(|e| e.as_str()).map(str::to_string))
+    use serde::de::IgnoredAny as Any;
+    type Image = (
+        String,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+    );
+    img.and_then(|s| serde_json::from_str::<Image>(s).ok())
+        .map(|i| i.0)
         .unwrap_or_default()
 }
 
@@ -418,18 +465,7 @@ impl Appender {
             .get_ref()
             .sync_all()
             .map_err(|e| io_err("syncing", &self.path, e))?;
-        let n = self
-            .path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| {
-                n.trim_start_matches("audit-")
-                    .trim_end_matches(".jsonl")
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0);
-        self.path = self.dir.join(file_name(n + 1));
+        self.path = self.dir.join(file_name(file_number(&self.path) + 1));
         let file = OpenOptions::new()
             .create(true)
             .append(true)

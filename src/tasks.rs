@@ -173,33 +173,8 @@ fn purge_undo_data(app: &App) -> AppResult<String> {
 }
 
 fn rotate_audit(app: &App) -> AppResult<String> {
-    let dir = app.data.audit_dir();
-    let files = crate::audit::files(&dir)?;
-    let Some(last) = files.last() else {
-        return Ok("no audit file yet".into());
-    };
-    let empty = std::fs::metadata(last)
-        .map(|m| m.len() == 0)
-        .unwrap_or(true);
-    if empty {
-        return Ok("the current audit file is empty".into());
-    }
-    let n = last
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| {
-            n.trim_start_matches("audit-")
-                .trim_end_matches(".jsonl")
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0);
-    let next = dir.join(format!("audit-{:06}.jsonl", n + 1));
-    std::fs::File::create_new(&next).map_err(|e| {
-        AppError::internal(format!("rotating the audit log to {}", next.display()), e)
-    })?;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(format!("started {}", next.display()))
+    Ok(match crate::audit::rotate(&app.data.audit_dir())? {
+        Some(next) => format!("started {}", next.display()),
+        None => "nothing to rotate (no entries in the current file)".into(),
+    })
 }
