@@ -110,6 +110,38 @@ pub enum Command {
         #[arg(long, value_name = "PHRASE")]
         confirm: Option<String>,
     },
+    /// Store and validate a file as an upload, to submit later (the web UI's first step).
+    ///
+    /// Exit code 0: valid; 1: errors. Example: rollcall upload --tenant Acme --op add hires.xlsx
+    Upload {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Copy the error workbook here when the file has problems.
+        #[arg(long, value_name = "OUT.xlsx")]
+        report: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a valid upload as a job and wait for it (unless --no-wait).
+    ///
+    /// Example: rollcall submit 7 --yes
+    Submit {
+        /// The upload's number, as `rollcall upload` printed it.
+        upload: i64,
+        /// Acknowledge the upload's warnings.
+        #[arg(long)]
+        yes: bool,
+        /// Confirm a large deactivation or deletion with the phrase rollcall asks for.
+        #[arg(long, value_name = "PHRASE")]
+        confirm: Option<String>,
+        /// Hold the job until this time (RFC 3339); implies --no-wait.
+        #[arg(long, value_name = "TIME")]
+        not_before: Option<String>,
+        /// Return once queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// List, follow, cancel and run jobs.
     #[command(subcommand)]
     Jobs(JobsCmd),
@@ -733,6 +765,80 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 }
             }
             Ok(if res.applied { 0 } else { 1 })
+        }
+        Command::Upload { file, report, json } => {
+            let t = db::tenant(&app.conn, &file.tenant)?;
+            let name = file_name(&file.file);
+            let mut effects = Vec::new();
+            let mut sink = |row: u32, email: &str, e: &Effect| {
+                if json || effects.len() < 10 {
+                    effects.push(RowEffect {
+                        row,
+                        email: email.to_string(),
+                        effect: e.clone(),
+                    });
+                }
+            };
+            let mut bar = Progress::new(json);
+            let up = service::upload(&app, &t, file.op, &file.file, &name, &mut sink, &mut |n| {
+                bar.tick(n)
+            })?;
+            bar.done();
+            if let (Some(dest), Some(src)) = (&report, &up.error_report) {
+                std::fs::copy(src, dest).map_err(|e| {
+                    AppError::Usage(format!("cannot write {}: {e}", dest.display()))
+                })?;
+            }
+            if json {
+                print_json(out, &up.outcome, &effects, None, None)?;
+            } else {
+                print_outcome(out, &name, &up.outcome, &effects, false)?;
+                if up.outcome.is_valid() {
+                    writeln!(
+                        out,
+                        "Upload {} is ready: submit it with `rollcall submit {}`{}.",
+                        up.upload_id,
+                        up.upload_id,
+                        if up.outcome.warnings > 0 {
+                            " --yes"
+                        } else {
+                            ""
+                        }
+                    )
+                    .map_err(w)?;
+                } else {
+                    writeln!(out, "Upload {} was rejected.", up.upload_id).map_err(w)?;
+                }
+                if let Some(p) = report.as_ref().or(up.error_report.as_ref()) {
+                    writeln!(out, "Error workbook: {}", p.display()).map_err(w)?;
+                }
+            }
+            Ok(if up.outcome.is_valid() { 0 } else { 1 })
+        }
+        Command::Submit {
+            upload,
+            yes,
+            confirm,
+            not_before,
+            no_wait,
+        } => {
+            let not_before = not_before.as_deref().map(parse_time).transpose()?;
+            let opts = scheduler::JobOptions {
+                acknowledge_warnings: yes,
+                confirm,
+            };
+            let job = scheduler::submit_upload(&app, upload, &opts, not_before.as_deref())?;
+            if no_wait || not_before.is_some() {
+                writeln!(out, "Submitted upload {upload} as job {job}; follow it with: rollcall jobs show {job}").map_err(w)?;
+                return Ok(0);
+            }
+            let (state, error) = scheduler::run_or_wait(&app, job)?;
+            match state.as_str() {
+                "succeeded" => writeln!(out, "Applied as job {job}.").map_err(w)?,
+                "awaiting_approval" => writeln!(out, "Job {job} waits for a second administrator's approval: rollcall jobs approve {job}").map_err(w)?,
+                _ => writeln!(out, "Nothing was applied (job {job} {state}{}).", error.map(|e| format!(": {e}")).unwrap_or_default()).map_err(w)?,
+            }
+            Ok(if state == "succeeded" { 0 } else { 1 })
         }
         Command::Jobs(JobsCmd::List { tenant, limit }) => {
             let tid = match tenant {

@@ -121,13 +121,45 @@ pub fn submit_in(
     opts: &JobOptions,
     not_before: Option<&str>,
 ) -> AppResult<(i64, i64)> {
-    let now = db::now();
+    let upload_id = insert_upload(tx, actor, tenant, op, stored, file_name, "pending")?;
+    let job_id = queue_job(tx, actor, tenant, op, upload_id, opts, not_before)?;
+    Ok((upload_id, job_id))
+}
+
+/// Records an upload (its outcome is saved by whoever validates it).
+pub fn insert_upload(
+    tx: &Connection,
+    actor: &str,
+    tenant: &db::Tenant,
+    op: Operation,
+    stored: &StoredFile,
+    file_name: &str,
+    status: &str,
+) -> AppResult<i64> {
     tx.execute(
         "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)",
-        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), actor, now],
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![tenant.id, op.as_str(), file_name, stored.sha256, stored.size as i64, stored.path.to_string_lossy(), status, actor, db::now()],
     )?;
-    let upload_id = tx.last_insert_rowid();
+    Ok(tx.last_insert_rowid())
+}
+
+/// Queues a job for an upload, audited as a submission.
+fn queue_job(
+    tx: &Connection,
+    actor: &str,
+    tenant: &db::Tenant,
+    op: Operation,
+    upload_id: i64,
+    opts: &JobOptions,
+    not_before: Option<&str>,
+) -> AppResult<i64> {
+    let now = db::now();
+    let (file_name, sha): (String, String) = tx.query_row(
+        "SELECT file_name, file_sha256 FROM uploads WHERE id = ?1",
+        [upload_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let settings = db::tenant_settings(tx, tenant.id)?;
     let state =
         if settings.require_approval && matches!(op, Operation::Deactivate | Operation::Delete) {
@@ -153,12 +185,67 @@ pub fn submit_in(
             target: format!("job {job_id}"),
             details: serde_json::json!({
                 "job": job_id, "upload": upload_id, "operation": op.as_str(), "file": file_name,
-                "sha256": stored.sha256, "not_before": not_before,
+                "sha256": sha, "not_before": not_before,
                 "warnings_acknowledged": opts.acknowledge_warnings,
             }),
         },
     )?;
-    Ok((upload_id, job_id))
+    Ok(job_id)
+}
+
+/// Submits an upload validated earlier (`rollcall upload`, the web UI): the job re-checks
+/// every row against the roster as it is when it runs.
+pub fn submit_upload(
+    app: &App,
+    upload_id: i64,
+    opts: &JobOptions,
+    not_before: Option<&str>,
+) -> AppResult<i64> {
+    let row: Option<(i64, String, String, String, i64)> = app
+        .conn
+        .query_row(
+            "SELECT u.tenant_id, t.name, u.operation, u.status, u.warning_count FROM uploads u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = ?1",
+            [upload_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((tenant_id, tenant_name, op, status, warnings)) = row else {
+        return Err(AppError::Usage(format!("there is no upload {upload_id}")));
+    };
+    if status != "validated" {
+        return Err(AppError::Refused(format!(
+            "upload {upload_id} is {status}: only a valid upload can be submitted; fix the file and upload it again"
+        )));
+    }
+    if warnings > 0 && !opts.acknowledge_warnings {
+        return Err(AppError::Refused(format!(
+            "upload {upload_id} has {warnings} warnings; acknowledge them to submit (--yes)"
+        )));
+    }
+    let taken: Option<(i64, String)> = app
+        .conn
+        .query_row(
+            "SELECT id, state FROM jobs WHERE upload_id = ?1 AND state NOT IN ('failed', 'cancelled') ORDER BY id DESC LIMIT 1",
+            [upload_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((job, state)) = taken {
+        return Err(AppError::Usage(format!(
+            "upload {upload_id} was already submitted as job {job} ({state})"
+        )));
+    }
+    let op: Operation = op.parse().map_err(AppError::Usage)?;
+    let tenant = db::Tenant {
+        id: tenant_id,
+        name: tenant_name,
+    };
+    let tx = app.conn.unchecked_transaction()?;
+    let job = queue_job(&tx, &app.actor, &tenant, op, upload_id, opts, not_before)?;
+    tx.commit()?;
+    service::flush_audit(app)?;
+    wake(&app.data);
+    Ok(job)
 }
 
 /// Approves a job waiting for a second administrator (not the one who submitted it).

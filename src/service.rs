@@ -235,6 +235,93 @@ pub fn validate(
     Ok(outcome)
 }
 
+/// What an upload (store and validate, no job yet) found.
+#[derive(Debug)]
+pub struct Uploaded {
+    pub upload_id: i64,
+    pub outcome: Outcome,
+    pub error_report: Option<PathBuf>,
+}
+
+/// Stores a file, validates it against the roster (a dry run) and records the upload with
+/// its problems, so it can be submitted later (`scheduler::submit_upload`).
+pub fn upload(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    file: &Path,
+    file_name: &str,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Uploaded> {
+    let stored = store_upload(&app.data, file, file_name)?;
+    let outcome = bulk::process(
+        &app.conn,
+        &app.reader,
+        &Request {
+            tenant,
+            op,
+            path: &stored.path,
+            file_name,
+            file_sha256: Some(&stored.sha256),
+            mode: Mode::DryRun,
+        },
+        on_effect,
+        progress,
+    )?;
+    let status = if outcome.is_valid() {
+        "validated"
+    } else {
+        "rejected"
+    };
+    let result = serde_json::json!({
+        "totals": outcome.totals, "forecast": outcome.forecast,
+        "normalisations": outcome.normalisations, "notes": outcome.notes,
+    })
+    .to_string();
+    let tx = app.conn.unchecked_transaction()?;
+    let upload_id =
+        scheduler::insert_upload(&tx, &app.actor, tenant, op, &stored, file_name, status)?;
+    save_upload_result(&tx, upload_id, status, &outcome, &result)?;
+    audit::record(
+        &tx,
+        &Event {
+            actor: app.actor.clone(),
+            tenant: Some(tenant.name.clone()),
+            action: if outcome.is_valid() {
+                "upload.validated"
+            } else {
+                "upload.rejected"
+            },
+            target: file_name.to_string(),
+            details: upload_details(upload_id, op, &stored, &outcome, false),
+        },
+    )?;
+    tx.commit()?;
+    flush_audit(app)?;
+    let error_report = if outcome.is_valid() && outcome.warnings == 0 {
+        None
+    } else {
+        let path = app.data.error_report(upload_id);
+        let lists = template_lists(&app.conn, tenant)?;
+        crate::sheet::report::write_error_workbook(
+            &app.reader,
+            op,
+            &lists,
+            &stored.path,
+            file_name,
+            &outcome,
+            &path,
+        )?;
+        Some(path)
+    };
+    Ok(Uploaded {
+        upload_id,
+        outcome,
+        error_report,
+    })
+}
+
 fn store_hash(file: &Path) -> AppResult<String> {
     let mut f = fs::File::open(file)
         .map_err(|e| AppError::Usage(format!("cannot read {}: {e}", file.display())))?;
@@ -457,6 +544,11 @@ pub fn save_upload_result(
     conn.execute(
         "UPDATE uploads SET status = ?2, rows_total = ?3, error_count = ?4, warning_count = ?5, result = ?6 WHERE id = ?1",
         params![upload_id, status, outcome.rows as i64, outcome.errors as i64, outcome.warnings as i64, result],
+    )?;
+    // A job re-checks an upload validated earlier: its findings replace the upload's.
+    conn.execute(
+        "DELETE FROM upload_problems WHERE upload_id = ?1",
+        [upload_id],
     )?;
     let mut st = conn.prepare(
         "INSERT INTO upload_problems (upload_id, seq, severity, sheet, row_number, col_letter, col_name, value, code, message)

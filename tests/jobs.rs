@@ -892,3 +892,166 @@ fn drop_folder_files_are_checked_or_submitted_once_and_half_written_ones_wait() 
         vec!["fresh.csv".to_string(), "next.csv.partial".to_string()]
     );
 }
+
+#[test]
+fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
+    let (env, t) = setup();
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let p = env.path("hires.csv");
+    std::fs::write(
+        &p,
+        format!("{header}ada@example.com,Ada,L,,,Learner,,Standard\n"),
+    )
+    .unwrap();
+    let up = service::upload(
+        &env.app,
+        &t,
+        Operation::Add,
+        &p,
+        "hires.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(up.outcome.is_valid() && up.error_report.is_none());
+    let status: (String, i64) = env
+        .app
+        .conn
+        .query_row(
+            "SELECT status, rows_total FROM uploads WHERE id = ?1",
+            [up.upload_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(status, ("validated".to_string(), 1));
+    let job =
+        scheduler::submit_upload(&env.app, up.upload_id, &JobOptions::default(), None).unwrap();
+    let again =
+        scheduler::submit_upload(&env.app, up.upload_id, &JobOptions::default(), None).unwrap_err();
+    assert!(again.to_string().contains("already submitted"), "{again}");
+    assert_eq!(
+        scheduler::run_or_wait(&env.app, job).unwrap().0,
+        "succeeded"
+    );
+    // The same file uploaded again is rejected now (the user exists): it cannot be submitted.
+    let up2 = service::upload(
+        &env.app,
+        &t,
+        Operation::Add,
+        &p,
+        "hires.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!up2.outcome.is_valid() && up2.error_report.is_some());
+    let e = scheduler::submit_upload(&env.app, up2.upload_id, &JobOptions::default(), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("rejected"), "{e}");
+    // Valid at upload, but the roster changed before the job ran: the job re-checks and fails.
+    let q = env.path("more.csv");
+    std::fs::write(
+        &q,
+        format!("{header}bob@example.com,Bob,B,,,Learner,,Standard\n"),
+    )
+    .unwrap();
+    let up3 = service::upload(
+        &env.app,
+        &t,
+        Operation::Add,
+        &q,
+        "more.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(up3.outcome.is_valid());
+    let r = std::fs::write(
+        env.path("bob.csv"),
+        format!("{header}bob@example.com,Bob,B,,,Learner,,Standard\n"),
+    );
+    r.unwrap();
+    let first = service::upload(
+        &env.app,
+        &t,
+        Operation::Add,
+        &env.path("bob.csv"),
+        "bob.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    let j1 =
+        scheduler::submit_upload(&env.app, first.upload_id, &JobOptions::default(), None).unwrap();
+    let j2 =
+        scheduler::submit_upload(&env.app, up3.upload_id, &JobOptions::default(), None).unwrap();
+    assert_eq!(scheduler::run_or_wait(&env.app, j2).unwrap().0, "failed");
+    assert_eq!(state(&env, j1), "succeeded");
+    let codes: Vec<String> = {
+        let mut st = env
+            .app
+            .conn
+            .prepare("SELECT code FROM upload_problems WHERE upload_id = ?1")
+            .unwrap();
+        st.query_map([up3.upload_id], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(codes, ["already_applied", "user_exists"]);
+    // An upload with warnings is submitted only with them acknowledged, and its job's
+    // findings replace the upload's.
+    let d = env.path("d.csv");
+    std::fs::write(&d, "Email,Reason\nada@example.com,\nzed@example.com,\n").unwrap();
+    let bad = service::upload(
+        &env.app,
+        &t,
+        Operation::Deactivate,
+        &d,
+        "d.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!bad.outcome.is_valid());
+    std::fs::write(&d, "Email,Reason\nada@example.com,\n").unwrap();
+    let ok = service::upload(
+        &env.app,
+        &t,
+        Operation::Deactivate,
+        &d,
+        "d.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(ok.outcome.is_valid());
+    let j = scheduler::submit_upload(&env.app, ok.upload_id, &JobOptions::default(), None).unwrap();
+    assert_eq!(scheduler::run_or_wait(&env.app, j).unwrap().0, "succeeded");
+    let again = service::upload(
+        &env.app,
+        &t,
+        Operation::Deactivate,
+        &d,
+        "d2.csv",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        again.outcome.warnings, 2,
+        "already applied, already deactivated"
+    );
+    assert!(
+        scheduler::submit_upload(&env.app, again.upload_id, &JobOptions::default(), None)
+            .unwrap_err()
+            .to_string()
+            .contains("--yes")
+    );
+    let opts = JobOptions {
+        acknowledge_warnings: true,
+        confirm: None,
+    };
+    let j = scheduler::submit_upload(&env.app, again.upload_id, &opts, None).unwrap();
+    assert_eq!(scheduler::run_or_wait(&env.app, j).unwrap().0, "succeeded");
+}
