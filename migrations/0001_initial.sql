@@ -133,5 +133,6 @@ CREATE TABLE job_changes (
     action     TEXT NOT NULL,
     before     TEXT,
     after      TEXT,
+    note       TEXT,               -- the file's Reason for the row, if any
     PRIMARY KEY (job_id, row_number)
 ) WITHOUT ROWID;

@@ -153,81 +153,93 @@ struct Tail {
     source: (i64, i64),
 }
 
-/// Reads the end of the newest file. A last line without its newline is a write cut short
-/// by a crash when it is past the anchor; it is cut off (its outbox row is still queued).
+/// The last complete line of a file (however long), and the length of the file up to the
+/// end of that line (anything after it is a write cut short).
+fn last_line(path: &Path) -> AppResult<(Option<Vec<u8>>, u64)> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut f = File::open(path).map_err(|e| io_err("reading", path, e))?;
+    let len = f.metadata().map_err(|e| io_err("reading", path, e))?.len();
+    let mut pos = len;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        if pos == 0 && buf.is_empty() {
+            return Ok((None, 0));
+        }
+        let start = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (pos - start) as usize];
+        f.seek(SeekFrom::Start(start))
+            .map_err(|e| io_err("reading", path, e))?;
+        f.read_exact(&mut chunk)
+            .map_err(|e| io_err("reading", path, e))?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+        pos = start;
+        if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
+            match buf[..end].iter().rposition(|&b| b == b'\n') {
+                Some(b) => return Ok((Some(buf[b + 1..end].to_vec()), pos + end as u64 + 1)),
+                None if pos == 0 => return Ok((Some(buf[..end].to_vec()), end as u64 + 1)),
+                None => continue,
+            }
+        }
+        if pos == 0 {
+            return Ok((None, 0));
+        }
+    }
+}
+
+/// Where the log ends. A last line without its newline, past the anchor, is a write cut
+/// short by a crash: it is cut off (its outbox row is still queued). Returns the tail and the
+/// newest file.
 fn tail(dir: &Path, anchor: Option<(u64, String)>) -> AppResult<(Option<Tail>, Option<PathBuf>)> {
     let all = files(dir)?;
-    let Some(last) = all.last().cloned() else {
-        if let Some((seq, _)) = anchor
-            && seq > 0
-        {
+    let Some(newest) = all.last().cloned() else {
+        if anchor.as_ref().is_some_and(|a| a.0 > 0) {
             return Err(AppError::internal(
                 "the audit log is missing",
-                format!(
-                    "the database records {seq} entries but audit/ holds no file; run `rollcall audit verify`"
-                ),
+                "the database records entries written but audit/ holds no file; run `rollcall audit verify`",
             ));
         }
         return Ok((None, None));
     };
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&last)
-        .map_err(|e| io_err("opening", &last, e))?;
-    let len = f.metadata().map_err(|e| io_err("reading", &last, e))?.len();
-    // Read the last 1 MiB (an entry is far smaller) to find the last lines.
-    let from = len.saturating_sub(1 << 20);
-    f.seek(SeekFrom::Start(from))
-        .map_err(|e| io_err("reading", &last, e))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)
-        .map_err(|e| io_err("reading", &last, e))?;
-    let mut complete = buf.len();
-    if !buf.is_empty() && buf[buf.len() - 1] != b'\n' {
-        complete = buf
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map(|i| i + 1)
-            .unwrap_or(0);
+    // The last complete entry, looking back across files (a new file may hold none yet).
+    let mut found = None;
+    let mut newest_complete = 0;
+    for (k, path) in all.iter().enumerate().rev() {
+        let (line, complete) = last_line(path)?;
+        if k == all.len() - 1 {
+            newest_complete = complete;
+        }
+        if let Some(line) = line {
+            found = Some(parse_tail(&line).ok_or_else(|| {
+                AppError::internal(
+                    format!("the audit log {} ends with a damaged entry", path.display()),
+                    "run `rollcall audit verify`",
+                )
+            })?);
+            break;
+        }
     }
-    let lines: Vec<&[u8]> = buf[..complete]
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    let parsed = match lines.last() {
-        Some(line) => Some(parse_tail(line).ok_or_else(|| {
-            AppError::internal(
-                format!("the audit log {} ends with a damaged entry", last.display()),
-                "run `rollcall audit verify`",
-            )
-        })?),
-        None => None,
-    };
-    if complete < buf.len() {
+    let len = fs::metadata(&newest)
+        .map_err(|e| io_err("reading", &newest, e))?
+        .len();
+    if newest_complete < len {
         let anchored = anchor.as_ref().map(|a| a.0).unwrap_or(0);
-        let have = parsed.as_ref().map(|t| t.seq).unwrap_or(0);
+        let have = found.as_ref().map(|t| t.seq).unwrap_or(0);
         if have < anchored {
             return Err(AppError::internal(
                 "the audit log's last entry is incomplete",
                 "it was already recorded as written, so this is not a crash; run `rollcall audit verify`",
             ));
         }
-        f.set_len(from + complete as u64)
-            .map_err(|e| io_err("repairing", &last, e))?;
-        f.sync_all().map_err(|e| io_err("repairing", &last, e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&newest)
+            .map_err(|e| io_err("repairing", &newest, e))?;
+        f.set_len(newest_complete)
+            .map_err(|e| io_err("repairing", &newest, e))?;
+        f.sync_all().map_err(|e| io_err("repairing", &newest, e))?;
     }
-    if parsed.is_none() && all.len() > 1 {
-        // An empty newest file after a rotation: continue from the file before.
-        let prev = &all[all.len() - 2];
-        let text = fs::read(prev).map_err(|e| io_err("reading", prev, e))?;
-        let line = text
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .and_then(parse_tail);
-        return Ok((line, Some(last)));
-    }
-    Ok((parsed, Some(last)))
+    Ok((found, Some(newest)))
 }
 
 fn parse_tail(line: &[u8]) -> Option<Tail> {
@@ -253,17 +265,7 @@ pub fn flush(conn: &Connection, dir: &Path, max_file_bytes: u64) -> AppResult<u6
         )
         .optional()?;
     let (tail, newest) = tail(dir, anchor.clone())?;
-    if let (Some((aseq, _)), Some(t)) = (&anchor, &tail)
-        && t.seq < *aseq
-    {
-        return Err(AppError::internal(
-            "the audit log ends early",
-            format!(
-                "the database records entry {aseq} as written but the files end at entry {}; run `rollcall audit verify`",
-                t.seq
-            ),
-        ));
-    }
+    check_end(conn, &anchor, &tail)?;
     let mut w = Appender::open(dir, newest, tail.clone(), max_file_bytes)?;
     let mut st = conn.prepare(
         "SELECT id, kind, time, actor, tenant, action, target, details, job_id FROM audit_outbox ORDER BY id",
@@ -272,7 +274,7 @@ pub fn flush(conn: &Connection, dir: &Path, max_file_bytes: u64) -> AppResult<u6
     let mut max_id = 0i64;
     let done = tail.as_ref().map(|t| t.source).unwrap_or((0, 0));
     let mut changes = conn.prepare(
-        "SELECT row_number, action, before, after FROM job_changes WHERE job_id = ?1 AND row_number > ?2 ORDER BY row_number",
+        "SELECT row_number, action, before, after, note FROM job_changes WHERE job_id = ?1 AND row_number > ?2 ORDER BY row_number",
     )?;
     while let Some(r) = rows.next()? {
         let id: i64 = r.get(0)?;
@@ -311,6 +313,7 @@ pub fn flush(conn: &Connection, dir: &Path, max_file_bytes: u64) -> AppResult<u6
             let action: String = c.get(1)?;
             let before: Option<String> = c.get(2)?;
             let after: Option<String> = c.get(3)?;
+            let note: Option<String> = c.get(4)?;
             let email = image_email(after.as_deref().or(before.as_deref()));
             details.clear();
             details.push_str(&format!("{{\"job\":{job},\"row\":{row},\"fields\":"));
@@ -319,6 +322,10 @@ pub fn flush(conn: &Connection, dir: &Path, max_file_bytes: u64) -> AppResult<u6
             details.push_str(before.as_deref().unwrap_or("null"));
             details.push_str(",\"after\":");
             details.push_str(after.as_deref().unwrap_or("null"));
+            if let Some(n) = &note {
+                details.push_str(",\"reason\":");
+                details.push_str(&serde_json::to_string(n).unwrap_or_else(|_| "null".into()));
+            }
             details.push('}');
             w.append(
                 &time,
@@ -344,6 +351,49 @@ pub fn flush(conn: &Connection, dir: &Path, max_file_bytes: u64) -> AppResult<u6
         tx.commit()?;
     }
     Ok(appended)
+}
+
+/// Refuses to extend a log whose end does not match the database's anchor: appending would
+/// make tampering (an edited or removed last entry, an emptied log) permanent.
+fn check_end(
+    conn: &Connection,
+    anchor: &Option<(u64, String)>,
+    tail: &Option<Tail>,
+) -> AppResult<()> {
+    let refuse = |why: String| -> AppResult<()> {
+        Err(AppError::internal(
+            "the audit log does not end where the database says it does",
+            format!("{why}; nothing more is appended until `rollcall audit verify` is clean"),
+        ))
+    };
+    match (anchor, tail) {
+        (None, _) | (Some((0, _)), None) => Ok(()),
+        (Some((aseq, _)), None) => refuse(format!("entry {aseq} was written but the log is empty")),
+        (Some((aseq, _)), Some(t)) if t.seq < *aseq => refuse(format!(
+            "entry {aseq} was written but the log ends at entry {}",
+            t.seq
+        )),
+        (Some((aseq, ahash)), Some(t)) if t.seq == *aseq && t.hash != *ahash => {
+            refuse(format!("entry {aseq}, the last one, was altered"))
+        }
+        (Some((aseq, _)), Some(t)) if t.seq > *aseq => {
+            // Entries past the anchor come from a flush cut by a crash: their outbox rows
+            // are still queued.
+            let queued: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM audit_outbox WHERE id = ?1)",
+                [t.source.0],
+                |r| r.get(0),
+            )?;
+            if queued {
+                Ok(())
+            } else {
+                refuse(format!(
+                    "entries after entry {aseq} match nothing queued to be written"
+                ))
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 static FIELDS_JSON: std::sync::LazyLock<String> =
@@ -508,6 +558,16 @@ pub struct Verification {
 
 /// Checks the whole chain, and its end against the database's anchor.
 pub fn verify(conn: &Connection, dir: &Path) -> AppResult<Verification> {
+    // Under the appenders' lock, so a flush in progress is not mistaken for damage.
+    let _lock = DirLock::take(dir)?;
+    let anchor: Option<(u64, String)> = conn
+        .query_row(
+            "SELECT last_seq, last_hash FROM audit_anchor WHERE id = 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+        )
+        .optional()?;
+    let mut hash_at_anchor: Option<String> = None;
     let all = files(dir)?;
     let mut prev_hash = GENESIS.to_string();
     let mut prev_seq = 0u64;
@@ -610,17 +670,12 @@ pub fn verify(conn: &Connection, dir: &Path) -> AppResult<Verification> {
             prev_hash = sha_hex(body);
             prev_seq = seq;
             entries += 1;
+            if anchor.as_ref().is_some_and(|a| a.0 == seq) {
+                hash_at_anchor = Some(prev_hash.clone());
+            }
         }
     }
-    let anchor: Option<(i64, String)> = conn
-        .query_row(
-            "SELECT last_seq, last_hash FROM audit_anchor WHERE id = 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
     if let Some((aseq, ahash)) = anchor {
-        let aseq = aseq as u64;
         if prev_seq < aseq {
             return bad(
                 if prev_seq + 1 == aseq {
@@ -637,14 +692,36 @@ pub fn verify(conn: &Connection, dir: &Path) -> AppResult<Verification> {
                 all.len(),
             );
         }
-        if prev_seq == aseq && prev_hash != ahash {
+        if hash_at_anchor.as_deref().is_some_and(|h| h != ahash) {
             return bad(
-                format!(
-                    "entry {aseq}, the last one, was altered: its hash differs from the one recorded when it was written"
-                ),
+                if prev_seq == aseq {
+                    format!(
+                        "entry {aseq}, the last one, was altered: its hash differs from the one recorded when it was written"
+                    )
+                } else {
+                    format!(
+                        "entry {aseq} or one before it was altered and the chain rebuilt: entry {aseq}'s hash differs from the one recorded when it was written"
+                    )
+                },
                 entries,
                 all.len(),
             );
+        }
+        if prev_seq > aseq {
+            // Only a flush cut by a crash leaves entries past the anchor, and their outbox
+            // rows are then still queued.
+            let queued: i64 =
+                conn.query_row("SELECT count(*) FROM audit_outbox", [], |r| r.get(0))?;
+            if queued == 0 {
+                return bad(
+                    format!(
+                        "entries {} to {prev_seq} follow the last entry written ({aseq}) but nothing was queued to be written: they were inserted",
+                        aseq + 1
+                    ),
+                    entries,
+                    all.len(),
+                );
+            }
         }
     }
     Ok(Verification {

@@ -581,6 +581,8 @@ struct RowValues {
     role: Option<&'static str>,
     language: Option<&'static str>,
     pool: Option<i64>,
+    /// The Reason column of deactivate and delete files, kept with the change.
+    reason: Option<String>,
 }
 
 fn exists_hint(u: &User) -> &'static str {
@@ -700,7 +702,7 @@ impl Checker {
             let email = rv.email.clone();
             ok &= self.claim(&email, row, email_col);
             if let Some(ne) = rv.new_email.clone()
-                && !ne.eq_ignore_ascii_case(&email)
+                && ne.to_lowercase() != rv.email_norm
             {
                 let c = self.col_of(Field::NewEmail);
                 ok &= self.claim(&ne, row, c);
@@ -781,6 +783,21 @@ impl Checker {
                         "Column {} has a value but is not a column of the template. Move the value into the right column or delete it.",
                         column_letter(c)
                     ),
+                );
+                ok = false;
+                continue;
+            }
+            if !self.values[c].is_empty() {
+                // Two cells for one column in a row: only a crafted file has that, and joining
+                // them could make a value no spreadsheet shows.
+                let v = cell_text(cell);
+                self.problem(
+                    Severity::Error,
+                    Some(row),
+                    Some(c),
+                    Some(&v),
+                    "cell_repeated",
+                    "The file holds two values for this cell; it is damaged or was not saved by a spreadsheet program. Save it again and upload the new copy.".into(),
                 );
                 ok = false;
                 continue;
@@ -966,6 +983,7 @@ impl Checker {
                     Field::FirstName => rv.first_name = Some(v.to_string()),
                     Field::LastName => rv.last_name = Some(v.to_string()),
                     Field::JobTitle => rv.job_title = Some(Some(v.to_string())),
+                    Field::Reason => rv.reason = Some(v.to_string()),
                     _ => {}
                 },
                 Kind::Choice => match col.field {
@@ -1228,7 +1246,7 @@ impl<'c> Validator<'c> {
                 )?,
                 delete: conn.prepare("DELETE FROM users WHERE id = ?1")?,
                 change: conn.prepare(
-                    "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?,
                 before: Vec::with_capacity(512),
                 after: Vec::with_capacity(512),
@@ -1548,7 +1566,7 @@ impl<'c> Validator<'c> {
             }
         };
         if let Some(ne) = &rv.new_email {
-            if !ne.eq_ignore_ascii_case(&u.email)
+            if ne.to_lowercase() != u.email.to_lowercase()
                 && let Some(other) = self.lookup(ne)?
             {
                 let c = self.col_of(Field::NewEmail);
@@ -1765,8 +1783,15 @@ impl<'c> Validator<'c> {
             (!w.before.is_empty()).then(|| std::str::from_utf8(&w.before).unwrap_or_default());
         let after =
             (!w.after.is_empty()).then(|| std::str::from_utf8(&w.after).unwrap_or_default());
-        w.change
-            .execute(params![w.job_id, row, user_id, action, before, after])?;
+        w.change.execute(params![
+            w.job_id,
+            row,
+            user_id,
+            action,
+            before,
+            after,
+            rv.reason.as_deref()
+        ])?;
         Ok(true)
     }
 

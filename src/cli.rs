@@ -929,6 +929,12 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             Ok(0)
         }
         Command::Inbox(InboxCmd::Scan) => {
+            // Only the job worker takes up drop-folder files (one at a time, never twice).
+            let Some(_lock) = scheduler::WorkerLock::try_take(&app.data)? else {
+                return Err(AppError::Usage(
+                    "a job worker (rollcall serve or jobs work) runs in this data directory and takes up the drop folders itself".into(),
+                ));
+            };
             let s = crate::inbox::scan(&app)?;
             writeln!(
                 out,

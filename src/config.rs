@@ -402,7 +402,11 @@ impl DataDir {
         let probe = dd.tmp_dir().join(".write-probe");
         fs::write(&probe, b"ok").map_err(unwritable)?;
         let _ = fs::remove_file(&probe);
-        Ok(dd)
+        // One spelling of every path, whatever the working directory or the way the data
+        // directory was named (stored paths and drop-folder claims compare as text).
+        Ok(DataDir {
+            root: dd.root.canonicalize().unwrap_or(dd.root),
+        })
     }
 
     pub fn root(&self) -> &Path {

@@ -282,7 +282,7 @@ pub fn columns(op: Operation) -> Vec<Column> {
             Column::new(
                 Reason,
                 false,
-                "Optional note kept with the change.",
+                "Optional note, kept with the change in the audit log.",
                 "Left the company",
             ),
         ],
@@ -300,7 +300,7 @@ pub fn columns(op: Operation) -> Vec<Column> {
             Column::new(
                 Reason,
                 false,
-                "Optional note kept with the change.",
+                "Optional note, kept with the change in the audit log.",
                 "Data erasure request",
             ),
         ],
@@ -389,6 +389,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "value_outside_template",
     "already_deactivated",
     "already_active",
+    "cell_repeated",
 ];
 
 /// The static code equal to `code` (unknown codes read back as `file_unreadable`).

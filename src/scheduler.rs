@@ -201,8 +201,9 @@ pub fn submit_upload(
     opts: &JobOptions,
     not_before: Option<&str>,
 ) -> AppResult<i64> {
-    let row: Option<(i64, String, String, String, i64)> = app
-        .conn
+    // Checked and queued in one write transaction, so two submissions cannot both pass.
+    let tx = rusqlite::Transaction::new_unchecked(&app.conn, TransactionBehavior::Immediate)?;
+    let row: Option<(i64, String, String, String, i64)> = tx
         .query_row(
             "SELECT u.tenant_id, t.name, u.operation, u.status, u.warning_count FROM uploads u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = ?1",
             [upload_id],
@@ -222,8 +223,7 @@ pub fn submit_upload(
             "upload {upload_id} has {warnings} warnings; acknowledge them to submit (--yes)"
         )));
     }
-    let taken: Option<(i64, String)> = app
-        .conn
+    let taken: Option<(i64, String)> = tx
         .query_row(
             "SELECT id, state FROM jobs WHERE upload_id = ?1 AND state NOT IN ('failed', 'cancelled') ORDER BY id DESC LIMIT 1",
             [upload_id],
@@ -240,7 +240,6 @@ pub fn submit_upload(
         id: tenant_id,
         name: tenant_name,
     };
-    let tx = app.conn.unchecked_transaction()?;
     let job = queue_job(&tx, &app.actor, &tenant, op, upload_id, opts, not_before)?;
     tx.commit()?;
     service::flush_audit(app)?;
@@ -278,10 +277,15 @@ pub fn approve(app: &App, job_id: i64) -> AppResult<()> {
         "queued"
     };
     let tx = app.conn.unchecked_transaction()?;
-    tx.execute(
+    let n = tx.execute(
         "UPDATE jobs SET state = ?2, approved_by = ?3 WHERE id = ?1 AND state = 'awaiting_approval'",
         params![job_id, next, app.actor],
     )?;
+    if n == 0 {
+        return Err(AppError::Usage(format!(
+            "job {job_id} no longer waits for approval (it was cancelled or approved meanwhile)"
+        )));
+    }
     audit::record(
         &tx,
         &Event {
@@ -356,7 +360,9 @@ pub fn recover(app: &App) -> AppResult<u64> {
         .collect::<Result<_, _>>()?;
     for (id, op) in done {
         let path = app.data.results_report(id);
-        if !path.exists()
+        if !path.exists() && op == "undo" {
+            report::write_results_workbook(&app.conn, id, "Undo", &path)?;
+        } else if !path.exists()
             && let Ok(op) = op.parse::<Operation>()
         {
             report::write_results_workbook(&app.conn, id, &format!("{} users", op.title()), &path)?;
@@ -510,13 +516,47 @@ pub fn run_job(
     if n == 0 {
         return Ok(None);
     }
+    // Whatever goes wrong from here, the job must not stay 'running' (it would be retried
+    // for ever and hold up the queue): it fails with the reason, its transaction undone.
+    match run_started(app, job_id, run, on_effect, on_rows) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) => {
+            let _ = std::fs::remove_file(app.data.progress_file(job_id));
+            let still_running: bool = app
+                .conn
+                .query_row(
+                    "SELECT state = 'running' FROM jobs WHERE id = ?1",
+                    [job_id],
+                    |r| r.get(0),
+                )
+                .unwrap_or(false);
+            if still_running {
+                fail_job(
+                    app,
+                    job_id,
+                    &format!("the job stopped on an internal error: {e}"),
+                )?;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The body of `run_job` once the job is marked running.
+fn run_started(
+    app: &App,
+    job_id: i64,
+    run: RunOptions,
+    on_effect: &mut EffectSink<'_>,
+    on_rows: &mut dyn FnMut(u64),
+) -> AppResult<JobRun> {
     let (operation, undo_of): (String, Option<i64>) = app.conn.query_row(
         "SELECT operation, undo_of FROM jobs WHERE id = ?1",
         [job_id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     if operation == "undo" {
-        return run_undo(app, job_id, undo_of.unwrap_or_default(), run).map(Some);
+        return run_undo(app, job_id, undo_of.unwrap_or_default(), run);
     }
     type JobRow = (
         i64,
@@ -582,20 +622,7 @@ pub fn run_job(
             pf.update(rows, false);
         },
     );
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            drop(tx);
-            let _ = std::fs::remove_file(&pf.path);
-            fail_job(
-                app,
-                job_id,
-                &tenant,
-                &format!("the job stopped on an internal error: {e}"),
-            )?;
-            return Err(e);
-        }
-    };
+    let outcome = outcome?;
     let actor = submitted_by;
     let ev = |action: &'static str, target: String, details: serde_json::Value| Event {
         actor: actor.clone(),
@@ -656,7 +683,7 @@ pub fn run_job(
             None
         };
         let _ = std::fs::remove_file(&pf.path);
-        return Ok(Some(JobRun {
+        return Ok(JobRun {
             job_id,
             upload_id,
             applied: true,
@@ -665,7 +692,7 @@ pub fn run_job(
             needs_confirmation: None,
             error_report: None,
             results_report,
-        }));
+        });
     }
     // Nothing of the file may stay: roll back every change, then record why.
     tx.rollback()?;
@@ -738,7 +765,7 @@ pub fn run_job(
         )?;
         Some(path)
     };
-    Ok(Some(JobRun {
+    Ok(JobRun {
         job_id,
         upload_id,
         applied: false,
@@ -747,7 +774,7 @@ pub fn run_job(
         needs_confirmation: confirmation.map(|c| c.0),
         error_report,
         results_report: None,
-    }))
+    })
 }
 
 /// For a deactivation or deletion above the tenant's threshold: the phrase to type and why.
@@ -854,7 +881,9 @@ fn run_undo(app: &App, job_id: i64, of: i64, run: RunOptions) -> AppResult<JobRu
                 first.join("; "),
                 if conflicts.len() > 5 { "; ..." } else { "" }
             );
+            // The job keeps every conflict; its audit entry the first hundred.
             let result = serde_json::json!({ "undo_of": of, "conflicts": conflicts }).to_string();
+            let shown: Vec<_> = conflicts.iter().take(100).collect();
             let tx = app.conn.unchecked_transaction()?;
             tx.execute(
                 "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3, result = ?4 WHERE id = ?1",
@@ -864,7 +893,7 @@ fn run_undo(app: &App, job_id: i64, of: i64, run: RunOptions) -> AppResult<JobRu
                 &tx,
                 &ev(
                     "job.failed",
-                    serde_json::json!({ "job": job_id, "undo_of": of, "conflicts": conflicts }),
+                    serde_json::json!({ "job": job_id, "undo_of": of, "conflicts": conflicts.len(), "first_conflicts": shown }),
                 ),
             )?;
             tx.commit()?;
@@ -917,7 +946,15 @@ pub fn run_or_wait(app: &App, job_id: i64) -> AppResult<(String, Option<String>)
     )?)
 }
 
-fn fail_job(app: &App, job_id: i64, tenant: &db::Tenant, reason: &str) -> AppResult<()> {
+fn fail_job(app: &App, job_id: i64, reason: &str) -> AppResult<()> {
+    let tenant = db::Tenant {
+        id: 0,
+        name: app.conn.query_row(
+            "SELECT t.name FROM jobs j JOIN tenants t ON t.id = j.tenant_id WHERE j.id = ?1",
+            [job_id],
+            |r| r.get(0),
+        )?,
+    };
     let tx = app.conn.unchecked_transaction()?;
     tx.execute(
         "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",

@@ -92,40 +92,48 @@ pub struct StoredFile {
 
 /// Copies an upload into the data directory under its content hash (once per content).
 pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<StoredFile> {
-    let io = |e: std::io::Error| AppError::Usage(format!("cannot read {}: {e}", src.display()));
-    let mut f = fs::File::open(src).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
+    // Copy first, then hash the copy: a file still changing cannot end up stored under the
+    // hash of other content.
+    let read = |e: std::io::Error| AppError::Usage(format!("cannot read {}: {e}", src.display()));
+    let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
+    let tmp = data.tmp_dir().join(format!(
+        "upload-{}-{}.partial",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+    ));
+    fs::copy(src, &tmp).map_err(read)?;
+    let stored = (|| {
+        let mut f = fs::File::open(&tmp).map_err(internal)?;
+        f.sync_all().map_err(internal)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(internal)?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            h.update(&buf[..n]);
         }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    let sha256 = hex::encode(h.finalize());
-    let ext = Path::new(file_name)
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
-        .unwrap_or_else(|| "bin".into());
-    let path = data.upload_file(&sha256, &ext);
-    if !path.exists() {
-        let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(internal)?;
+        let sha256 = hex::encode(h.finalize());
+        let ext = Path::new(file_name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or_else(|| "bin".into());
+        let path = data.upload_file(&sha256, &ext);
+        if !path.exists() {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(internal)?;
+            }
+            fs::rename(&tmp, &path).map_err(internal)?;
         }
-        let tmp = data.tmp_dir().join(format!("{sha256}.partial"));
-        fs::copy(src, &tmp).map_err(internal)?;
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(internal)?;
-        fs::rename(&tmp, &path).map_err(internal)?;
-    }
-    Ok(StoredFile { sha256, size, path })
+        Ok(StoredFile { sha256, size, path })
+    })();
+    let _ = fs::remove_file(&tmp);
+    stored
 }
 
 /// Appends the queued audit entries to the log (fsync'd); returns how many.

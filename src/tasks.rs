@@ -128,8 +128,9 @@ fn purge_files(app: &App) -> AppResult<String> {
     let mut st = app.conn.prepare(
         "SELECT u.id, u.stored_path FROM uploads u
          WHERE u.uploaded_at < ?1 AND u.stored_path <> ''
-           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.upload_id = u.id AND j.state IN ('queued', 'running', 'scheduled', 'awaiting_approval'))
-           AND NOT EXISTS (SELECT 1 FROM uploads v WHERE v.stored_path = u.stored_path AND v.uploaded_at >= ?1)",
+           AND NOT EXISTS (SELECT 1 FROM uploads v WHERE v.stored_path = u.stored_path
+               AND (v.uploaded_at >= ?1
+                    OR EXISTS (SELECT 1 FROM jobs j WHERE j.upload_id = v.id AND j.state IN ('queued', 'running', 'scheduled', 'awaiting_approval'))))",
     )?;
     let old: Vec<(i64, String)> = st
         .query_map([&cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -161,11 +162,13 @@ fn purge_undo_data(app: &App) -> AppResult<String> {
     let cutoff = days_ago(app.config.jobs.undo_days);
     let tx = app.conn.unchecked_transaction()?;
     let n = tx.execute(
-        "DELETE FROM job_changes WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < ?1 AND changes_purged_at IS NULL)",
+        "DELETE FROM job_changes WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < ?1 AND changes_purged_at IS NULL
+             AND NOT EXISTS (SELECT 1 FROM jobs u WHERE u.undo_of = jobs.id AND u.state IN ('queued', 'running', 'scheduled', 'awaiting_approval')))",
         [&cutoff],
     )?;
     let jobs = tx.execute(
-        "UPDATE jobs SET changes_purged_at = ?2 WHERE finished_at < ?1 AND changes_purged_at IS NULL",
+        "UPDATE jobs SET changes_purged_at = ?2 WHERE finished_at < ?1 AND changes_purged_at IS NULL
+             AND NOT EXISTS (SELECT 1 FROM jobs u WHERE u.undo_of = jobs.id AND u.state IN ('queued', 'running', 'scheduled', 'awaiting_approval'))",
         params![cutoff, db::now()],
     )?;
     tx.commit()?;

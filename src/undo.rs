@@ -40,8 +40,10 @@ pub struct Conflict {
 
 /// Queues the undo of a succeeded job; returns the new job's id.
 pub fn submit(app: &App, job_id: i64) -> AppResult<i64> {
-    let row: Option<JobFacts> = app
-        .conn
+    // Checked and queued in one write transaction, so two undos cannot both pass.
+    let tx =
+        rusqlite::Transaction::new_unchecked(&app.conn, rusqlite::TransactionBehavior::Immediate)?;
+    let row: Option<JobFacts> = tx
         .query_row(
             "SELECT j.tenant_id, j.state, j.operation, j.finished_at, j.undone_by, j.changes_purged_at, t.name
              FROM jobs j JOIN tenants t ON t.id = j.tenant_id WHERE j.id = ?1",
@@ -80,8 +82,7 @@ pub fn submit(app: &App, job_id: i64) -> AppResult<i64> {
             "job {job_id} finished more than {days} days ago; its before-images are no longer kept, so it cannot be undone"
         )));
     }
-    let waiting: Option<i64> = app
-        .conn
+    let waiting: Option<i64> = tx
         .query_row(
             "SELECT id FROM jobs WHERE undo_of = ?1 AND state IN ('queued', 'running', 'scheduled', 'awaiting_approval')",
             [job_id],
@@ -93,7 +94,6 @@ pub fn submit(app: &App, job_id: i64) -> AppResult<i64> {
             "the undo of job {job_id} is already waiting as job {w}"
         )));
     }
-    let tx = app.conn.unchecked_transaction()?;
     tx.execute(
         "INSERT INTO jobs (tenant_id, upload_id, operation, undo_of, state, submitted_by, submitted_at)
          VALUES (?1, NULL, 'undo', ?2, 'queued', ?3, ?4)",
@@ -172,6 +172,26 @@ pub fn apply(
     let mut conflicts = Vec::new();
     let mut reverted = 0u64;
     let now = db::now();
+    // Checked again here: the job may have been undone or purged since the undo was queued.
+    let (undone_by, purged): (Option<i64>, Option<String>) = conn.query_row(
+        "SELECT undone_by, changes_purged_at FROM jobs WHERE id = ?1",
+        [of],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if let Some(by) = undone_by {
+        return Ok(Err(vec![Conflict {
+            row: 0,
+            email: String::new(),
+            reason: format!("job {of} was already undone by job {by}"),
+        }]));
+    }
+    if purged.is_some() {
+        return Ok(Err(vec![Conflict {
+            row: 0,
+            email: String::new(),
+            reason: format!("the before-images of job {of} were purged (past the undo window)"),
+        }]));
+    }
     let mut st = conn.prepare(
         "SELECT row_number, user_id, action, before, after FROM job_changes WHERE job_id = ?1 ORDER BY row_number DESC",
     )?;
@@ -264,6 +284,24 @@ pub fn apply(
         } else {
             let Some(before) = before else { continue };
             let b = restored(&before)?;
+            let back_norm = b.email.to_lowercase();
+            if back_norm != cur.email.to_lowercase() {
+                let taken: Option<String> = conn
+                    .query_row(
+                        "SELECT email FROM users WHERE tenant_id = ?1 AND email_norm = ?2 AND id <> ?3",
+                        params![tenant_id, back_norm, user_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(e) = taken {
+                    conflicts.push(Conflict {
+                        row,
+                        email: cur.email.clone(),
+                        reason: format!("its old email {e} belongs to another user now"),
+                    });
+                    continue;
+                }
+            }
             restore.execute(params![
                 user_id,
                 b.email,

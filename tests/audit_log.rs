@@ -234,7 +234,40 @@ fn tampering_is_detected_and_the_first_bad_entry_named() {
     )
     .unwrap();
     let e = service::flush_audit(&env.app).unwrap_err();
-    assert!(e.to_string().contains("ends early"), "{e}");
+    assert!(e.to_string().contains("log ends at entry 6"), "{e}");
+    // Nor is an altered last entry, or an emptied log, extended (which would hide them).
+    let mut last = lines.clone();
+    let n = last.len() - 1;
+    last[n] = last[n].replacen("succeeded", "succeedeD", 1);
+    write_log(&env, &(last.join("\n") + "\n"));
+    let e = service::flush_audit(&env.app).unwrap_err();
+    assert!(e.to_string().contains("was altered"), "{e}");
+    write_log(&env, "");
+    let e = service::flush_audit(&env.app).unwrap_err();
+    assert!(e.to_string().contains("the log is empty"), "{e}");
+    // An entry appended after the last one written, explaining nothing queued, is found.
+    write_log(&env, &original);
+    assert_eq!(verdict(&env), None);
+    let fake = lines[lines.len() - 1].replacen("\"seq\":7", "\"seq\":8", 1);
+    let prev = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(lines[lines.len() - 1].as_bytes()))
+    };
+    let fake = {
+        let mut v: serde_json::Value = serde_json::from_str(&fake).unwrap();
+        v["prev"] = serde_json::Value::String(prev);
+        v.to_string()
+    };
+    env.app
+        .conn
+        .execute("DELETE FROM audit_outbox", [])
+        .unwrap();
+    write_log(&env, &(original.clone() + &fake + "\n"));
+    let p = verdict(&env).unwrap();
+    assert!(
+        p.contains("entries 8 to 8") && p.contains("inserted"),
+        "{p}"
+    );
 }
 
 #[test]

@@ -781,12 +781,23 @@ fn a_failure_part_way_leaves_the_roster_as_it_was() {
         )
         .unwrap();
     assert_eq!(jobs, 0, "no half-recorded job");
+    let failed: String = env
+        .app
+        .conn
+        .query_row("SELECT error FROM jobs WHERE state = 'failed'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(failed.contains("boom"), "{failed}");
     let changes: i64 = env
         .app
         .conn
         .query_row("SELECT count(*) FROM job_changes", [], |r| r.get(0))
         .unwrap();
     assert_eq!(changes, 3, "only the first import's changes");
+    // The failed job does not hold up the queue.
+    env.app.conn.execute_batch("DROP TRIGGER boom;").unwrap();
+    assert!(import(&mut env, &t, Operation::Add, &p, false).applied);
 }
 
 #[test]

@@ -450,3 +450,16 @@ fn check_add(env: &Env, t: &db::Tenant, p: &std::path::Path) -> Outcome {
     )
     .unwrap()
 }
+
+#[test]
+fn two_values_for_one_cell_are_refused_not_joined() {
+    let env = Env::new();
+    let t = tenant(&env);
+    let p = env.path("twice.xlsx");
+    let mut sheet = deactivate_sheet(0);
+    sheet.rows.push(vec![C::Raw(r#"<c r="A2" t="inlineStr"><is><t>ada@exam</t></is></c><c r="A2" t="inlineStr"><is><t>ple.com</t></is></c>"#.into())]);
+    write_xlsx(&p, &[sheet]);
+    let o = check_path(&env, &t, &p);
+    let codes: Vec<_> = o.problems.iter().map(|p| p.code).collect();
+    assert!(codes.contains(&"cell_repeated"), "{codes:?}");
+}

@@ -465,6 +465,16 @@ fn undo_reverts_each_operation_and_is_audited() {
         user_row(&env, "ada@example.com").is_none() && user_row(&env, "bob@example.com").is_none()
     );
     let _ = bob_id;
+    // The Reason column is kept with the change in the audit log.
+    let mut out = Vec::new();
+    rollcall::audit::show(
+        &env.app.data.audit_dir(),
+        &rollcall::audit::Filter::default(),
+        false,
+        &mut out,
+    )
+    .unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("\"reason\":\"x\""));
     // Once only.
     let e = rollcall::undo::submit(&env.app, add.job_id).unwrap_err();
     assert!(e.to_string().contains("already undone"), "{e}");
@@ -521,6 +531,29 @@ fn undo_stops_on_users_changed_since_and_changes_nothing() {
         "nothing changed"
     );
     assert_eq!(user_row(&env, "bob@example.com").unwrap().1, "Robert");
+    // An old email taken by someone else since is a conflict too.
+    let upd = import_csv(
+        &mut env,
+        &t,
+        Operation::Update,
+        "ren.csv",
+        "Email,New Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nada@example.com,ada.k@example.com,,,,,,,\n",
+    );
+    assert!(upd.applied);
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    assert!(
+        import_csv(
+            &mut env,
+            &t,
+            Operation::Add,
+            "new-ada.csv",
+            &format!("{header}ada@example.com,Another,Ada,,,Learner,,Standard\n")
+        )
+        .applied
+    );
+    let (state, error) = undo(&env, upd.job_id);
+    assert_eq!(state, "failed");
+    assert!(error.unwrap().contains("belongs to another user"));
     // Past the undo window the images are gone.
     env.app
         .conn
