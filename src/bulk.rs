@@ -716,30 +716,6 @@ impl Checker {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn problem(
-        &mut self,
-        severity: Severity,
-        row: Option<u32>,
-        col: Option<usize>,
-        value: Option<&str>,
-        code: &'static str,
-        message: String,
-    ) {
-        let cap = self.limits.max_reported_problems as usize;
-        push_problem(
-            &mut self.out,
-            &mut self.row_errors,
-            &self.cols,
-            cap,
-            (severity, row, col, value, code, message),
-        );
-    }
-
-    fn col_of(&self, f: Field) -> Option<usize> {
-        self.cols.iter().position(|c| c.field == f)
-    }
-
     fn note(&mut self, col: usize, kind: &'static str, row: u32, example: impl FnOnce() -> String) {
         let header = self.cols[col].header;
         self.norms
@@ -1133,6 +1109,57 @@ impl Checker {
     }
 }
 
+/// What `Checker` and `Validator` share: reporting problems against the file's columns.
+trait Reporter {
+    /// The outcome, this row's error count, the columns and the cap on listed problems.
+    fn parts(&mut self) -> (&mut Outcome, &mut u64, &[Column], usize);
+    fn columns(&self) -> &[Column];
+
+    #[allow(clippy::too_many_arguments)]
+    fn problem(
+        &mut self,
+        severity: Severity,
+        row: Option<u32>,
+        col: Option<usize>,
+        value: Option<&str>,
+        code: &'static str,
+        message: String,
+    ) {
+        let (out, row_errors, cols, cap) = self.parts();
+        push_problem(
+            out,
+            row_errors,
+            cols,
+            cap,
+            (severity, row, col, value, code, message),
+        );
+    }
+
+    fn col_of(&self, f: Field) -> Option<usize> {
+        self.columns().iter().position(|c| c.field == f)
+    }
+}
+
+impl Reporter for Checker {
+    fn parts(&mut self) -> (&mut Outcome, &mut u64, &[Column], usize) {
+        let cap = self.limits.max_reported_problems as usize;
+        (&mut self.out, &mut self.row_errors, &self.cols, cap)
+    }
+    fn columns(&self) -> &[Column] {
+        &self.cols
+    }
+}
+
+impl Reporter for Validator<'_> {
+    fn parts(&mut self) -> (&mut Outcome, &mut u64, &[Column], usize) {
+        let cap = self.limits.max_reported_problems as usize;
+        (&mut self.out, &mut self.row_errors, &self.cols, cap)
+    }
+    fn columns(&self) -> &[Column] {
+        &self.cols
+    }
+}
+
 /// Records a problem in `out`, counting it even when the list is full.
 fn push_problem(
     out: &mut Outcome,
@@ -1349,30 +1376,6 @@ impl<'c> Validator<'c> {
             );
         }
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn problem(
-        &mut self,
-        severity: Severity,
-        row: Option<u32>,
-        col: Option<usize>,
-        value: Option<&str>,
-        code: &'static str,
-        message: String,
-    ) {
-        let cap = self.limits.max_reported_problems as usize;
-        push_problem(
-            &mut self.out,
-            &mut self.row_errors,
-            &self.cols,
-            cap,
-            (severity, row, col, value, code, message),
-        );
-    }
-
-    fn col_of(&self, f: Field) -> Option<usize> {
-        self.cols.iter().position(|c| c.field == f)
     }
 
     fn lookup(&mut self, email: &str) -> AppResult<Option<User>> {

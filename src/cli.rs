@@ -607,17 +607,8 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
             let name = file_name(&file.file);
-            let mut effects = Vec::new();
-            let keep_all = json || preview;
-            let mut sink = |row: u32, email: &str, e: &Effect| {
-                if keep_all || effects.len() < 10 {
-                    effects.push(RowEffect {
-                        row,
-                        email: email.to_string(),
-                        effect: e.clone(),
-                    });
-                }
-            };
+            let mut effects = Effects::new(json || preview);
+            let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
             let outcome =
                 service::validate(&app, &t, file.op, &file.file, &name, &mut sink, &mut |n| {
@@ -641,9 +632,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 report_path = Some(path);
             }
             if json {
-                print_json(out, &outcome, &effects, None, None)?;
+                print_json(out, &outcome, &effects.rows, None, None)?;
             } else {
-                print_outcome(out, &name, &outcome, &effects, preview)?;
+                print_outcome(out, &name, &outcome, &effects.rows, preview)?;
                 if let Some(p) = &report_path {
                     writeln!(out, "Error workbook: {}", p.display()).map_err(w)?;
                 }
@@ -692,16 +683,8 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 return Ok(0);
             }
             let name = file_name(&file.file);
-            let mut effects = Vec::new();
-            let mut sink = |row: u32, email: &str, e: &Effect| {
-                if json || effects.len() < 10 {
-                    effects.push(RowEffect {
-                        row,
-                        email: email.to_string(),
-                        effect: e.clone(),
-                    });
-                }
-            };
+            let mut effects = Effects::new(json);
+            let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
             let res = service::import(
                 &mut app,
@@ -727,12 +710,12 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 print_json(
                     out,
                     &res.outcome,
-                    &effects,
+                    &effects.rows,
                     Some(res.job_id),
                     Some(res.needs_acknowledgement),
                 )?;
             } else {
-                print_outcome(out, &name, &res.outcome, &effects, false)?;
+                print_outcome(out, &name, &res.outcome, &effects.rows, false)?;
                 let job = res.job_id;
                 if res.applied {
                     writeln!(
@@ -769,16 +752,8 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         Command::Upload { file, report, json } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
             let name = file_name(&file.file);
-            let mut effects = Vec::new();
-            let mut sink = |row: u32, email: &str, e: &Effect| {
-                if json || effects.len() < 10 {
-                    effects.push(RowEffect {
-                        row,
-                        email: email.to_string(),
-                        effect: e.clone(),
-                    });
-                }
-            };
+            let mut effects = Effects::new(json);
+            let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
             let up = service::upload(&app, &t, file.op, &file.file, &name, &mut sink, &mut |n| {
                 bar.tick(n)
@@ -790,9 +765,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 })?;
             }
             if json {
-                print_json(out, &up.outcome, &effects, None, None)?;
+                print_json(out, &up.outcome, &effects.rows, None, None)?;
             } else {
-                print_outcome(out, &name, &up.outcome, &effects, false)?;
+                print_outcome(out, &name, &up.outcome, &effects.rows, false)?;
                 if up.outcome.is_valid() {
                     writeln!(
                         out,
@@ -1073,6 +1048,30 @@ fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.to_string_lossy().into_owned())
+}
+
+/// The row effects a command prints: the first ten, or every one (JSON, --preview).
+struct Effects {
+    all: bool,
+    rows: Vec<RowEffect>,
+}
+
+impl Effects {
+    fn new(all: bool) -> Effects {
+        Effects {
+            all,
+            rows: Vec::new(),
+        }
+    }
+    fn push(&mut self, row: u32, email: &str, effect: &Effect) {
+        if self.all || self.rows.len() < 10 {
+            self.rows.push(RowEffect {
+                row,
+                email: email.to_string(),
+                effect: effect.clone(),
+            });
+        }
+    }
 }
 
 #[derive(Serialize)]
