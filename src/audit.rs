@@ -145,6 +145,13 @@ impl DirLock {
     }
 }
 
+/// Runs `f` while holding the audit log's lock: no entry is appended meanwhile (a backup
+/// copies the files and snapshots the database's anchor under it).
+pub fn with_lock<T>(dir: &Path, f: impl FnOnce() -> AppResult<T>) -> AppResult<T> {
+    let _lock = DirLock::take(dir)?;
+    f()
+}
+
 /// Where the log ends: the last entry's number and hash, and the source it came from.
 #[derive(Debug, Clone, PartialEq)]
 struct Tail {

@@ -211,8 +211,7 @@ impl Config {
         for (key, _) in env {
             if !ENV_KEYS.contains(&key.as_str()) {
                 warnings.push(format!(
-                    "ignoring unknown environment variable {key} (known: {})",
-                    ENV_KEYS.join(", ")
+                    "ignoring unknown environment variable {key} (the variables rollcall reads are listed in the README under Configuration)"
                 ));
             }
         }

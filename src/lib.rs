@@ -9,6 +9,7 @@ pub mod db;
 pub mod error;
 pub mod inbox;
 pub mod model;
+pub mod ops;
 pub mod scheduler;
 pub mod serve;
 pub mod service;
