@@ -26,6 +26,9 @@ struct Manifest {
     rollcall_version: String,
     schema_version: i64,
     created_at: String,
+    /// The data directory the backup was taken from (stored upload paths start with it).
+    #[serde(default)]
+    source_root: String,
     /// Entry name -> SHA-256 of its content.
     entries: std::collections::BTreeMap<String, String>,
 }
@@ -100,11 +103,34 @@ pub fn backup(app: &App, out: &Path) -> AppResult<usize> {
         if data.config_file().is_file() {
             files.push((data.config_file(), "rollcall.toml".into()));
         }
+        // The files of uploads that are still to be run (waiting jobs, valid uploads not yet
+        // submitted): a restored worker needs them.
+        let mut st = app.conn.prepare(
+            "SELECT DISTINCT u.stored_path FROM uploads u
+             WHERE u.stored_path <> ''
+               AND (EXISTS (SELECT 1 FROM jobs j WHERE j.upload_id = u.id AND j.state IN ('queued', 'running', 'scheduled', 'awaiting_approval'))
+                    OR (u.status = 'validated' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.upload_id = u.id)))",
+        )?;
+        let pending: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for path in pending {
+            let path = PathBuf::from(path);
+            if let Ok(rel) = path.strip_prefix(data.root())
+                && path.is_file()
+            {
+                let name = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                files.push((path.clone(), name));
+            }
+        }
         let mut manifest = Manifest {
             format: 1,
             rollcall_version: env!("CARGO_PKG_VERSION").into(),
             schema_version: crate::db::schema_version(),
             created_at: crate::db::now(),
+            source_root: data.root().to_string_lossy().into_owned(),
             entries: Default::default(),
         };
         let file = File::create(&partial).map_err(|e| io("writing", &partial, e))?;
@@ -196,6 +222,7 @@ pub fn restore(archive: &Path, data: &DataDir) -> AppResult<usize> {
                 && (name == "rollcall.db"
                     || name == "rollcall.toml"
                     || name.starts_with("audit/")
+                    || name.starts_with("uploads/")
                     || name.starts_with("rules/"));
             if !safe {
                 return Err(refuse(format!(
@@ -238,6 +265,19 @@ pub fn restore(archive: &Path, data: &DataDir) -> AppResult<usize> {
         drop(conn);
         if let Some(p) = v.problem {
             return Err(refuse(format!("its audit log does not verify: {p}")));
+        }
+        // Stored upload paths point into the old data directory: point them here.
+        if !manifest.source_root.is_empty() {
+            let conn = crate::db::open(
+                &stage.join("rollcall.db"),
+                &crate::config::DatabaseConfig::default(),
+            )?;
+            let old = format!("{}/", manifest.source_root.trim_end_matches('/'));
+            let new = format!("{}/", data.root().to_string_lossy().trim_end_matches('/'));
+            conn.execute(
+                "UPDATE uploads SET stored_path = ?2 || substr(stored_path, length(?1) + 1) WHERE substr(stored_path, 1, length(?1)) = ?1",
+                rusqlite::params![old, new],
+            )?;
         }
         // Keep it: move everything into place.
         let mut moved = 0;

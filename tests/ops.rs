@@ -98,7 +98,9 @@ fn a_backup_taken_during_a_job_restores_to_a_consistent_state() {
     assert_eq!(count(&db, "SELECT count(*) FROM job_changes"), users);
     let o = cli(&restored, &["audit", "verify"]);
     assert!(o.status.success(), "{}", text(&o));
-    // The restored directory works: its worker finishes whatever was queued.
+    // The restored directory stands alone: its worker finishes whatever was queued, from
+    // the upload carried in the archive, even with the original data directory gone.
+    std::fs::remove_dir_all(&data).unwrap();
     assert!(
         cli(&restored, &["jobs", "work", "--until-idle"])
             .status
@@ -223,4 +225,57 @@ fn the_binary_links_no_system_library_beyond_the_c_runtime() {
             "unexpected library: {line}"
         );
     }
+}
+
+#[test]
+fn a_queued_job_survives_backup_and_restore_elsewhere() {
+    let env = Env::new();
+    let data = env.path("data-a");
+    assert!(cli(&data, &["tenant", "create", "Acme"]).status.success());
+    assert!(
+        cli(
+            &data,
+            &["pool", "set", "--tenant", "Acme", "Standard", "10"]
+        )
+        .status
+        .success()
+    );
+    let csv = env.path("a.csv");
+    std::fs::write(&csv, "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nada@example.com,Ada,L,,,Learner,,Standard\n").unwrap();
+    assert!(
+        cli(
+            &data,
+            &[
+                "import",
+                "--tenant",
+                "Acme",
+                "--op",
+                "add",
+                "--no-wait",
+                csv.to_str().unwrap()
+            ]
+        )
+        .status
+        .success()
+    );
+    let archive = env.path("b.zip");
+    assert!(
+        cli(&data, &["backup", archive.to_str().unwrap()])
+            .status
+            .success()
+    );
+    std::fs::remove_dir_all(&data).unwrap();
+    let other = env.path("elsewhere");
+    assert!(
+        cli(&other, &["restore", archive.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let o = cli(&other, &["jobs", "work", "--until-idle"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        count(&other.join("rollcall.db"), "SELECT count(*) FROM users"),
+        1
+    );
+    assert!(cli(&other, &["audit", "verify"]).status.success());
 }
