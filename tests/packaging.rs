@@ -1,0 +1,106 @@
+//! The USB-key bundle: built by packaging/usb/build.sh, started from a fresh copy in a
+//! temporary folder, it serves and keeps its data beside the binary.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::BIN;
+
+#[test]
+fn the_usb_bundle_starts_from_a_fresh_copy_and_keeps_its_data_beside_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let built = dir.path().join("bundle");
+    let o = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/usb/build.sh"
+        ))
+        .arg(BIN)
+        .arg(&built)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "rollcall",
+        "start.sh",
+        "README.txt",
+        "rollcall.toml.example",
+        "SHA256SUMS",
+        "rules/README.md",
+    ] {
+        assert!(built.join(f).exists(), "{f} missing");
+    }
+    let sums = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&built)
+        .output()
+        .unwrap();
+    assert!(
+        sums.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sums.stdout)
+    );
+    // "Copy the key" to another place and start it there.
+    let key = dir.path().join("media").join("KEY");
+    std::fs::create_dir_all(&key).unwrap();
+    let cp = Command::new("cp")
+        .arg("-R")
+        .arg(format!("{}/.", built.display()))
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let mut server = Command::new(key.join("start.sh"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("ROLLCALL_DATA_DIR")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.contains(&key.join("rollcall-data").display().to_string()),
+        "{line}"
+    );
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let hc = Command::new(key.join("rollcall"))
+        .args(["healthcheck", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        hc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hc.stderr)
+    );
+    unsafe {
+        libc::kill(server.id() as i32, libc::SIGTERM);
+    }
+    assert!(server.wait().unwrap().success());
+    assert!(key.join("rollcall-data").join("rollcall.db").exists());
+    // A tenant created with the bundled binary lands in the same place.
+    let o = Command::new(key.join("rollcall"))
+        .args(["tenant", "create", "Acme"])
+        .env_remove("ROLLCALL_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let o = Command::new(key.join("rollcall"))
+        .args(["tenant", "list"])
+        .env_remove("ROLLCALL_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Acme"));
+}
