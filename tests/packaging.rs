@@ -104,3 +104,74 @@ fn the_usb_bundle_starts_from_a_fresh_copy_and_keeps_its_data_beside_the_binary(
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("Acme"));
 }
+
+#[test]
+fn the_debian_package_holds_the_binary_unit_configuration_and_data_directory() {
+    if Command::new("dpkg-deb").arg("--version").output().is_err() {
+        panic!("dpkg-deb is missing: .ci/run installs Debian's dpkg");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/deb/build.sh"
+        ))
+        .arg(BIN)
+        .arg(dir.path())
+        // The test binary is a large debug build: compress it quickly.
+        .env("DEB_COMPRESSION", "gzip")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deb = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let info = Command::new("dpkg-deb")
+        .args(["--info", &deb])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("Package: rollcall") && info.contains("Depends: libc6"),
+        "{info}"
+    );
+    let list = Command::new("dpkg-deb")
+        .args(["--contents", &deb])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for path in [
+        "./usr/bin/rollcall",
+        "./lib/systemd/system/rollcall.service",
+        "./etc/rollcall/rollcall.toml",
+        "./var/lib/rollcall/",
+        "./usr/share/doc/rollcall/RETENTION.md",
+    ] {
+        assert!(list.contains(path), "{path} missing from:\n{list}");
+    }
+    let conf = Command::new("dpkg-deb")
+        .args(["--ctrl-tarfile", &deb])
+        .output()
+        .unwrap();
+    assert!(!conf.stdout.is_empty());
+    // Installed into a scratch root, the binary runs.
+    let root = dir.path().join("root");
+    assert!(
+        Command::new("dpkg-deb")
+            .args(["-x", &deb])
+            .arg(&root)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let v = Command::new(root.join("usr/bin/rollcall"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("rollcall "));
+    let sum = Command::new("sha256sum")
+        .arg("-c")
+        .arg(format!("{deb}.sha256"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(sum.status.success());
+}
