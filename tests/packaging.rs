@@ -28,9 +28,30 @@ fn the_usb_bundle_starts_from_a_fresh_copy_and_keeps_its_data_beside_the_binary(
         "rollcall.toml.example",
         "SHA256SUMS",
         "rules/README.md",
+        "sbom.cdx.json",
     ] {
         assert!(built.join(f).exists(), "{f} missing");
     }
+    // The SBOM names what is built in, and no other platform's crate.
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(built.join("sbom.cdx.json")).unwrap()).unwrap();
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    let names: Vec<&str> = sbom["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for built_in in ["rusqlite", "calamine", "rust_xlsxwriter", "warp", "zip"] {
+        assert!(
+            names.contains(&built_in),
+            "{built_in} missing from the SBOM"
+        );
+    }
+    assert!(
+        !names.contains(&"windows-sys"),
+        "another platform's crate in the SBOM"
+    );
     let sums = Command::new("sha256sum")
         .arg("-c")
         .arg("SHA256SUMS")
@@ -144,6 +165,7 @@ fn the_debian_package_holds_the_binary_unit_configuration_and_data_directory() {
         "./etc/rollcall/rollcall.toml",
         "./var/lib/rollcall/",
         "./usr/share/doc/rollcall/RETENTION.md",
+        "./usr/share/doc/rollcall/sbom.cdx.json",
     ] {
         assert!(list.contains(path), "{path} missing from:\n{list}");
     }

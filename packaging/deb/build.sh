@@ -23,6 +23,8 @@ install -d -m 0750 "$root/var/lib/rollcall"
 for d in README.md docs/ARCHITECTURE.md docs/BENCHMARKS.md docs/RETENTION.md packaging/systemd/INSTALL.md; do
   install -D -m 0644 "$d" "$root/usr/share/doc/rollcall/$(basename "$d")"
 done
+python3 packaging/sbom.py "$root/usr/share/doc/rollcall/sbom.cdx.json"
+chmod 0644 "$root/usr/share/doc/rollcall/sbom.cdx.json"
 install -d "$root/DEBIAN"
 size=$(du -sk "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the USB-key bundle: the binary, start scripts, a short guide, an example
-# configuration and the example rules, with SHA-256 checksums. The data directory is created
+# configuration, the example rules and the SBOM (CycloneDX), with SHA-256 checksums. The data directory is created
 # beside the binary on first start, so the key carries program and data together.
 #
 #   packaging/usb/build.sh [BINARY] [OUT_DIR]
@@ -18,5 +18,7 @@ cp packaging/usb/start.sh packaging/usb/README.txt "$out/"
 cp packaging/usb/rollcall.toml.example "$out/"
 cp -R rules/. "$out/rules/"
 chmod +x "$out/rollcall" "$out/start.sh"
+# The software bill of materials (CycloneDX) of what is built into the binary.
+python3 packaging/sbom.py "$out/sbom.cdx.json"
 (cd "$out" && find . -type f ! -name SHA256SUMS -print0 | sort -z | xargs -0 sha256sum > SHA256SUMS)
 echo "$out"
