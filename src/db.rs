@@ -65,6 +65,21 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StartupError> {
             known,
         });
     }
+    if current > 0 && current < known {
+        // An older database is copied before it is migrated forward: the way back is a file.
+        let dir = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("backups");
+        let stamp = now().replace([':', '.'], "-");
+        let copy = dir.join(format!("before-schema-{known}-from-{current}-{stamp}.db"));
+        std::fs::create_dir_all(&dir).map_err(|e| StartupError::Database {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+            .map_err(fail)?;
+    }
     for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         let tx = conn.transaction().map_err(fail)?;
         tx.execute_batch(sql).map_err(fail)?;
@@ -410,6 +425,40 @@ mod tests {
         let e = open(&path, &DatabaseConfig::default()).unwrap_err();
         assert!(matches!(e, StartupError::DatabaseTooNew { found: 999, .. }));
         assert!(e.to_string().contains("newer rollcall"));
+    }
+
+    #[test]
+    fn an_older_database_is_copied_before_it_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = open(&path, &DatabaseConfig::default()).unwrap();
+        // Make it look like schema 2: without what migration 3 adds.
+        conn.execute_batch("DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;")
+            .unwrap();
+        drop(conn);
+        let conn = open(&path, &DatabaseConfig::default()).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema_version());
+        let copies: Vec<_> = std::fs::read_dir(dir.path().join("backups"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(copies.len(), 1);
+        assert!(
+            copies[0].starts_with("before-schema-3-from-2-"),
+            "{copies:?}"
+        );
+        // A current database is not copied again.
+        drop(conn);
+        open(&path, &DatabaseConfig::default()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("backups"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 
     #[test]
