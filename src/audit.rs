@@ -820,7 +820,7 @@ pub fn show(dir: &Path, filter: &Filter, csv_out: bool, out: &mut dyn Write) -> 
             s("target"),
             s("details"),
         ];
-        c.write_record(rec.iter().map(|f| crate::service::csv_safe(f).into_owned()))
+        c.write_record(rec.iter().map(|f| crate::model::csv_safe(f).into_owned()))
             .map_err(cerr)
     })?;
     c.flush().map_err(werr)?;

@@ -334,6 +334,16 @@ pub const IMAGE_KEYS: [&str; 12] = [
     "custom",
 ];
 
+/// A cell for a CSV export: text that a spreadsheet would run as a formula gets a leading
+/// apostrophe, so opening an export never executes anything.
+pub fn csv_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    }
+}
+
 /// Spreadsheet column letters for a zero-based index: 0 -> A, 26 -> AA.
 pub fn column_letter(index: usize) -> String {
     let mut n = index + 1;

@@ -583,16 +583,6 @@ pub fn save_upload_result(
     Ok(())
 }
 
-/// A cell for a CSV export: text that a spreadsheet would run as a formula gets a leading
-/// apostrophe, so opening an export never executes anything.
-pub fn csv_safe(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}").into()
-    } else {
-        s.into()
-    }
-}
-
 /// Writes every user of a tenant to `.xlsx` or `.csv` (by extension), or CSV to stdout.
 /// Returns the number of users written.
 pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -> AppResult<u64> {
@@ -665,7 +655,7 @@ pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -
     db::for_each_user(conn, tenant.id, None, |u| {
         n += 1;
         let row = fields(u);
-        w.write_record(row.iter().map(|s| csv_safe(s).into_owned()))
+        w.write_record(row.iter().map(|s| crate::model::csv_safe(s).into_owned()))
             .map_err(cerr)
     })?;
     w.flush()
