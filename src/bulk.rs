@@ -168,6 +168,10 @@ pub trait RowSource {
     fn info(&self) -> &WorkbookInfo;
     /// The next row into `row`; `Ok(false)` at the end.
     fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure>;
+    /// Notes about the file learnt while reading it (after the last row).
+    fn late_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl RowSource for SheetReader {
@@ -176,6 +180,9 @@ impl RowSource for SheetReader {
     }
     fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure> {
         SheetReader::next_row(self, row)
+    }
+    fn late_notes(&self) -> Vec<String> {
+        self.notes().to_vec()
     }
 }
 
@@ -252,6 +259,7 @@ pub fn process_rows(
                     }
                     Ok(false) => {
                         let _ = tx.send(Ok(batch));
+                        checker.out.notes.extend(reader.late_notes());
                         break;
                     }
                     Err(f) => {
@@ -1351,6 +1359,7 @@ impl<'c> Validator<'c> {
             .problems
             .truncate(self.limits.max_reported_problems as usize);
         self.out.normalisations = checker.norms.into_values().collect();
+        self.out.notes.extend(c.notes);
         self.out
     }
 

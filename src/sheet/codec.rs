@@ -1,7 +1,7 @@
 //! The byte stream between the parsing worker process and its parent.
 //!
-//! Frames: `I` + JSON (workbook info, first), then `R` rows, then `Z` + the worker's peak
-//! memory in KiB (end) or `X` + JSON (a fatal problem with the file). Numbers are little-endian; lengths are LEB128 varints.
+//! Frames: `I` + JSON (workbook info, first), then `R` rows, then `N` + JSON notes (optional),
+//! then `Z` + the worker's peak memory in KiB (end) or `X` + JSON (a fatal problem). Numbers are little-endian; lengths are LEB128 varints.
 //! A row is its zero-based sheet index and its non-empty cells, each with its column index.
 //! Decoding reuses the caller's buffers so a million rows cost no allocation per cell.
 
@@ -11,6 +11,8 @@ pub const FRAME_INFO: u8 = b'I';
 pub const FRAME_ROW: u8 = b'R';
 pub const FRAME_END: u8 = b'Z';
 pub const FRAME_FATAL: u8 = b'X';
+/// Notes found while reading (a JSON list of sentences), sent after the rows.
+pub const FRAME_NOTES: u8 = b'N';
 
 /// What kind of value a cell holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +199,7 @@ pub enum Frame {
 pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io::Result<Frame> {
     let tag = read_u8(r)?;
     match tag {
-        FRAME_INFO | FRAME_FATAL => {
+        FRAME_INFO | FRAME_FATAL | FRAME_NOTES => {
             let len = read_varint(r)? as usize;
             if len > 16 * 1024 * 1024 {
                 return Err(bad("oversized json frame"));

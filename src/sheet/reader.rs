@@ -72,6 +72,8 @@ pub struct SheetReader {
     limits: Limits,
     done: bool,
     worker_peak_kib: u64,
+    /// Notes the worker sent after the rows (e.g. formula cells).
+    notes: Vec<String>,
 }
 
 impl SheetReader {
@@ -178,6 +180,7 @@ impl SheetReader {
             limits: limits.clone(),
             done: false,
             worker_peak_kib: 0,
+            notes: Vec::new(),
         };
         let mut scratch = RawRow::default();
         let max = reader.max_text();
@@ -198,6 +201,11 @@ impl SheetReader {
 
     pub fn info(&self) -> &WorkbookInfo {
         &self.info
+    }
+
+    /// Notes the worker sent after the rows, known once all rows were read.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The worker's peak resident memory in KiB, known once all rows were read.
@@ -223,6 +231,11 @@ impl SheetReader {
                 MAX_WORKER_PEAK_KIB.fetch_max(peak, Ordering::Relaxed);
                 self.finish_child()?;
                 Ok(false)
+            }
+            Ok(Frame::Json(codec::FRAME_NOTES, json)) => {
+                let notes: Vec<String> = serde_json::from_str(&json).unwrap_or_default();
+                self.notes.extend(notes);
+                self.next_row(row)
             }
             Ok(Frame::Json(_, json)) => {
                 self.done = true;

@@ -628,11 +628,29 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let offset = if wb.has_1904_epoch() { 1462.0 } else { 0.0 };
     let mut cells = wb.worksheet_cells_reader(&name).map_err(damaged)?;
     let mut sink = RowSink::new(out, &args.limits);
-    while let Some(cell) = cells.next_cell().map_err(damaged)? {
-        let (r, c) = cell.get_position();
-        sink.cell(r, c, value_ref(cell.get_value(), offset))?;
+    // Formulas are never run: the value the spreadsheet program saved is used, and the
+    // administrator is told how many cells that concerns.
+    let mut formulas = 0u64;
+    let mut first_formula = None;
+    while let Some(cell) = cells.next_cell_with_formula_metadata().map_err(damaged)? {
+        let (r, c) = cell.pos;
+        if cell.formula.is_some() && r > 0 {
+            formulas += 1;
+            first_formula.get_or_insert((r, c));
+        }
+        sink.cell(r, c, value_ref(&cell.value, offset))?;
     }
-    sink.flush_row()
+    sink.flush_row()?;
+    if let Some((r, c)) = first_formula {
+        let note = format!(
+            "{formulas} cells hold formulas (the first in row {}, column {}); the values your spreadsheet program last saved were used — formulas are never run",
+            r + 1,
+            crate::model::column_letter(c as usize)
+        );
+        let json = serde_json::to_string(&vec![note]).unwrap_or_default();
+        codec::write_json_frame(sink.out, codec::FRAME_NOTES, &json).map_err(Fail::Pipe)?;
+    }
+    Ok(())
 }
 
 fn read_ranged<W: Write, R: Reader<BufReader<File>>>(
