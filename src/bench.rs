@@ -312,6 +312,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                     data_sheet: Some(op.sheet_name()),
                     meta: None,
                     notes: vec![],
+                    estimated_rows: None,
                 },
                 next: 0,
                 rows: a.rows,
@@ -335,6 +336,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 file_name,
                 file_sha256: None,
                 mode: Mode::Apply { job_id },
+                estimate: None,
             };
             let o = bulk::process_rows(
                 &tx,

@@ -139,6 +139,8 @@ pub struct Request<'a> {
     /// Content hash, to warn when the same file was applied before.
     pub file_sha256: Option<&'a str>,
     pub mode: Mode,
+    /// Receives the reader's estimate of the rows to come (for progress and ETA).
+    pub estimate: Option<&'a std::cell::Cell<u64>>,
 }
 
 /// Called for each valid row with its Excel row number, email and effect.
@@ -198,6 +200,9 @@ pub fn process_rows(
     let mut out = Outcome::new(req.op);
     let cols = model::columns(req.op);
     let info = reader.info().clone();
+    if let (Some(cell), Some(n)) = (req.estimate, info.estimated_rows) {
+        cell.set(n);
+    }
     out.format = info.format.clone();
     out.notes.extend(info.notes.iter().cloned());
     if let Some(sheet) = &info.data_sheet {

@@ -605,6 +605,8 @@ fn run_started(
         |r| r.get(0),
     )?;
     let tx = rusqlite::Transaction::new_unchecked(&app.conn, TransactionBehavior::Immediate)?;
+    // Without a count from an earlier validation, the reader's estimate gives the ETA.
+    let estimate = std::cell::Cell::new(0u64);
     let outcome = bulk::process(
         &tx,
         &app.reader,
@@ -615,10 +617,14 @@ fn run_started(
             file_name: &file_name,
             file_sha256: Some(&stored.sha256),
             mode: Mode::Apply { job_id },
+            estimate: Some(&estimate),
         },
         on_effect,
         &mut |rows| {
             on_rows(rows);
+            if pf.total <= 0 && estimate.get() > 0 {
+                pf.total = estimate.get() as i64;
+            }
             pf.update(rows, false);
         },
     );

@@ -1088,3 +1088,35 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
     let j = scheduler::submit_upload(&env.app, again.upload_id, &opts, None).unwrap();
     assert_eq!(scheduler::run_or_wait(&env.app, j).unwrap().0, "succeeded");
 }
+
+#[test]
+fn the_reader_estimates_the_rows_to_come_for_progress() {
+    let env = Env::new();
+    let setup = rollcall::sheet::reader::ReaderSetup {
+        worker_exe: std::path::PathBuf::from(BIN),
+        limits: env.app.config.limits.clone(),
+    };
+    let open = |p: &std::path::Path, name: &str, sheet: &str| {
+        rollcall::sheet::reader::SheetReader::open(&setup, p, name, sheet)
+            .unwrap()
+            .info()
+            .estimated_rows
+    };
+    // An .xlsx declares its size (Excel and our writer both write it).
+    let x = env.path("g.xlsx");
+    rollcall::bench::generate(&x, 2500).unwrap();
+    assert_eq!(open(&x, "g.xlsx", "Add Users"), Some(2500));
+    // A CSV is estimated from its size.
+    let c = env.path("g.csv");
+    let mut text = String::from("Email,Reason\n");
+    for i in 0..3000 {
+        text.push_str(&format!("user{i:05}@example.com,left\n"));
+    }
+    std::fs::write(&c, text).unwrap();
+    let est = open(&c, "g.csv", "Deactivate Users").unwrap();
+    assert!((2700..=3300).contains(&est), "{est}");
+    // Legacy .xls: its range is read whole, so the count is exact.
+    let xls =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deactivate.xls");
+    assert_eq!(open(&xls, "deactivate.xls", "Deactivate Users"), Some(2));
+}

@@ -172,6 +172,7 @@ impl SheetReader {
                 data_sheet: None,
                 meta: None,
                 notes: vec![],
+                estimated_rows: None,
             },
             stderr: Some(stderr_thread),
             stop_watchdog: Some(tx),

@@ -29,6 +29,10 @@ pub struct WorkbookInfo {
     pub meta: Option<BTreeMap<String, String>>,
     /// Notes on how the file was read (e.g. the CSV delimiter found).
     pub notes: Vec<String>,
+    /// About how many data rows follow (from the sheet's declared size, or the CSV's size),
+    /// for progress and ETA; not trusted for anything else.
+    #[serde(default)]
+    pub estimated_rows: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -612,21 +616,22 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         None => None,
     };
     let data_sheet = find_sheet(&sheets, &args.expected_sheet);
-    send_info(
-        out,
-        &WorkbookInfo {
-            format: "xlsx".into(),
-            sheets,
-            data_sheet: data_sheet.clone(),
-            meta,
-            notes: vec![],
-        },
-    )?;
-    let Some(name) = data_sheet else {
-        return Ok(());
-    };
     let offset = if wb.has_1904_epoch() { 1462.0 } else { 0.0 };
+    let mut info = WorkbookInfo {
+        format: "xlsx".into(),
+        sheets,
+        data_sheet: data_sheet.clone(),
+        meta,
+        notes: vec![],
+        estimated_rows: None,
+    };
+    let Some(name) = data_sheet else {
+        return send_info(out, &info);
+    };
     let mut cells = wb.worksheet_cells_reader(&name).map_err(damaged)?;
+    let declared = u64::from(cells.dimensions().end.0);
+    info.estimated_rows = Some(declared.min(u64::from(args.limits.max_rows)));
+    send_info(out, &info)?;
     let mut sink = RowSink::new(out, &args.limits);
     // Formulas are never run: the value the spreadsheet program saved is used, and the
     // administrator is told how many cells that concerns.
@@ -670,20 +675,20 @@ where
         None => None,
     };
     let data_sheet = find_sheet(&sheets, &args.expected_sheet);
-    send_info(
-        out,
-        &WorkbookInfo {
-            format: format.into(),
-            sheets,
-            data_sheet: data_sheet.clone(),
-            meta,
-            notes: vec![],
-        },
-    )?;
+    let mut info = WorkbookInfo {
+        format: format.into(),
+        sheets,
+        data_sheet: data_sheet.clone(),
+        meta,
+        notes: vec![],
+        estimated_rows: None,
+    };
     let Some(name) = data_sheet else {
-        return Ok(());
+        return send_info(out, &info);
     };
     let range = wb.worksheet_range(&name).map_err(damaged)?;
+    info.estimated_rows = Some((range.height() as u64).saturating_sub(1));
+    send_info(out, &info)?;
     let Some((r0, c0)) = range.start() else {
         return Ok(());
     };
@@ -718,6 +723,20 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         file.seek(io::SeekFrom::Start(pos))
             .map_err(|e| fatal("file_unreadable", e.to_string()))?;
     }
+    // About how many rows: the file's size over the mean length of its first 64 KiB of lines.
+    let estimated_rows = {
+        let mut sample = Vec::new();
+        let pos = file
+            .stream_position()
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+        let _ = (&mut file).take(64 * 1024).read_to_end(&mut sample);
+        file.seek(io::SeekFrom::Start(pos))
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+        let lines = sample.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+        let size = std::fs::metadata(&args.path).map(|m| m.len()).unwrap_or(0);
+        let per_line = (sample.len() as u64 / lines).max(1);
+        Some((size / per_line).saturating_sub(1))
+    };
     let count = |b: u8| first.iter().filter(|&&x| x == b).count();
     let (delim, dname) = [(b',', "comma"), (b';', "semicolon"), (b'\t', "tab")]
         .into_iter()
@@ -741,6 +760,7 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
             notes: vec![format!(
                 "CSV file read as UTF-8 with {dname} as the delimiter"
             )],
+            estimated_rows,
         },
     )?;
     let mut rdr = csv::ReaderBuilder::new()
