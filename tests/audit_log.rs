@@ -27,25 +27,7 @@ fn populated(users: usize) -> (Env, db::Tenant) {
     let t = db::create_tenant(&env.app.conn, "Acme").unwrap();
     db::set_pool(&env.app.conn, t.id, "Standard", 100).unwrap();
     let p = env.path("add.xlsx");
-    let rows: Vec<Vec<String>> = (0..users)
-        .map(|i| {
-            vec![
-                format!("u{i}@example.com"),
-                "A".into(),
-                "B".into(),
-                "".into(),
-                "".into(),
-                "Learner".into(),
-                "".into(),
-                "Standard".into(),
-            ]
-        })
-        .collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    write_xlsx(&p, &[data_sheet(Operation::Add, &rows)]);
+    write_add_file(&p, 0..users);
     let r = service::import(
         &mut env.app,
         &t,
@@ -276,25 +258,7 @@ fn an_append_cut_by_a_crash_resumes_exactly_once() {
     let t = db::create_tenant(&env.app.conn, "Acme").unwrap();
     db::set_pool(&env.app.conn, t.id, "Standard", 100).unwrap();
     let p = env.path("add.xlsx");
-    let rows: Vec<Vec<String>> = (0..6)
-        .map(|i| {
-            vec![
-                format!("u{i}@example.com"),
-                "A".into(),
-                "B".into(),
-                "".into(),
-                "".into(),
-                "Learner".into(),
-                "".into(),
-                "Standard".into(),
-            ]
-        })
-        .collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    write_xlsx(&p, &[data_sheet(Operation::Add, &rows)]);
+    write_add_file(&p, 0..6);
     let opts = ImportOptions {
         results_workbook: false,
         flush_audit: false,

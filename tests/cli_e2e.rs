@@ -2,46 +2,29 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 use rollcall::model::Operation;
-
-fn run(data: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn a_first_session_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let d = data.as_path();
-    assert!(run(d, &["tenant", "create", "Acme"]).status.success());
+    assert!(cli(d, &["tenant", "create", "Acme"]).status.success());
     assert!(
-        run(d, &["pool", "set", "--tenant", "acme", "Standard", "2"])
+        cli(d, &["pool", "set", "--tenant", "acme", "Standard", "2"])
             .status
             .success()
     );
     assert!(
-        run(d, &["team", "add", "--tenant", "Acme", "Sales"])
+        cli(d, &["team", "add", "--tenant", "Acme", "Sales"])
             .status
             .success()
     );
     let tpl = dir.path().join("add.xlsx");
-    let o = run(
+    let o = cli(
         d,
         &[
             "template",
@@ -58,7 +41,7 @@ fn a_first_session_from_the_command_line() {
 
     let csv = dir.path().join("add.csv");
     std::fs::write(&csv, "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nada@example.com,Ada,Lovelace,,Sales,Learner,,Standard\nbob@example.com,Bob,Byron,,,Manager,,Standard\n").unwrap();
-    let o = run(
+    let o = cli(
         d,
         &[
             "validate",
@@ -76,7 +59,7 @@ fn a_first_session_from_the_command_line() {
         text(&o)
     );
 
-    let o = run(
+    let o = cli(
         d,
         &[
             "validate",
@@ -93,7 +76,7 @@ fn a_first_session_from_the_command_line() {
     assert_eq!(v["preview"]["rows"][0]["action"], "create");
     assert_eq!(v["licence_forecast"][0]["free_after"], 0);
 
-    let o = run(
+    let o = cli(
         d,
         &[
             "import",
@@ -106,7 +89,7 @@ fn a_first_session_from_the_command_line() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("Applied as job"), "{}", text(&o));
-    let o = run(d, &["pool", "list", "--tenant", "Acme"]);
+    let o = cli(d, &["pool", "list", "--tenant", "Acme"]);
     assert!(
         text(&o).contains("Standard") && text(&o).contains(" 2 "),
         "{}",
@@ -132,7 +115,7 @@ fn a_first_session_from_the_command_line() {
         )],
     );
     let report = dir.path().join("errors.xlsx");
-    let o = run(
+    let o = cli(
         d,
         &[
             "import",
@@ -157,7 +140,7 @@ fn a_first_session_from_the_command_line() {
     let deact = dir.path().join("deact.csv");
     std::fs::write(&deact, "Email,Reason\nada@example.com,left\n").unwrap();
     let dpath = deact.to_str().unwrap();
-    let o = run(
+    let o = cli(
         d,
         &["import", "--tenant", "Acme", "--op", "deactivate", dpath],
     );
@@ -167,7 +150,7 @@ fn a_first_session_from_the_command_line() {
         "{}",
         text(&o)
     );
-    let o = run(
+    let o = cli(
         d,
         &[
             "import",
@@ -182,14 +165,14 @@ fn a_first_session_from_the_command_line() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // Warnings need --yes.
-    let o = run(
+    let o = cli(
         d,
         &["import", "--tenant", "Acme", "--op", "deactivate", dpath],
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("--yes"), "{}", text(&o));
     assert_eq!(
-        run(
+        cli(
             d,
             &[
                 "import",
@@ -207,7 +190,7 @@ fn a_first_session_from_the_command_line() {
     );
 
     // Usage errors: exit 2.
-    let o = run(
+    let o = cli(
         d,
         &[
             "validate",
@@ -221,7 +204,7 @@ fn a_first_session_from_the_command_line() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("tenants are: Acme"), "{}", text(&o));
     assert_eq!(
-        run(
+        cli(
             d,
             &[
                 "validate",
@@ -238,7 +221,7 @@ fn a_first_session_from_the_command_line() {
     );
 
     // Export: CSV on stdout, formulas neutralised.
-    let o = run(d, &["users", "export", "--tenant", "Acme"]);
+    let o = cli(d, &["users", "export", "--tenant", "Acme"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("Email,First Name"), "{out}");
     assert!(
@@ -246,10 +229,10 @@ fn a_first_session_from_the_command_line() {
         "{out}"
     );
     // Every change above is in the audit log, and the chain is whole.
-    let o = run(d, &["audit", "verify"]);
+    let o = cli(d, &["audit", "verify"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).starts_with("OK:"), "{}", text(&o));
-    let o = run(
+    let o = cli(
         d,
         &[
             "audit",
@@ -265,7 +248,7 @@ fn a_first_session_from_the_command_line() {
         shown.contains("user.create") && shown.contains("user.deactivate"),
         "{shown}"
     );
-    let o = run(d, &["audit", "show", "--tenant", "Acme"]);
+    let o = cli(d, &["audit", "show", "--tenant", "Acme"]);
     for action in [
         "tenant.create",
         "pool.set",
@@ -283,7 +266,7 @@ fn a_first_session_from_the_command_line() {
     }
     let xlsx = dir.path().join("users.xlsx");
     assert!(
-        run(
+        cli(
             d,
             &[
                 "users",
@@ -305,7 +288,7 @@ fn startup_problems_are_one_sentence() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     std::fs::write(&file, b"x").unwrap();
-    let o = run(&file.join("data"), &["tenant", "list"]);
+    let o = cli(&file.join("data"), &["tenant", "list"]);
     assert_eq!(o.status.code(), Some(3));
     let msg = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -314,11 +297,11 @@ fn startup_problems_are_one_sentence() {
     );
     // A database from a newer rollcall is refused.
     let data = dir.path().join("d");
-    assert!(run(&data, &["tenant", "list"]).status.success());
+    assert!(cli(&data, &["tenant", "list"]).status.success());
     let conn = rusqlite::Connection::open(data.join("rollcall.db")).unwrap();
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
-    let o = run(&data, &["tenant", "list"]);
+    let o = cli(&data, &["tenant", "list"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stderr).contains("newer rollcall"));
 }

@@ -14,25 +14,7 @@ use rollcall::service;
 
 fn add_file(env: &Env, name: &str, from: usize, n: usize) -> std::path::PathBuf {
     let p = env.path(name);
-    let rows: Vec<Vec<String>> = (from..from + n)
-        .map(|i| {
-            vec![
-                format!("u{i}@example.com"),
-                "A".into(),
-                "B".into(),
-                "".into(),
-                "".into(),
-                "Learner".into(),
-                "".into(),
-                "Standard".into(),
-            ]
-        })
-        .collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    write_xlsx(&p, &[data_sheet(Operation::Add, &rows)]);
+    write_add_file(&p, from..from + n);
     p
 }
 
@@ -174,15 +156,6 @@ fn a_not_before_time_holds_the_job() {
         start.elapsed() >= Duration::from_millis(900),
         "ran too early"
     );
-}
-
-fn cli(data: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -3,28 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use rollcall::model::Operation;
-
-fn cli(data: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn count(db: &std::path::Path, sql: &str) -> i64 {
     rusqlite::Connection::open(db)
@@ -47,25 +29,7 @@ fn a_backup_taken_during_a_job_restores_to_a_consistent_state() {
         .success()
     );
     let p = env.path("big.xlsx");
-    let rows: Vec<Vec<String>> = (0..6000)
-        .map(|i| {
-            vec![
-                format!("u{i}@example.com"),
-                "A".into(),
-                "B".into(),
-                "".into(),
-                "".into(),
-                "Learner".into(),
-                "".into(),
-                "Standard".into(),
-            ]
-        })
-        .collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    write_xlsx(&p, &[data_sheet(Operation::Add, &rows)]);
+    write_add_file(&p, 0..6000);
     let mut job = Command::new(BIN)
         .arg("--data-dir")
         .arg(&data)

@@ -210,3 +210,38 @@ pub fn meta_sheet(op: rollcall::model::Operation) -> Sheet {
         hidden: true,
     }
 }
+
+/// An add file of rows `u{i}@example.com` for each `i` in `range`, pool Standard.
+pub fn write_add_file(path: &Path, range: std::ops::Range<usize>) {
+    let rows: Vec<Vec<String>> = range
+        .map(|i| {
+            let mut r = vec![format!("u{i}@example.com"), "A".into(), "B".into()];
+            r.extend(["", "", "Learner", "", "Standard"].map(String::from));
+            r
+        })
+        .collect();
+    let rows: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| r.iter().map(String::as_str).collect())
+        .collect();
+    write_xlsx(path, &[data_sheet(rollcall::model::Operation::Add, &rows)]);
+}
+
+/// Runs the real binary on a data directory.
+pub fn cli(data: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// What a run printed, stdout then stderr.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
