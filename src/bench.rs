@@ -101,7 +101,7 @@ pub fn generate(path: &Path, rows: usize) -> AppResult<()> {
     let ws = wb.add_worksheet_with_low_memory().map_err(xerr)?;
     ws.set_name(Operation::Add.sheet_name()).map_err(xerr)?;
     for (c, col) in crate::model::columns(Operation::Add).iter().enumerate() {
-        ws.write_string(0, c as u16, col.header).map_err(xerr)?;
+        ws.write_string(0, c as u16, &col.header).map_err(xerr)?;
     }
     for i in 0..rows {
         let r = u32::try_from(i + 1).map_err(|e| AppError::internal("row number", e))?;
@@ -188,7 +188,7 @@ impl RowSource for GeneratedSource {
         row.clear(i as u32);
         if i == 0 {
             for (c, col) in crate::model::columns(Operation::Add).iter().enumerate() {
-                row.push(c as u32, CellKind::Text, col.header, 0.0);
+                row.push(c as u32, CellKind::Text, &col.header, 0.0);
             }
         } else {
             for (c, v) in row_values(i - 1).iter().enumerate() {
@@ -330,6 +330,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             )?;
             let job_id = tx.last_insert_rowid();
             let req = Request {
+                rules: None,
                 tenant: &t,
                 op,
                 path: &a.file,

@@ -141,6 +141,18 @@ pub struct Request<'a> {
     pub mode: Mode,
     /// Receives the reader's estimate of the rows to come (for progress and ETA).
     pub estimate: Option<&'a std::cell::Cell<u64>>,
+    /// The tenant's rules, when it has any.
+    pub rules: Option<RulesInput<'a>>,
+}
+
+/// What a pass needs to run the tenant's rules.
+#[derive(Clone, Copy)]
+pub struct RulesInput<'a> {
+    pub active: &'a crate::rules::ActiveRules,
+    /// How to start the rules worker (this binary, the limits).
+    pub setup: &'a ReaderSetup,
+    /// The database, read-only, for the rules' user lookups.
+    pub database: Option<&'a Path>,
 }
 
 /// Called for each valid row with its Excel row number, email and effect.
@@ -198,8 +210,11 @@ pub fn process_rows(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
     let mut out = Outcome::new(req.op);
-    let cols = model::columns(req.op);
+    let cols = model::columns_with(req.op, req.rules.map(|r| &r.active.description));
     let info = reader.info().clone();
+    if let Some(r) = req.rules {
+        out.notes.extend(r.active.notes.iter().cloned());
+    }
     if let (Some(cell), Some(n)) = (req.estimate, info.estimated_rows) {
         cell.set(n);
     }
@@ -223,7 +238,10 @@ pub fn process_rows(
         Ok(true) | Ok(false) => Err(format!(
             "Row 1 of sheet \"{}\" must hold the column names ({}); it is empty. Download the template again and copy your rows into it.",
             out.sheet,
-            cols.iter().map(|c| c.header).collect::<Vec<_>>().join(", ")
+            cols.iter()
+                .map(|c| c.header.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         Err(f) => {
             refuse(&mut out, &f.code, f.message);
@@ -238,6 +256,16 @@ pub fn process_rows(
         }
     };
 
+    let stage = match req.rules {
+        Some(r) => match start_rules(conn, req, r, &cols)? {
+            Ok(stage) => stage,
+            Err(message) => {
+                refuse(&mut out, "rules_unavailable", message);
+                return Ok(out);
+            }
+        },
+        None => None,
+    };
     let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
     if let Some(sha) = req.file_sha256 {
         v.check_already_applied(sha)?;
@@ -247,23 +275,35 @@ pub fn process_rows(
     let mut checker = v.checker(errors_column);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Checked>, ReadFailure>>(16);
     let (applied, checked) = std::thread::scope(|scope| {
+        let mut stage = stage;
         let check = scope.spawn(move || {
             let mut row = RawRow::default();
             let mut batch = Vec::with_capacity(CHECK_BATCH);
-            loop {
+            'rows: loop {
                 match reader.next_row(&mut row) {
                     Ok(true) => {
                         if let Some(c) = checker.check(&row) {
+                            if let Some(st) = stage.as_mut().filter(|s| !s.failed) {
+                                st.proc.push_row(c.row, &checker.values);
+                            }
                             batch.push(c);
                         }
-                        if batch.len() == CHECK_BATCH
-                            && tx.send(Ok(std::mem::take(&mut batch))).is_err()
-                        {
-                            break;
+                        if batch.len() == CHECK_BATCH {
+                            let full = std::mem::take(&mut batch);
+                            for ready in checker.through_rules(&mut stage, full, false) {
+                                if tx.send(Ok(ready)).is_err() {
+                                    break 'rows;
+                                }
+                            }
                         }
                     }
                     Ok(false) => {
-                        let _ = tx.send(Ok(batch));
+                        for ready in checker.through_rules(&mut stage, batch, true) {
+                            let _ = tx.send(Ok(ready));
+                        }
+                        if let Some(st) = stage.take() {
+                            st.proc.finish();
+                        }
                         checker.out.notes.extend(reader.late_notes());
                         break;
                     }
@@ -313,8 +353,83 @@ pub fn process_rows(
     Ok(out2)
 }
 
-/// Rows per message from the checking thread.
+/// Rows per message from the checking thread (and per batch sent to the rules worker).
 const CHECK_BATCH: usize = 256;
+
+/// The rules worker of a pass, with the batch it is checking.
+struct RulesStage {
+    proc: crate::rules::client::RulesProcess,
+    inflight: Option<Vec<Checked>>,
+    failed: bool,
+    /// Which script normalises each custom column (for the preview's wording).
+    normaliser_of: HashMap<usize, String>,
+    rules_folder: String,
+}
+
+/// Starts the rules worker of a pass; `Ok(Err(message))` when the rules cannot run (the
+/// file is then refused with that message), `Ok(Ok(None))` when they do nothing here.
+fn start_rules(
+    conn: &Connection,
+    req: &Request<'_>,
+    r: RulesInput<'_>,
+    cols: &[Column],
+) -> AppResult<Result<Option<RulesStage>, String>> {
+    use crate::rules::client::{RulesProcess, StartError};
+    let ctx = crate::rules::context(conn, req.tenant)?;
+    let proc = match RulesProcess::start(
+        r.setup,
+        &r.active.scripts,
+        &ctx,
+        req.op,
+        r.database.map(Path::to_path_buf),
+        req.tenant.id,
+    ) {
+        Ok(p) => p,
+        Err(StartError::Problems(p)) => {
+            let list: Vec<String> = p.iter().take(5).map(|p| p.to_string()).collect();
+            return Ok(Err(format!(
+                "The rules of {} ({}) do not load, so this file cannot be checked: {}. Nothing was changed; tell whoever maintains the rules.",
+                req.tenant.name,
+                r.active.origin,
+                list.join("; ")
+            )));
+        }
+        Err(StartError::Failed(f)) => {
+            return Ok(Err(format!(
+                "The rules of {} cannot run, so this file cannot be checked: {f}. Nothing was changed; tell whoever maintains the rules.",
+                req.tenant.name
+            )));
+        }
+    };
+    let expected: Vec<&str> = cols.iter().map(|c| c.header.as_str()).collect();
+    if proc.headers() != expected.as_slice() {
+        return Ok(Err(format!(
+            "The rules of {} changed while this file was being checked; upload it again.",
+            req.tenant.name
+        )));
+    }
+    if proc.loaded.idle {
+        proc.finish();
+        return Ok(Ok(None));
+    }
+    let normaliser_of = cols
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            r.active
+                .description
+                .normaliser_script(&c.header)
+                .map(|s| (i, s.to_string()))
+        })
+        .collect();
+    Ok(Ok(Some(RulesStage {
+        proc,
+        inflight: None,
+        failed: false,
+        normaliser_of,
+        rules_folder: r.active.folder.clone(),
+    })))
+}
 
 fn file_problem(sheet: &str, code: &str, message: String) -> Problem {
     Problem {
@@ -421,7 +536,7 @@ fn header_norm(s: &str) -> String {
 /// `Ok(true)` when the row carries the error workbook's Errors column after the template's.
 pub fn check_header(cols: &[Column], row: &RawRow) -> Result<bool, String> {
     let n = cols.len();
-    let expected: Vec<String> = cols.iter().map(|c| header_norm(c.header)).collect();
+    let expected: Vec<String> = cols.iter().map(|c| header_norm(&c.header)).collect();
     let mut found: BTreeMap<u32, String> = BTreeMap::new();
     for c in row.cells() {
         let t = cell_text(c);
@@ -596,6 +711,8 @@ struct RowValues {
     pool: Option<i64>,
     /// The Reason column of deactivate and delete files, kept with the change.
     reason: Option<String>,
+    /// Custom columns given: (n-th custom column, value; `None` clears it in an update).
+    custom: Vec<(u16, Option<String>)>,
 }
 
 fn exists_hint(u: &User) -> &'static str {
@@ -730,7 +847,7 @@ impl Checker {
     }
 
     fn note(&mut self, col: usize, kind: &'static str, row: u32, example: impl FnOnce() -> String) {
-        let header = self.cols[col].header;
+        let header = self.cols[col].header.clone();
         self.norms
             .entry((col, kind))
             .and_modify(|n| n.count += 1)
@@ -904,7 +1021,8 @@ impl Checker {
             }
             if clear {
                 let clearable = self.op == Operation::Update
-                    && matches!(col.field, Field::JobTitle | Field::Team);
+                    && (matches!(col.field, Field::JobTitle | Field::Team)
+                        || (matches!(col.field, Field::Custom(_)) && !col.required));
                 if !clearable {
                     let msg = if self.op == Operation::Update {
                         format!(
@@ -925,6 +1043,8 @@ impl Checker {
                         msg,
                     );
                     ok = false;
+                } else if let Field::Custom(n) = col.field {
+                    rv.custom.push((n, None));
                 } else if col.field == Field::JobTitle {
                     rv.job_title = Some(None);
                 } else {
@@ -951,6 +1071,12 @@ impl Checker {
                 continue;
             }
             match col.kind {
+                Kind::Custom => {
+                    // Checked by the rules worker (declared checks and the scripts').
+                    if let Field::Custom(n) = col.field {
+                        rv.custom.push((n, Some(v.to_string())));
+                    }
+                }
                 Kind::Email => {
                     if let Err(why) = check_email(v) {
                         self.problem(
@@ -1096,6 +1222,122 @@ impl Checker {
         ok
     }
 
+    /// Passes a full batch through the rules worker, if any: sends it, and returns the
+    /// batches whose findings are merged and that can go on (the previous one; at the end,
+    /// this one too). The worker checks one batch while this thread reads the next.
+    fn through_rules(
+        &mut self,
+        stage: &mut Option<RulesStage>,
+        batch: Vec<Checked>,
+        last: bool,
+    ) -> Vec<Vec<Checked>> {
+        let Some(st) = stage.as_mut() else {
+            return vec![batch];
+        };
+        let mut ready = Vec::with_capacity(2);
+        if let Some(mut prev) = st.inflight.take() {
+            self.receive_rules(st, &mut prev);
+            ready.push(prev);
+        }
+        if st.failed {
+            st.proc.clear_batch();
+            ready.push(batch);
+            return ready;
+        }
+        if !batch.is_empty() {
+            match st.proc.send_batch() {
+                Ok(()) => st.inflight = Some(batch),
+                Err(f) => {
+                    self.rules_failed(st, f);
+                    ready.push(batch);
+                }
+            }
+        }
+        if last && let Some(mut prev) = st.inflight.take() {
+            self.receive_rules(st, &mut prev);
+            ready.push(prev);
+        }
+        ready
+    }
+
+    fn receive_rules(&mut self, st: &mut RulesStage, batch: &mut [Checked]) {
+        if st.failed {
+            return;
+        }
+        match st.proc.receive() {
+            Ok(findings) => self.merge_findings(st, batch, findings),
+            Err(f) => self.rules_failed(st, f),
+        }
+    }
+
+    /// One error for the file: its rules broke, so it cannot be fully checked.
+    fn rules_failed(&mut self, st: &mut RulesStage, f: crate::rules::engine::RuleFailure) {
+        st.failed = true;
+        let msg = format!(
+            "A rule of {} failed, so this file cannot be checked completely: {f}. Nothing was changed. Tell whoever maintains the rules (folder rules/{}).",
+            self.tenant.name, st.rules_folder
+        );
+        self.row_errors = 0;
+        self.problem(Severity::Error, None, None, None, "rule_failed", msg);
+    }
+
+    fn merge_findings(
+        &mut self,
+        st: &RulesStage,
+        batch: &mut [Checked],
+        findings: Vec<(u32, crate::rules::engine::Finding, String)>,
+    ) {
+        use crate::rules::engine::Finding;
+        let mut i = 0;
+        for (row, f, extra) in findings {
+            while i < batch.len() && batch[i].row < row {
+                i += 1;
+            }
+            let Some(c) = batch.get_mut(i).filter(|c| c.row == row) else {
+                continue;
+            };
+            self.row_errors = 0;
+            let value = (!extra.is_empty()).then_some(extra.as_str());
+            match f {
+                Finding::Error { col, message } => {
+                    self.problem(
+                        Severity::Error,
+                        Some(row),
+                        col,
+                        value,
+                        "rule_error",
+                        message,
+                    );
+                    c.ok = false;
+                    c.errors += 1;
+                }
+                Finding::Warning { col, message } => {
+                    self.problem(
+                        Severity::Warning,
+                        Some(row),
+                        col,
+                        value,
+                        "rule_warning",
+                        message,
+                    );
+                }
+                Finding::Normalised { col, value, from } => {
+                    let script = st.normaliser_of.get(&col).cloned().unwrap_or_default();
+                    self.note(col, "changed by the tenant's rules", row, || {
+                        format!("{from:?} -> {value:?} ({script})")
+                    });
+                    set_custom(&self.cols, &mut c.rv, col, value);
+                }
+                Finding::CaseCorrected { col, value, from } => {
+                    self.note(col, "case of value corrected", row, || {
+                        format!("{from:?} -> {value:?}")
+                    });
+                    set_custom(&self.cols, &mut c.rv, col, value);
+                }
+            }
+        }
+    }
+
     /// Records that `email` is used by `row`; reports both rows when it was used before.
     fn claim(&mut self, email: &str, row: u32, col: Option<usize>) -> bool {
         let key = email.to_lowercase();
@@ -1119,6 +1361,15 @@ impl Checker {
                 false
             }
         }
+    }
+}
+
+/// Replaces the value of custom column `col` in a row (after a rule normalised it).
+fn set_custom(cols: &[Column], rv: &mut RowValues, col: usize, value: String) {
+    if let Some(Field::Custom(n)) = cols.get(col).map(|c| c.field)
+        && let Some(slot) = rv.custom.iter_mut().find(|(k, _)| *k == n)
+    {
+        slot.1 = Some(value);
     }
 }
 
@@ -1229,6 +1480,12 @@ struct Validator<'c> {
     row_errors: u64,
     /// Errors the `Checker` found in the rows received so far.
     checker_errors: u64,
+    /// The custom columns' names, by their number (`Field::Custom(n)`).
+    custom_names: Vec<String>,
+    /// Which custom columns name a user (checked against the roster, then the file).
+    custom_refs: Vec<bool>,
+    /// Values of such columns that name no existing user: (row, column, value).
+    pending_refs: Vec<(u32, usize, String)>,
 }
 
 struct Writer<'c> {
@@ -1276,10 +1533,10 @@ impl<'c> Validator<'c> {
                 job_id,
                 insert: conn.prepare(
                     "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, job_title, team_id, role, language, pool_id, status, custom, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', NULL, ?11, ?11)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?12, ?11, ?11)",
                 )?,
                 update: conn.prepare(
-                    "UPDATE users SET email = ?2, email_norm = ?3, first_name = ?4, last_name = ?5, job_title = ?6, team_id = ?7, role = ?8, language = ?9, pool_id = ?10, updated_at = ?11 WHERE id = ?1",
+                    "UPDATE users SET email = ?2, email_norm = ?3, first_name = ?4, last_name = ?5, job_title = ?6, team_id = ?7, role = ?8, language = ?9, pool_id = ?10, updated_at = ?11, custom = ?12 WHERE id = ?1",
                 )?,
                 set_status: conn.prepare(
                     "UPDATE users SET status = ?2, pool_id = ?3, updated_at = ?4 WHERE id = ?1",
@@ -1310,6 +1567,17 @@ impl<'c> Validator<'c> {
             now: db::now(),
             row_errors: 0,
             checker_errors: 0,
+            custom_names: cols
+                .iter()
+                .filter(|c| matches!(c.field, Field::Custom(_)))
+                .map(|c| c.header.clone())
+                .collect(),
+            custom_refs: cols
+                .iter()
+                .filter(|c| matches!(c.field, Field::Custom(_)))
+                .map(|c| c.user_reference)
+                .collect(),
+            pending_refs: Vec::new(),
         })
     }
 
@@ -1351,7 +1619,28 @@ impl<'c> Validator<'c> {
     }
 
     /// Merges the checker's findings into the outcome.
-    fn into_outcome(mut self, checker: Checker) -> Outcome {
+    fn into_outcome(mut self, mut checker: Checker) -> Outcome {
+        // Users named by a custom column must exist or be in the file.
+        for (row, col, value) in std::mem::take(&mut self.pending_refs) {
+            if checker.seen.contains_key(value.to_lowercase().as_str()) {
+                continue;
+            }
+            let name = self.cols[col].header.clone();
+            let msg = format!(
+                "{name} names {value}, who is neither a user of {} nor added by this file. Check the spelling, or add that user first.",
+                self.tenant.name
+            );
+            self.row_errors = 0;
+            self.problem(
+                Severity::Error,
+                Some(row),
+                Some(col),
+                Some(&value),
+                "user_reference_unknown",
+                msg,
+            );
+        }
+        checker.seen.clear();
         let c = checker.out;
         self.out.rows = c.rows;
         self.out.errors += c.errors;
@@ -1546,6 +1835,7 @@ impl<'c> Validator<'c> {
                 }
             }
         };
+        self.check_user_refs(row, &rv)?;
         if !ok || self.row_errors > 0 {
             return Ok(());
         }
@@ -1575,11 +1865,55 @@ impl<'c> Validator<'c> {
         Ok(())
     }
 
+    /// Notes the values of user-naming custom columns that name no existing user; they
+    /// must then be added by the file (checked at the end, in `into_outcome`).
+    fn check_user_refs(&mut self, row: u32, rv: &RowValues) -> AppResult<()> {
+        for (n, v) in &rv.custom {
+            let (Some(v), Some(true)) = (v, self.custom_refs.get(*n as usize)) else {
+                continue;
+            };
+            if self.lookup(v)?.is_none() {
+                let col = self
+                    .cols
+                    .iter()
+                    .position(|c| c.field == Field::Custom(*n))
+                    .unwrap_or(0);
+                self.pending_refs.push((row, col, v.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A user's custom values with a row's applied (`None` when there are none).
+    fn merged_custom(&self, old: Option<&str>, rv: &RowValues) -> Option<String> {
+        let mut map: serde_json::Map<String, serde_json::Value> = old
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        for (n, v) in &rv.custom {
+            let Some(name) = self.custom_names.get(*n as usize) else {
+                continue;
+            };
+            match v {
+                Some(v) => {
+                    map.insert(name.clone(), serde_json::Value::String(v.clone()));
+                }
+                None => {
+                    map.remove(name);
+                }
+            }
+        }
+        (!map.is_empty()).then(|| serde_json::Value::Object(map).to_string())
+    }
+
     fn update_effect(&mut self, row: u32, u: &User, rv: &RowValues) -> AppResult<Effect> {
         let mut changes = Vec::new();
         let mut diff = |field: &'static str, old: Option<String>, new: Option<String>| {
             if old != new {
-                changes.push(FieldChange { field, old, new });
+                changes.push(FieldChange {
+                    field: field.into(),
+                    old,
+                    new,
+                });
             }
         };
         if let Some(ne) = &rv.new_email {
@@ -1639,6 +1973,26 @@ impl<'c> Validator<'c> {
                 }
             }
         }
+        if !rv.custom.is_empty() {
+            let old: serde_json::Map<String, serde_json::Value> = u
+                .custom
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default();
+            for (n, v) in &rv.custom {
+                let Some(name) = self.custom_names.get(*n as usize) else {
+                    continue;
+                };
+                let before = old.get(name).and_then(|x| x.as_str()).map(str::to_string);
+                if before != *v {
+                    changes.push(FieldChange {
+                        field: name.clone().into(),
+                        old: before,
+                        new: v.clone(),
+                    });
+                }
+            }
+        }
         Ok(if changes.is_empty() {
             Effect::Unchanged {
                 reason: "every value is already as given".into(),
@@ -1661,9 +2015,15 @@ impl<'c> Validator<'c> {
         let tenant_id = self.tenant.id;
         // The after-image of changed users, built from the existing user and the row.
         let mut after_user = existing.cloned();
+        let new_custom = match (effect, existing) {
+            (Effect::Create, _) => self.merged_custom(None, rv),
+            (Effect::Change { .. }, Some(u)) => self.merged_custom(u.custom.as_deref(), rv),
+            _ => None,
+        };
         if let Some(u) = after_user.as_mut() {
             match effect {
                 Effect::Change { .. } => {
+                    u.custom.clone_from(&new_custom);
                     if let Some(v) = &rv.new_email {
                         u.email = v.clone();
                     }
@@ -1724,7 +2084,7 @@ impl<'c> Validator<'c> {
                 let pool_id = rv.pool.unwrap_or_default();
                 let inserted = w.insert.execute(params![
                     tenant_id, rv.email, email_norm, first, last, job_title, team_id, role,
-                    language, pool_id, now
+                    language, pool_id, now, new_custom
                 ]);
                 match inserted {
                     Ok(_) => {}
@@ -1751,7 +2111,7 @@ impl<'c> Validator<'c> {
                         pool_id,
                         pool: &pool_name,
                         status: "active",
-                        custom: None,
+                        custom: new_custom.as_deref(),
                     },
                 )?;
                 (id, "create")
@@ -1781,7 +2141,8 @@ impl<'c> Validator<'c> {
                             a.role,
                             a.language,
                             a.pool_id,
-                            now
+                            now,
+                            a.custom
                         ])?;
                         ser(&mut w.after, &image_of(a))?;
                         (u.id, "change")

@@ -197,6 +197,9 @@ pub enum Command {
     /// Internal: parse an untrusted file under limits (started by rollcall itself).
     #[command(name = "__read-worker", hide = true)]
     ReadWorker { args_json: String },
+    /// Internal: run a tenant's Lua rules under limits (started by rollcall itself).
+    #[command(name = "__rules-worker", hide = true)]
+    RulesWorker,
     /// Internal: one benchmark stage in its own process.
     #[command(name = "__bench-stage", hide = true)]
     BenchStage { args_json: String },
@@ -389,6 +392,9 @@ pub fn run(cli: Cli) -> i32 {
             }
         };
     }
+    if let Command::RulesWorker = &cli.command {
+        return crate::rules::worker::run();
+    }
     if let Command::BenchStage { args_json } = &cli.command {
         let result = serde_json::from_str(args_json)
             .map_err(|e| AppError::Usage(format!("bad bench arguments: {e}")))
@@ -492,6 +498,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
     let w = |e: std::io::Error| AppError::internal("writing output", e);
     match cli.command {
         Command::ReadWorker { .. }
+        | Command::RulesWorker
         | Command::BenchStage { .. }
         | Command::Bench { .. }
         | Command::Restore { .. }
@@ -662,7 +669,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         }
         Command::Template { tenant, op, output } => {
             let t = db::tenant(&app.conn, &tenant)?;
-            let lists = service::template_lists(&app.conn, &t)?;
+            let lists = service::template_lists(&app, &t)?;
             template::write_template(op, &lists, &output)
                 .map_err(|e| AppError::Usage(format!("cannot write {}: {e}", output.display())))?;
             writeln!(
@@ -695,7 +702,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             if let Some(path) = report
                 && (!outcome.is_valid() || outcome.warnings > 0)
             {
-                let lists = service::template_lists(&app.conn, &t)?;
+                let lists = service::template_lists(&app, &t)?;
                 crate::sheet::report::write_error_workbook(
                     &app.reader,
                     file.op,

@@ -44,6 +44,12 @@ pub struct Limits {
     pub max_zip_ratio: u64,
     /// Most problems kept and shown for one upload; the rest are counted.
     pub max_reported_problems: u32,
+    /// Memory a tenant's Lua rules may hold, in MiB.
+    pub rules_memory_mib: u64,
+    /// Time one rule call (one check of one row) may take, in milliseconds.
+    pub rules_call_ms: u64,
+    /// Time all rules together may take on one file, in seconds.
+    pub rules_seconds: u64,
 }
 
 impl Default for Limits {
@@ -60,6 +66,9 @@ impl Default for Limits {
             max_zip_total_mib: 4096,
             max_zip_ratio: 400,
             max_reported_problems: 100_000,
+            rules_memory_mib: 64,
+            rules_call_ms: 2000,
+            rules_seconds: 600,
         }
     }
 }
@@ -168,6 +177,9 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_LIMITS_MAX_ZIP_TOTAL_MIB",
     "ROLLCALL_LIMITS_MAX_ZIP_RATIO",
     "ROLLCALL_LIMITS_MAX_REPORTED_PROBLEMS",
+    "ROLLCALL_LIMITS_RULES_MEMORY_MIB",
+    "ROLLCALL_LIMITS_RULES_CALL_MS",
+    "ROLLCALL_LIMITS_RULES_SECONDS",
     "ROLLCALL_DATABASE_CACHE_MIB",
     "ROLLCALL_DATABASE_BUSY_TIMEOUT_MS",
     "ROLLCALL_AUDIT_MAX_FILE_MIB",
@@ -328,6 +340,12 @@ impl Config {
             "ROLLCALL_LIMITS_MAX_REPORTED_PROBLEMS",
             config.limits.max_reported_problems
         );
+        env_num!(
+            "ROLLCALL_LIMITS_RULES_MEMORY_MIB",
+            config.limits.rules_memory_mib
+        );
+        env_num!("ROLLCALL_LIMITS_RULES_CALL_MS", config.limits.rules_call_ms);
+        env_num!("ROLLCALL_LIMITS_RULES_SECONDS", config.limits.rules_seconds);
         env_num!("ROLLCALL_DATABASE_CACHE_MIB", config.database.cache_mib);
         env_num!(
             "ROLLCALL_DATABASE_BUSY_TIMEOUT_MS",

@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_audit.sql")),
     (3, include_str!("../migrations/0003_tasks.sql")),
+    (4, include_str!("../migrations/0004_rules.sql")),
 ];
 
 /// Newest schema this binary knows.
@@ -432,9 +433,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
-        // Make it look like schema 2: without what migration 3 adds.
-        conn.execute_batch("DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;")
-            .unwrap();
+        // Make it look like schema 2: without what migrations 3 and 4 add.
+        conn.execute_batch(
+            "DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
+        )
+        .unwrap();
         drop(conn);
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
         let v: i64 = conn
@@ -447,7 +450,7 @@ mod tests {
             .collect();
         assert_eq!(copies.len(), 1);
         assert!(
-            copies[0].starts_with("before-schema-3-from-2-"),
+            copies[0].starts_with(&format!("before-schema-{}-from-2-", schema_version())),
             "{copies:?}"
         );
         // A current database is not copied again.

@@ -273,7 +273,7 @@ fn finish(
                 &mut |_| {},
             )?;
             if !outcome.is_valid() {
-                let lists = service::template_lists(&app.conn, tenant)?;
+                let lists = service::template_lists(app, tenant)?;
                 let dest = results.join(format!("{stem}.errors.xlsx"));
                 crate::sheet::report::write_error_workbook(
                     &app.reader,

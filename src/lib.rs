@@ -10,6 +10,7 @@ pub mod error;
 pub mod inbox;
 pub mod model;
 pub mod ops;
+pub mod rules;
 pub mod scheduler;
 pub mod serve;
 pub mod service;

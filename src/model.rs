@@ -23,7 +23,7 @@ pub const META_SHEET: &str = "rollcall_meta";
 pub const ERRORS_HEADER: &str = "Errors";
 
 /// The five bulk operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
     Add,
@@ -131,6 +131,8 @@ pub enum Field {
     Language,
     Pool,
     Reason,
+    /// The n-th custom column of the operation (declared by the tenant's rules).
+    Custom(u16),
 }
 
 impl Field {
@@ -146,6 +148,7 @@ impl Field {
             Field::Language => "Language",
             Field::Pool => "Licence Pool",
             Field::Reason => "Reason",
+            Field::Custom(_) => "",
         }
     }
 
@@ -157,6 +160,7 @@ impl Field {
             Field::Team | Field::Pool => 100,
             Field::Role | Field::Language => 32,
             Field::Reason => 500,
+            Field::Custom(_) => usize::MAX,
         }
     }
 }
@@ -169,18 +173,25 @@ pub enum Kind {
     Text,
     /// One of a fixed list (Role, Language) or of the tenant's data (Team, Licence Pool).
     Choice,
+    /// A custom column: checked by the tenant's rules.
+    Custom,
 }
 
 /// One column of a template.
 #[derive(Debug, Clone, Serialize)]
 pub struct Column {
     pub field: Field,
-    pub header: &'static str,
+    pub header: String,
     pub required: bool,
     pub kind: Kind,
     pub max_chars: usize,
     pub help: String,
-    pub example: &'static str,
+    pub example: String,
+    /// The allowed values of a custom column (a drop-down); empty for built-in columns,
+    /// whose lists come from the tenant's data.
+    pub choices: Vec<String>,
+    /// A custom column holding a user's email (must exist or be added by the same file).
+    pub user_reference: bool,
 }
 
 impl Column {
@@ -192,14 +203,56 @@ impl Column {
         };
         Column {
             field,
-            header: field.header(),
+            header: field.header().to_string(),
             required,
             kind,
             max_chars: field.max_chars(),
             help: help.into(),
-            example,
+            example: example.to_string(),
+            choices: Vec::new(),
+            user_reference: false,
         }
     }
+
+    /// The n-th custom column of an operation, from its declaration.
+    pub fn custom(n: u16, d: &crate::rules::ColumnDecl) -> Self {
+        let mut help = d.help.clone();
+        if d.user_reference {
+            if !help.is_empty() {
+                help.push(' ');
+            }
+            help.push_str("The email of a user who exists or is added by the same file.");
+        }
+        if let Some(m) = d.max_length {
+            if !help.is_empty() {
+                help.push(' ');
+            }
+            help.push_str(&format!("At most {m} characters."));
+        }
+        Column {
+            field: Field::Custom(n),
+            header: d.name.clone(),
+            required: d.required,
+            kind: Kind::Custom,
+            max_chars: usize::MAX,
+            help,
+            example: d.example.clone(),
+            choices: d.choices.clone(),
+            user_reference: d.user_reference,
+        }
+    }
+}
+
+/// The columns of an operation's template for a tenant: the built-in ones, then the custom
+/// columns its rules declare for the operation.
+pub fn columns_with(op: Operation, rules: Option<&crate::rules::Description>) -> Vec<Column> {
+    let mut cols = columns(op);
+    if let Some(d) = rules {
+        for (n, c) in d.columns_of(op).enumerate() {
+            cols.push(Column::custom(n as u16, c));
+        }
+    }
+    cols
 }
 
 /// The columns of an operation's template, in order.
@@ -374,6 +427,8 @@ pub const PROBLEM_CODES: &[&str] = &[
     "memory_limit",
     "time_limit",
     "internal",
+    "rules_unavailable",
+    "rule_failed",
     "wrong_operation",
     "template_too_new",
     "sheet_missing",
@@ -400,6 +455,9 @@ pub const PROBLEM_CODES: &[&str] = &[
     "already_deactivated",
     "already_active",
     "cell_repeated",
+    "rule_error",
+    "rule_warning",
+    "user_reference_unknown",
 ];
 
 /// The static code equal to `code` (unknown codes read back as `file_unreadable`).
@@ -457,7 +515,7 @@ impl fmt::Display for Problem {
 /// One field's change in an update.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FieldChange {
-    pub field: &'static str,
+    pub field: std::borrow::Cow<'static, str>,
     pub old: Option<String>,
     pub new: Option<String>,
 }

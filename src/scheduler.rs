@@ -604,6 +604,9 @@ fn run_started(
         [tenant.id],
         |r| r.get(0),
     )?;
+    // The rules as they are now (an edited script is picked up; a change is audited).
+    let rules = service::active_rules(app, &tenant)?;
+    let db_path = app.data.database();
     let tx = rusqlite::Transaction::new_unchecked(&app.conn, TransactionBehavior::Immediate)?;
     // Without a count from an earlier validation, the reader's estimate gives the ETA.
     let estimate = std::cell::Cell::new(0u64);
@@ -618,6 +621,7 @@ fn run_started(
             file_sha256: Some(&stored.sha256),
             mode: Mode::Apply { job_id },
             estimate: Some(&estimate),
+            rules: service::rules_input(app, rules.as_ref(), &db_path),
         },
         on_effect,
         &mut |rows| {
@@ -759,7 +763,7 @@ fn run_started(
         None
     } else {
         let path = app.data.error_report(upload_id);
-        let lists = service::template_lists(&app.conn, &tenant)?;
+        let lists = service::template_lists(app, &tenant)?;
         report::write_error_workbook(
             &app.reader,
             op,

@@ -67,9 +67,12 @@ impl App {
     }
 }
 
-/// The tenant's teams and pools for drop-downs.
-pub fn template_lists(conn: &Connection, tenant: &Tenant) -> AppResult<TemplateLists> {
+/// The tenant's teams and pools for drop-downs, and the custom columns of its rules.
+pub fn template_lists(app: &App, tenant: &Tenant) -> AppResult<TemplateLists> {
+    let conn = &app.conn;
+    let rules = active_rules(app, tenant)?.map(|r| r.description);
     Ok(TemplateLists {
+        rules,
         tenant: tenant.name.clone(),
         teams: db::list_teams(conn, tenant.id)?
             .into_iter()
@@ -79,6 +82,24 @@ pub fn template_lists(conn: &Connection, tenant: &Tenant) -> AppResult<TemplateL
             .into_iter()
             .map(|p| p.name)
             .collect(),
+    })
+}
+
+/// The tenant's rules as they are now (picking up edited scripts; see `rules::active`).
+pub fn active_rules(app: &App, tenant: &Tenant) -> AppResult<Option<crate::rules::ActiveRules>> {
+    crate::rules::active(&app.conn, &app.data, &app.reader, tenant, &app.actor)
+}
+
+/// What a pass needs to run `rules`.
+pub fn rules_input<'a>(
+    app: &'a App,
+    rules: Option<&'a crate::rules::ActiveRules>,
+    database: &'a Path,
+) -> Option<bulk::RulesInput<'a>> {
+    rules.map(|active| bulk::RulesInput {
+        active,
+        setup: &app.reader,
+        database: Some(database),
     })
 }
 
@@ -212,6 +233,8 @@ pub fn validate(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
     let sha = store_hash(file)?;
+    let rules = active_rules(app, tenant)?;
+    let db_path = app.data.database();
     let outcome = bulk::process(
         &app.conn,
         &app.reader,
@@ -223,6 +246,7 @@ pub fn validate(
             file_sha256: Some(&sha),
             mode: Mode::DryRun,
             estimate: None,
+            rules: rules_input(app, rules.as_ref(), &db_path),
         },
         on_effect,
         progress,
@@ -264,6 +288,8 @@ pub fn upload(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Uploaded> {
     let stored = store_upload(&app.data, file, file_name)?;
+    let rules = active_rules(app, tenant)?;
+    let db_path = app.data.database();
     let outcome = bulk::process(
         &app.conn,
         &app.reader,
@@ -275,6 +301,7 @@ pub fn upload(
             file_sha256: Some(&stored.sha256),
             mode: Mode::DryRun,
             estimate: None,
+            rules: rules_input(app, rules.as_ref(), &db_path),
         },
         on_effect,
         progress,
@@ -313,7 +340,7 @@ pub fn upload(
         None
     } else {
         let path = app.data.error_report(upload_id);
-        let lists = template_lists(&app.conn, tenant)?;
+        let lists = template_lists(app, tenant)?;
         crate::sheet::report::write_error_workbook(
             &app.reader,
             op,

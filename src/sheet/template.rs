@@ -22,6 +22,8 @@ pub struct TemplateLists {
     pub tenant: String,
     pub teams: Vec<String>,
     pub pools: Vec<String>,
+    /// What the tenant's rules declare (custom columns), if it has rules.
+    pub rules: Option<crate::rules::Description>,
 }
 
 /// Excel's limits on what one cell and one sheet can hold.
@@ -104,6 +106,13 @@ fn allowed_values(col: &Column, lists: &TemplateLists) -> String {
             .join(", "),
         model::Field::Team => list(&lists.teams),
         model::Field::Pool => list(&lists.pools),
+        model::Field::Custom(_) => {
+            if col.choices.is_empty() {
+                String::new()
+            } else {
+                list(&col.choices)
+            }
+        }
         _ => String::new(),
     }
 }
@@ -113,6 +122,13 @@ fn format_of(col: &Column) -> String {
         Kind::Email => format!("Email address, at most {} characters", col.max_chars),
         Kind::Text => format!("Text, at most {} characters", col.max_chars),
         Kind::Choice => "One value from the list (upper/lower case does not matter)".into(),
+        Kind::Custom if !col.choices.is_empty() => {
+            "One value from the list (upper/lower case does not matter); your organisation's own column".into()
+        }
+        Kind::Custom if col.user_reference => {
+            "Email address of a user; your organisation's own column".into()
+        }
+        Kind::Custom => "Text; your organisation's own column".into(),
     }
 }
 
@@ -142,7 +158,7 @@ pub fn new_workbook(
     lists: &TemplateLists,
     errors_column: bool,
 ) -> Result<Workbook, XlsxError> {
-    let cols = model::columns(op);
+    let cols = model::columns_with(op, lists.rules.as_ref());
     let f = Formats::new();
     let mut wb = Workbook::new();
     wb.set_properties(
@@ -188,11 +204,11 @@ pub fn new_workbook(
         r += 1;
         for (i, c) in cols.iter().enumerate() {
             ws.write_string(r, 0, column_letter(i))?;
-            ws.write_string_with_format(r, 1, c.header, &f.bold)?;
+            ws.write_string_with_format(r, 1, echo(&c.header), &f.bold)?;
             ws.write_string(r, 2, if c.required { "Required" } else { "Optional" })?;
             ws.write_string_with_format(r, 3, format_of(c), &f.wrap)?;
             ws.write_string_with_format(r, 4, echo(&allowed_values(c, lists)), &f.wrap)?;
-            ws.write_string(r, 5, c.example)?;
+            ws.write_string(r, 5, echo(&c.example))?;
             ws.write_string_with_format(r, 6, &c.help, &f.wrap)?;
             r += 1;
         }
@@ -218,7 +234,7 @@ pub fn new_workbook(
             let col = i as u16;
             ws.set_column_format(col, &f.text)?;
             ws.set_column_width(col, if c.kind == Kind::Email { 30.0 } else { 18.0 })?;
-            ws.write_string_with_format(0, col, c.header, &f.header)?;
+            ws.write_string_with_format(0, col, echo(&c.header), &f.header)?;
         }
         if errors_column {
             let col = cols.len() as u16;
@@ -233,7 +249,7 @@ pub fn new_workbook(
     {
         let ws = wb.add_worksheet();
         ws.set_name(LISTS_SHEET)?;
-        let columns: [(&str, Vec<String>); 4] = [
+        let mut columns: Vec<(&str, Vec<String>)> = vec![
             ("Role", ROLES.iter().map(|s| s.to_string()).collect()),
             (
                 "Language",
@@ -242,8 +258,12 @@ pub fn new_workbook(
             ("Team", lists.teams.clone()),
             ("Licence Pool", lists.pools.clone()),
         ];
+        // Custom columns with choices follow, in column order (see `add_drop_downs`).
+        for c in cols.iter().filter(|c| !c.choices.is_empty()) {
+            columns.push((c.header.as_str(), c.choices.clone()));
+        }
         for (c, (name, values)) in columns.iter().enumerate() {
-            ws.write_string_with_format(0, c as u16, *name, &f.bold)?;
+            ws.write_string_with_format(0, c as u16, echo(name), &f.bold)?;
             for (r, v) in values.iter().enumerate() {
                 ws.write_string_with_format(r as u32 + 1, c as u16, echo(v), &f.text)?;
             }
@@ -276,12 +296,17 @@ fn add_drop_downs(
     cols: &[Column],
     lists: &TemplateLists,
 ) -> Result<(), XlsxError> {
+    let mut custom_lists = 0usize;
     for (i, c) in cols.iter().enumerate() {
         let (list_col, len) = match c.field {
-            model::Field::Role => ("A", ROLES.len()),
-            model::Field::Language => ("B", LANGUAGES.len()),
-            model::Field::Team => ("C", lists.teams.len()),
-            model::Field::Pool => ("D", lists.pools.len()),
+            model::Field::Role => ("A".to_string(), ROLES.len()),
+            model::Field::Language => ("B".to_string(), LANGUAGES.len()),
+            model::Field::Team => ("C".to_string(), lists.teams.len()),
+            model::Field::Pool => ("D".to_string(), lists.pools.len()),
+            model::Field::Custom(_) if !c.choices.is_empty() => {
+                custom_lists += 1;
+                (column_letter(3 + custom_lists), c.choices.len())
+            }
             _ => continue,
         };
         if len == 0 {

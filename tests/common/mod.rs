@@ -186,7 +186,7 @@ pub fn data_sheet(op: rollcall::model::Operation, rows: &[Vec<&str>]) -> Sheet {
     let mut all = vec![
         rollcall::model::columns(op)
             .iter()
-            .map(|c| s(c.header))
+            .map(|c| s(&c.header))
             .collect::<Vec<_>>(),
     ];
     for r in rows {

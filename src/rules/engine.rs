@@ -1,0 +1,1027 @@
+//! The Lua side of tenant rules: the sandbox, the `rollcall` API the scripts call, and the
+//! per-row evaluation. An `Engine` lives only inside the rules worker process
+//! (`rules::worker`), so a rule that runs away can be stopped by ending that process.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
+
+use super::{
+    ColumnDecl, Context, Description, LoadProblem, RuleInfo, Script, UserInfo, UserLookup,
+};
+
+type LookupResult = Result<Option<UserInfo>, String>;
+use crate::model::{CLEAR_TOKEN, Operation};
+
+/// Where a check's messages go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finding {
+    Error {
+        col: Option<usize>,
+        message: String,
+    },
+    Warning {
+        col: Option<usize>,
+        message: String,
+    },
+    /// A rule's normaliser changed the value of custom column `col` from `from`.
+    Normalised {
+        col: usize,
+        value: String,
+        from: String,
+    },
+    /// A choice was written in another case; `value` is the declared spelling.
+    CaseCorrected {
+        col: usize,
+        value: String,
+        from: String,
+    },
+}
+
+/// A rule that broke: an error, a loop or memory past its limit. It fails the whole run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RuleFailure {
+    pub script: String,
+    pub line: Option<u32>,
+    /// The Excel row being checked, when it happened during a row.
+    pub row: Option<u32>,
+    pub message: String,
+}
+
+impl std::fmt::Display for RuleFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.script)?;
+        if let Some(l) = self.line {
+            write!(f, ", line {l}")?;
+        }
+        if let Some(r) = self.row {
+            write!(f, " (checking row {r})")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The limits a run is held to.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct EngineLimits {
+    /// Memory the tenant's Lua state may hold.
+    pub memory_mib: u64,
+    /// Time one rule call (or loading one script) may take.
+    pub call_ms: u64,
+}
+
+/// The rule being run, shared with the worker's watchdog thread: the start of the call in
+/// milliseconds since `EPOCH` (0 when idle), which rule, and which row.
+pub struct CallState {
+    pub epoch: Instant,
+    pub started_ms: AtomicU64,
+    /// Index into `Engine::rule_names` (u64::MAX while loading a script: see `script`).
+    pub rule: AtomicU64,
+    pub row: AtomicU64,
+    pub script: std::sync::Mutex<String>,
+}
+
+impl CallState {
+    pub fn new() -> Arc<CallState> {
+        Arc::new(CallState {
+            epoch: Instant::now(),
+            started_ms: AtomicU64::new(0),
+            rule: AtomicU64::new(u64::MAX),
+            row: AtomicU64::new(0),
+            script: std::sync::Mutex::new(String::new()),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Never 0, so that 0 can mean "idle".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn begin(&self, rule: usize, row: u32) {
+        self.rule.store(rule as u64, Ordering::Relaxed);
+        self.row.store(row as u64, Ordering::Relaxed);
+        self.started_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.started_ms.store(0, Ordering::Release);
+    }
+
+    /// Milliseconds the current call has run, if one runs.
+    pub fn running_ms(&self) -> Option<u64> {
+        let s = self.started_ms.load(Ordering::Acquire);
+        (s != 0).then(|| self.now_ms().saturating_sub(s))
+    }
+}
+
+struct Rule {
+    script: Arc<str>,
+    line: Option<u32>,
+    /// Index into the run's columns (`None`: a row check).
+    col: Option<usize>,
+    column_name: Option<String>,
+    func: Function,
+}
+
+#[derive(Default)]
+struct Registry {
+    script: Arc<str>,
+    columns: Vec<ColumnDecl>,
+    checks: Vec<(String, Rule)>,
+    row_checks: Vec<Rule>,
+    normalisers: Vec<(String, Rule)>,
+}
+
+/// What one checked row gave.
+pub type Findings = Vec<Finding>;
+
+/// A loaded rule set, ready to check rows of one operation.
+pub struct Engine {
+    lua: Lua,
+    ctx: Table,
+    row: Table,
+    /// The run's columns (built-in headers then the operation's custom columns).
+    headers: Vec<String>,
+    /// Lua strings of `headers`, made once.
+    header_keys: Vec<mlua::LuaString>,
+    /// Custom columns by index in `headers`.
+    custom: Vec<(usize, ColumnDecl)>,
+    checks: Vec<Rule>,
+    row_checks: Vec<Rule>,
+    normalisers: Vec<Rule>,
+    op: Operation,
+    state: Arc<CallState>,
+    limits: EngineLimits,
+    description: Description,
+}
+
+/// Functions and libraries a script may not reach.
+const REMOVED_GLOBALS: [&str; 8] = [
+    "dofile",
+    "loadfile",
+    "load",
+    "loadstring",
+    "require",
+    "collectgarbage",
+    "print",
+    "module",
+];
+
+fn lua_err(e: mlua::Error) -> String {
+    e.to_string()
+}
+
+/// A new sandboxed state: only `string`, `table`, `math` and `utf8`; no loading of code, no
+/// bytecode, no garbage-collector control, no access to the string metatable.
+fn sandbox(limits: &EngineLimits) -> mlua::Result<Lua> {
+    let lua = Lua::new_with(
+        StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8,
+        LuaOptions::default(),
+    )?;
+    let g = lua.globals();
+    for name in REMOVED_GLOBALS {
+        g.set(name, Value::Nil)?;
+    }
+    let string: Table = g.get("string")?;
+    string.set("dump", Value::Nil)?;
+    // `getmetatable("")` gives `false` and the metatable cannot be replaced.
+    lua.load("local mt = getmetatable('') mt.__metatable = false")
+        .set_name("=sandbox")
+        .set_mode(ChunkMode::Text)
+        .exec()?;
+    lua.set_memory_limit((limits.memory_mib as usize).saturating_mul(1024 * 1024))?;
+    Ok(lua)
+}
+
+/// A read-only view of `t`: reading works, writing raises an error.
+fn read_only(lua: &Lua, t: Table, what: &'static str) -> mlua::Result<Table> {
+    let proxy = lua.create_table()?;
+    let mt = lua.create_table()?;
+    mt.set("__index", t)?;
+    mt.set(
+        "__newindex",
+        lua.create_function(move |_, _: mlua::MultiValue| -> mlua::Result<()> {
+            Err(mlua::Error::runtime(format!("{what} is read-only")))
+        })?,
+    )?;
+    mt.set("__metatable", false)?;
+    proxy.set_metatable(Some(mt))?;
+    Ok(proxy)
+}
+
+fn strings_table(lua: &Lua, items: &[String]) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(items.len(), 0)?;
+    for (i, s) in items.iter().enumerate() {
+        t.raw_set(i + 1, s.as_str())?;
+    }
+    read_only(lua, t, "this list")
+}
+
+/// The line a Lua error message points at (`name.lua:12: ...`), and the message without it.
+pub fn split_location(script: &str, msg: &str) -> (Option<u32>, String) {
+    let msg = msg
+        .trim_start_matches("runtime error: ")
+        .trim_start_matches("syntax error: ");
+    // The first line holds the message; a traceback may follow.
+    let first = msg.lines().next().unwrap_or("").trim();
+    for (i, _) in first.match_indices(script) {
+        let rest = &first[i + script.len()..];
+        if let Some(rest) = rest.strip_prefix(':') {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(line) = digits.parse::<u32>() {
+                let text = rest[digits.len()..].trim_start_matches(':').trim();
+                return (Some(line), text.to_string());
+            }
+        }
+    }
+    (None, first.to_string())
+}
+
+fn op_list(v: Option<Table>) -> mlua::Result<Result<Vec<Operation>, String>> {
+    let Some(t) = v else {
+        return Ok(Ok(vec![Operation::Add, Operation::Update]));
+    };
+    let mut ops = Vec::new();
+    for item in t.sequence_values::<String>() {
+        let s = item?;
+        match s.parse::<Operation>() {
+            Ok(op) => ops.push(op),
+            Err(_) => {
+                return Ok(Err(format!(
+                    "operations: {s:?} is not an operation (add, update, deactivate, reactivate, delete)"
+                )));
+            }
+        }
+    }
+    Ok(Ok(ops))
+}
+
+fn register_api(lua: &Lua, reg: &Rc<RefCell<Registry>>) -> mlua::Result<()> {
+    let api = lua.create_table()?;
+    let r = reg.clone();
+    api.set(
+        "column",
+        lua.create_function(move |lua, spec: Table| {
+            let mut reg = r.borrow_mut();
+            let line = caller_line(lua);
+            let script = reg.script.to_string();
+            let name: Option<String> = spec.get("name")?;
+            let Some(name) = name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()) else {
+                return Err(mlua::Error::runtime("rollcall.column needs a name"));
+            };
+            let choices: Option<Table> = spec.get("choices")?;
+            let mut choice_list = Vec::new();
+            if let Some(t) = choices {
+                for c in t.sequence_values::<String>() {
+                    choice_list.push(c?);
+                }
+            }
+            let operations = match op_list(spec.get("operations")?)? {
+                Ok(o) => o,
+                Err(m) => return Err(mlua::Error::runtime(m)),
+            };
+            let max_length: Option<i64> = spec.get("max_length")?;
+            let decl = ColumnDecl {
+                name,
+                help: spec.get::<Option<String>>("help")?.unwrap_or_default(),
+                example: spec.get::<Option<String>>("example")?.unwrap_or_default(),
+                required: spec.get::<Option<bool>>("required")?.unwrap_or(false),
+                choices: choice_list,
+                max_length: max_length.map(|m| m.clamp(0, 100_000) as usize),
+                operations,
+                user_reference: spec.get::<Option<bool>>("user_reference")?.unwrap_or(false),
+                script,
+                line,
+            };
+            reg.columns.push(decl);
+            Ok(())
+        })?,
+    )?;
+    let r = reg.clone();
+    api.set(
+        "check",
+        lua.create_function(move |lua, (column, func): (String, Function)| {
+            let mut reg = r.borrow_mut();
+            let rule = Rule {
+                script: reg.script.clone(),
+                line: line_of(&func).or(caller_line(lua)),
+                col: None,
+                column_name: Some(column.clone()),
+                func,
+            };
+            reg.checks.push((column, rule));
+            Ok(())
+        })?,
+    )?;
+    let r = reg.clone();
+    api.set(
+        "check_row",
+        lua.create_function(move |lua, func: Function| {
+            let mut reg = r.borrow_mut();
+            let rule = Rule {
+                script: reg.script.clone(),
+                line: line_of(&func).or(caller_line(lua)),
+                col: None,
+                column_name: None,
+                func,
+            };
+            reg.row_checks.push(rule);
+            Ok(())
+        })?,
+    )?;
+    let r = reg.clone();
+    api.set(
+        "normalise",
+        lua.create_function(move |lua, (column, func): (String, Function)| {
+            let mut reg = r.borrow_mut();
+            let rule = Rule {
+                script: reg.script.clone(),
+                line: line_of(&func).or(caller_line(lua)),
+                col: None,
+                column_name: Some(column.clone()),
+                func,
+            };
+            reg.normalisers.push((column, rule));
+            Ok(())
+        })?,
+    )?;
+    api.set(
+        "warning",
+        lua.create_function(|lua, message: String| {
+            let t = lua.create_table()?;
+            t.set("level", "warning")?;
+            t.set("message", message)?;
+            Ok(t)
+        })?,
+    )?;
+    api.set(
+        "error",
+        lua.create_function(|lua, message: String| {
+            let t = lua.create_table()?;
+            t.set("level", "error")?;
+            t.set("message", message)?;
+            Ok(t)
+        })?,
+    )?;
+    lua.globals()
+        .set("rollcall", read_only(lua, api, "rollcall")?)?;
+    Ok(())
+}
+
+fn caller_line(lua: &Lua) -> Option<u32> {
+    lua.inspect_stack(1, |d| d.current_line())
+        .flatten()
+        .map(|l| l as u32)
+}
+
+fn line_of(f: &Function) -> Option<u32> {
+    f.info().line_defined.map(|l| l as u32)
+}
+
+impl Engine {
+    /// Loads `scripts` (in name order) into a fresh sandbox and prepares the checks of
+    /// `op`, whose built-in column headers are `builtin`. Problems in the scripts (they do not
+    /// compile, fail, or declare something wrong) are returned all at once.
+    pub fn load(
+        scripts: &[Script],
+        context: &Context,
+        op: Operation,
+        builtin: &[String],
+        limits: EngineLimits,
+        state: Arc<CallState>,
+        lookup: Option<UserLookup>,
+    ) -> Result<Engine, Vec<LoadProblem>> {
+        let fail = |m: String| {
+            vec![LoadProblem {
+                script: String::new(),
+                line: None,
+                message: m,
+            }]
+        };
+        let lua = sandbox(&limits).map_err(|e| fail(lua_err(e)))?;
+        let reg = Rc::new(RefCell::new(Registry::default()));
+        register_api(&lua, &reg).map_err(|e| fail(lua_err(e)))?;
+        let ctx = make_context(&lua, context, op, lookup).map_err(|e| fail(lua_err(e)))?;
+        install_hook(&lua, &state, limits);
+
+        let mut problems = Vec::new();
+        let mut names: Vec<&Script> = scripts.iter().collect();
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        for s in names {
+            reg.borrow_mut().script = Arc::from(s.name.as_str());
+            if let Ok(mut cur) = state.script.lock() {
+                cur.clone_from(&s.name);
+            }
+            state.begin(usize::MAX, 0);
+            let res = lua
+                .load(s.source.as_str())
+                .set_name(format!("@{}", s.name))
+                .set_mode(ChunkMode::Text)
+                .exec();
+            state.end();
+            if let Err(e) = res {
+                let (line, message) = split_location(&s.name, &failure_text(&e, &limits));
+                problems.push(LoadProblem {
+                    script: s.name.clone(),
+                    line,
+                    message,
+                });
+            }
+        }
+        let reg = Rc::try_unwrap(reg)
+            .map(RefCell::into_inner)
+            .unwrap_or_else(|rc| std::mem::take(&mut *rc.borrow_mut()));
+        let mut engine = Engine {
+            row: lua.create_table().map_err(|e| fail(lua_err(e)))?,
+            lua,
+            ctx,
+            headers: Vec::new(),
+            header_keys: Vec::new(),
+            custom: Vec::new(),
+            checks: Vec::new(),
+            row_checks: Vec::new(),
+            normalisers: Vec::new(),
+            op,
+            state,
+            limits,
+            description: Description::default(),
+        };
+        problems.extend(engine.prepare(reg, builtin));
+        if problems.is_empty() {
+            Ok(engine)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Checks the declarations and resolves every rule's column.
+    fn prepare(&mut self, reg: Registry, builtin: &[String]) -> Vec<LoadProblem> {
+        let mut problems = Vec::new();
+        let mut p = |script: &str, line: Option<u32>, m: String| {
+            problems.push(LoadProblem {
+                script: script.to_string(),
+                line,
+                message: m,
+            })
+        };
+        let all_builtin = all_builtin_headers();
+        let mut seen: Vec<String> = Vec::new();
+        for c in &reg.columns {
+            let key = c.name.to_lowercase();
+            if all_builtin.iter().any(|b| b.to_lowercase() == key) {
+                p(
+                    &c.script,
+                    c.line,
+                    format!(
+                        "the column {:?} is a built-in column; give the custom column another name",
+                        c.name
+                    ),
+                );
+            } else if seen.contains(&key) {
+                p(
+                    &c.script,
+                    c.line,
+                    format!("the column {:?} is declared twice", c.name),
+                );
+            } else if c.name.chars().count() > 60 || c.name.chars().any(char::is_control) {
+                p(
+                    &c.script,
+                    c.line,
+                    format!(
+                        "the column name {:?} is too long or has a control character (at most 60 characters)",
+                        c.name
+                    ),
+                );
+            }
+            if c.max_length == Some(0) {
+                p(
+                    &c.script,
+                    c.line,
+                    format!("max_length of {:?} must be at least 1", c.name),
+                );
+            }
+            if c.choices.iter().any(|s| s.trim().is_empty()) {
+                p(
+                    &c.script,
+                    c.line,
+                    format!("the choices of {:?} include an empty one", c.name),
+                );
+            }
+            seen.push(key);
+        }
+        self.headers = builtin.to_vec();
+        for c in &reg.columns {
+            if c.operations.contains(&self.op) {
+                self.custom.push((self.headers.len(), c.clone()));
+                self.headers.push(c.name.clone());
+            }
+        }
+        let declared = |name: &str| {
+            all_builtin.iter().any(|b| b.eq_ignore_ascii_case(name))
+                || reg
+                    .columns
+                    .iter()
+                    .any(|c| c.name.eq_ignore_ascii_case(name))
+        };
+        let index_of = |headers: &[String], name: &str| {
+            headers.iter().position(|h| h.eq_ignore_ascii_case(name))
+        };
+        let mut info = Description {
+            columns: reg.columns.clone(),
+            ..Description::default()
+        };
+        for (name, mut rule) in reg.checks {
+            if !declared(&name) {
+                p(
+                    &rule.script,
+                    rule.line,
+                    format!(
+                        "rollcall.check names the column {name:?}, which is neither a built-in column nor declared with rollcall.column"
+                    ),
+                );
+                continue;
+            }
+            info.checks.push(rule_info(&rule));
+            if let Some(i) = index_of(&self.headers, &name) {
+                rule.col = Some(i);
+                self.checks.push(rule);
+            }
+        }
+        for (name, mut rule) in reg.normalisers {
+            if !reg
+                .columns
+                .iter()
+                .any(|c| c.name.eq_ignore_ascii_case(&name))
+            {
+                p(
+                    &rule.script,
+                    rule.line,
+                    format!(
+                        "rollcall.normalise names {name:?}, which is not a column declared with rollcall.column (built-in columns are normalised by rollcall itself)"
+                    ),
+                );
+                continue;
+            }
+            info.normalisers.push(rule_info(&rule));
+            if let Some(i) = index_of(&self.headers, &name) {
+                rule.col = Some(i);
+                self.normalisers.push(rule);
+            }
+        }
+        for rule in reg.row_checks {
+            info.row_checks.push(rule_info(&rule));
+            self.row_checks.push(rule);
+        }
+        self.header_keys = self
+            .headers
+            .iter()
+            .filter_map(|h| self.lua.create_string(h).ok())
+            .collect();
+        self.description = info;
+        problems
+    }
+
+    /// What the scripts declare.
+    pub fn description(&self) -> &Description {
+        &self.description
+    }
+
+    /// The run's columns: the built-in ones, then the operation's custom ones.
+    pub fn headers(&self) -> &[String] {
+        &self.headers
+    }
+
+    /// True when the rules do nothing for this operation.
+    pub fn is_idle(&self) -> bool {
+        self.custom.is_empty() && self.checks.is_empty() && self.row_checks.is_empty()
+    }
+
+    /// Runs every rule on one row. `values` are the row's cells by column of `headers`
+    /// (normalised text, empty when the cell is empty); normalisers may change custom ones.
+    pub fn check_row(
+        &mut self,
+        row: u32,
+        values: &mut [String],
+        out: &mut Findings,
+    ) -> Result<(), RuleFailure> {
+        let update = self.op == Operation::Update;
+        // 1. Normalisers, then the declared checks of custom columns.
+        for i in 0..self.normalisers.len() {
+            let Some(c) = self.normalisers[i].col else {
+                continue;
+            };
+            let v = &values[c];
+            if v.is_empty() || (update && v.eq_ignore_ascii_case(CLEAR_TOKEN)) {
+                continue;
+            }
+            let r: Value = self.call(i, Kind::Normaliser, row, (v.as_str(), self.ctx.clone()))?;
+            match r {
+                Value::Nil => {}
+                Value::String(s) => {
+                    let s = s.to_string_lossy().trim().to_string();
+                    if s != values[c] {
+                        let from = std::mem::replace(&mut values[c], s.clone());
+                        out.push(Finding::Normalised {
+                            col: c,
+                            value: s,
+                            from,
+                        });
+                    }
+                }
+                other => {
+                    let rule = &self.normalisers[i];
+                    return Err(RuleFailure {
+                        script: rule.script.to_string(),
+                        line: rule.line,
+                        row: Some(row),
+                        message: format!(
+                            "the normaliser of {:?} returned a {}; it must return a string or nil",
+                            rule.column_name.as_deref().unwrap_or(""),
+                            other.type_name()
+                        ),
+                    });
+                }
+            }
+        }
+        for (c, decl) in &self.custom {
+            let v = &values[*c];
+            if v.is_empty() {
+                if decl.required && self.op == Operation::Add {
+                    out.push(Finding::Error {
+                        col: Some(*c),
+                        message: format!("{} is required. Fill it in.", decl.name),
+                    });
+                }
+                continue;
+            }
+            if update && v.eq_ignore_ascii_case(CLEAR_TOKEN) {
+                continue;
+            }
+            if let Some(max) = decl.max_length {
+                let n = v.chars().count();
+                if n > max {
+                    out.push(Finding::Error {
+                        col: Some(*c),
+                        message: format!(
+                            "{} has {n} characters; at most {max} are allowed.",
+                            decl.name
+                        ),
+                    });
+                    continue;
+                }
+            }
+            if !decl.choices.is_empty() {
+                match decl.choices.iter().find(|ch| ch.eq_ignore_ascii_case(v)) {
+                    Some(ch) if ch == v => {}
+                    Some(ch) => {
+                        let from = std::mem::replace(&mut values[*c], ch.clone());
+                        out.push(Finding::CaseCorrected {
+                            col: *c,
+                            value: ch.clone(),
+                            from,
+                        });
+                    }
+                    None => out.push(Finding::Error {
+                        col: Some(*c),
+                        message: format!(
+                            "{} must be one of {}.",
+                            decl.name,
+                            list_choices(&decl.choices)
+                        ),
+                    }),
+                }
+            }
+        }
+        if self.checks.is_empty() && self.row_checks.is_empty() {
+            return Ok(());
+        }
+        // 2. The row as a table of strings, reused from row to row.
+        for (k, v) in self.header_keys.iter().zip(values.iter()) {
+            self.row
+                .raw_set(k, v.as_str())
+                .map_err(|e| self.internal(row, e))?;
+        }
+        // 3. Cell checks (on filled cells), then row checks.
+        for i in 0..self.checks.len() {
+            let Some(c) = self.checks[i].col else {
+                continue;
+            };
+            let v = &values[c];
+            if v.is_empty() || (update && v.eq_ignore_ascii_case(CLEAR_TOKEN)) {
+                continue;
+            }
+            let r: Value = self.call(
+                i,
+                Kind::Check,
+                row,
+                (v.as_str(), self.row.clone(), self.ctx.clone()),
+            )?;
+            self.collect(r, Some(c), i, Kind::Check, row, out)?;
+        }
+        for i in 0..self.row_checks.len() {
+            let r: Value = self.call(i, Kind::Row, row, (self.row.clone(), self.ctx.clone()))?;
+            self.collect(r, None, i, Kind::Row, row, out)?;
+        }
+        Ok(())
+    }
+
+    fn rule(&self, i: usize, kind: Kind) -> &Rule {
+        match kind {
+            Kind::Check => &self.checks[i],
+            Kind::Row => &self.row_checks[i],
+            Kind::Normaliser => &self.normalisers[i],
+        }
+    }
+
+    /// Index of a rule across all kinds, for the watchdog.
+    fn global_index(&self, i: usize, kind: Kind) -> usize {
+        match kind {
+            Kind::Normaliser => i,
+            Kind::Check => self.normalisers.len() + i,
+            Kind::Row => self.normalisers.len() + self.checks.len() + i,
+        }
+    }
+
+    /// Script and line of every rule, by the index the watchdog sees.
+    pub fn rule_locations(&self) -> Vec<(String, Option<u32>)> {
+        self.normalisers
+            .iter()
+            .chain(&self.checks)
+            .chain(&self.row_checks)
+            .map(|r| (r.script.to_string(), r.line))
+            .collect()
+    }
+
+    fn call(
+        &self,
+        i: usize,
+        kind: Kind,
+        row: u32,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<Value, RuleFailure> {
+        let rule = self.rule(i, kind);
+        self.state.begin(self.global_index(i, kind), row);
+        let r = rule.func.call::<Value>(args);
+        self.state.end();
+        r.map_err(|e| {
+            let (line, message) = split_location(&rule.script, &failure_text(&e, &self.limits));
+            RuleFailure {
+                script: rule.script.to_string(),
+                line: line.or(rule.line),
+                row: Some(row),
+                message,
+            }
+        })
+    }
+
+    fn internal(&self, row: u32, e: mlua::Error) -> RuleFailure {
+        RuleFailure {
+            script: String::new(),
+            line: None,
+            row: Some(row),
+            message: failure_text(&e, &self.limits),
+        }
+    }
+
+    /// Turns what a check returned into findings.
+    fn collect(
+        &self,
+        r: Value,
+        col: Option<usize>,
+        i: usize,
+        kind: Kind,
+        row: u32,
+        out: &mut Findings,
+    ) -> Result<(), RuleFailure> {
+        let bad = |what: String| {
+            let rule = self.rule(i, kind);
+            RuleFailure {
+                script: rule.script.to_string(),
+                line: rule.line,
+                row: Some(row),
+                message: what,
+            }
+        };
+        match r {
+            Value::Nil | Value::Boolean(true) => Ok(()),
+            Value::String(s) => {
+                out.push(Finding::Error {
+                    col,
+                    message: clip(&s.to_string_lossy()),
+                });
+                Ok(())
+            }
+            Value::Table(t) => {
+                if t.contains_key("message").unwrap_or(false) {
+                    return self.one_finding(&t, col, out).map_err(bad);
+                }
+                for item in t.sequence_values::<Value>() {
+                    match item {
+                        Ok(Value::String(s)) => out.push(Finding::Error {
+                            col,
+                            message: clip(&s.to_string_lossy()),
+                        }),
+                        Ok(Value::Table(t)) => self.one_finding(&t, col, out).map_err(&bad)?,
+                        Ok(other) => {
+                            return Err(bad(format!(
+                                "a check returned a list holding a {}; a list may hold only messages",
+                                other.type_name()
+                            )));
+                        }
+                        Err(e) => return Err(bad(e.to_string())),
+                    }
+                }
+                Ok(())
+            }
+            other => Err(bad(format!(
+                "a check returned a {}; it must return nothing, a message or a list of messages",
+                other.type_name()
+            ))),
+        }
+    }
+
+    fn one_finding(&self, t: &Table, col: Option<usize>, out: &mut Findings) -> Result<(), String> {
+        let message: String = t
+            .get::<Option<String>>("message")
+            .map_err(|e| e.to_string())?
+            .ok_or("a finding needs a message")?;
+        let level: Option<String> = t.get("level").map_err(|e| e.to_string())?;
+        let column: Option<String> = t.get("column").map_err(|e| e.to_string())?;
+        let col = match column {
+            Some(name) => Some(
+                self.headers
+                    .iter()
+                    .position(|h| h.eq_ignore_ascii_case(&name))
+                    .ok_or_else(|| {
+                        format!(
+                            "a finding names the column {name:?}, which this file does not have"
+                        )
+                    })?,
+            ),
+            None => col,
+        };
+        let message = clip(&message);
+        out.push(match level.as_deref() {
+            Some("warning") => Finding::Warning { col, message },
+            None | Some("error") => Finding::Error { col, message },
+            Some(other) => {
+                return Err(format!(
+                    "level {other:?} is neither \"error\" nor \"warning\""
+                ));
+            }
+        });
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Normaliser,
+    Check,
+    Row,
+}
+
+fn rule_info(r: &Rule) -> RuleInfo {
+    RuleInfo {
+        script: r.script.to_string(),
+        line: r.line,
+        column: r.column_name.clone(),
+    }
+}
+
+fn clip(s: &str) -> String {
+    let s = s.trim();
+    if s.chars().count() > 1000 {
+        let mut t: String = s.chars().take(1000).collect();
+        t.push('…');
+        t
+    } else {
+        s.to_string()
+    }
+}
+
+fn list_choices(choices: &[String]) -> String {
+    if choices.len() <= 12 {
+        choices.join(", ")
+    } else {
+        format!("{}, ... (see the drop-down)", choices[..12].join(", "))
+    }
+}
+
+/// Every built-in header of every operation (custom columns may not reuse one).
+fn all_builtin_headers() -> Vec<String> {
+    let mut v: Vec<String> = Operation::ALL
+        .iter()
+        .flat_map(|op| crate::model::columns(*op))
+        .map(|c| c.header.to_string())
+        .collect();
+    v.push(crate::model::ERRORS_HEADER.to_string());
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A readable message for a failed call; memory and time limits are named with their value.
+fn failure_text(e: &mlua::Error, limits: &EngineLimits) -> String {
+    match e {
+        mlua::Error::MemoryError(_) => format!(
+            "the rule used more memory than the limit of {} MiB",
+            limits.memory_mib
+        ),
+        mlua::Error::CallbackError { cause, .. } => failure_text(cause, limits),
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        mlua::Error::RuntimeError(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Counts instructions: a rule running longer than its budget is stopped with an error that
+/// names the line it was on.
+fn install_hook(lua: &Lua, state: &Arc<CallState>, limits: EngineLimits) {
+    let state = state.clone();
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(4096),
+        move |_lua, debug| {
+            if let Some(ms) = state.running_ms()
+                && ms > limits.call_ms
+            {
+                let line = debug.current_line();
+                let src = debug.source();
+                let script = src.short_src.map(|s| s.into_owned()).unwrap_or_default();
+                return Err(mlua::Error::runtime(format!(
+                    "{script}:{}: the rule ran past its time limit of {} ms",
+                    line.unwrap_or(0),
+                    limits.call_ms
+                )));
+            }
+            Ok(VmState::Continue)
+        },
+    )
+    .ok();
+}
+
+fn make_context(
+    lua: &Lua,
+    c: &Context,
+    op: Operation,
+    lookup: Option<UserLookup>,
+) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("operation", op.as_str())?;
+    t.set("today", c.today.as_str())?;
+    t.set("tenant", c.tenant.as_str())?;
+    t.set("teams", strings_table(lua, &c.teams)?)?;
+    t.set("pools", strings_table(lua, &c.pools)?)?;
+    t.set("roles", strings_table(lua, &c.roles)?)?;
+    let lookup: Rc<dyn Fn(&str) -> LookupResult> = match lookup {
+        Some(f) => Rc::from(f),
+        None => Rc::new(|_: &str| Ok(None)),
+    };
+    let l = lookup.clone();
+    t.set(
+        "user",
+        lua.create_function(move |lua, email: String| {
+            match l(&email).map_err(mlua::Error::runtime)? {
+                None => Ok(Value::Nil),
+                Some(u) => {
+                    let t = lua.create_table()?;
+                    t.set("email", u.email)?;
+                    t.set("first_name", u.first_name)?;
+                    t.set("last_name", u.last_name)?;
+                    t.set("role", u.role)?;
+                    t.set("team", u.team)?;
+                    t.set("pool", u.pool)?;
+                    t.set("status", u.status)?;
+                    let custom = lua.create_table()?;
+                    for (k, v) in u.custom {
+                        custom.set(k, v)?;
+                    }
+                    t.set("custom", read_only(lua, custom, "a user's custom values")?)?;
+                    Ok(Value::Table(read_only(lua, t, "a user")?))
+                }
+            }
+        })?,
+    )?;
+    let l = lookup.clone();
+    t.set(
+        "user_exists",
+        lua.create_function(move |_, email: String| {
+            Ok(l(&email).map_err(mlua::Error::runtime)?.is_some())
+        })?,
+    )?;
+    let l = lookup;
+    t.set(
+        "user_active",
+        lua.create_function(move |_, email: String| {
+            Ok(l(&email)
+                .map_err(mlua::Error::runtime)?
+                .is_some_and(|u| u.status == "active"))
+        })?,
+    )?;
+    read_only(lua, t, "ctx")
+}
