@@ -181,6 +181,9 @@ pub enum Command {
     /// Check and read the hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Check tenants' Lua rules and try them on a file (see docs/RULES.md).
+    #[command(subcommand)]
+    Rules(RulesCmd),
     /// Measure each stage of an import against the bare libraries (see docs/BENCHMARKS.md).
     ///
     /// Generates add files of the given sizes (kept in --dir for the next run) and prints
@@ -318,6 +321,33 @@ pub enum InboxCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RulesCmd {
+    /// Load the rules of one tenant (or of all) and report every problem, with what the
+    /// scripts declare and whether it is the version in use. Changes nothing.
+    ///
+    /// Exit code 0: all rules load; 1: some do not. Example: rollcall rules check --tenant Acme
+    Check {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Run the rules as they are on disk now on a file and print its errors and warnings,
+    /// without storing anything (the version in use is not changed).
+    ///
+    /// Example: rollcall rules test --tenant Acme --op add new-users.xlsx
+    Test {
+        #[arg(long)]
+        tenant: String,
+        /// add, update, deactivate, reactivate or delete.
+        #[arg(long)]
+        op: Operation,
+        file: PathBuf,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum TasksCmd {
     /// Example: rollcall tasks list
     List,
@@ -379,6 +409,123 @@ pub enum UsersCmd {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+}
+
+/// Prints what `rules check` found for one tenant; false when its rules do not load.
+fn rules_check(
+    out: &mut dyn std::io::Write,
+    app: &service::App,
+    t: &db::Tenant,
+) -> AppResult<bool> {
+    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    let files = crate::rules::find_files(&app.data, &t.name)?;
+    if files.scripts.is_empty() {
+        writeln!(
+            out,
+            "{}: no rules (scripts would go in {}).",
+            t.name,
+            app.data.rules_dir().join(&files.folder).display()
+        )
+        .map_err(w)?;
+        return Ok(true);
+    }
+    let hash = files.hash();
+    let in_use: Option<(String, String)> = app
+        .conn
+        .query_row(
+            "SELECT hash, loaded_at FROM rule_sets WHERE tenant_id = ?1",
+            [t.id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok();
+    let ctx = crate::rules::context(&app.conn, t)?;
+    writeln!(
+        out,
+        "{}: {} scripts in {} (hash {})",
+        t.name,
+        files.scripts.len(),
+        files.origin,
+        &hash[..12]
+    )
+    .map_err(w)?;
+    let ok = match crate::rules::describe(&app.reader, &files, &ctx) {
+        Ok(d) => {
+            for c in &d.columns {
+                let ops: Vec<&str> = c.operations.iter().map(|o| o.as_str()).collect();
+                let mut traits = vec![if c.required { "required" } else { "optional" }.to_string()];
+                if !c.choices.is_empty() {
+                    traits.push(format!("{} choices", c.choices.len()));
+                }
+                if let Some(m) = c.max_length {
+                    traits.push(format!("at most {m} characters"));
+                }
+                if c.user_reference {
+                    traits.push("names a user".into());
+                }
+                writeln!(
+                    out,
+                    "  column {:?} ({}) in {}: {}",
+                    c.name,
+                    traits.join(", "),
+                    ops.join(", "),
+                    c.script
+                )
+                .map_err(w)?;
+            }
+            for (what, list) in [
+                ("normaliser", &d.normalisers),
+                ("check", &d.checks),
+                ("row check", &d.row_checks),
+            ] {
+                for r in list {
+                    writeln!(
+                        out,
+                        "  {what}{} at {}{}",
+                        r.column
+                            .as_deref()
+                            .map(|c| format!(" of {c:?}"))
+                            .unwrap_or_default(),
+                        r.script,
+                        r.line.map(|l| format!(":{l}")).unwrap_or_default()
+                    )
+                    .map_err(w)?;
+                }
+            }
+            writeln!(out, "  loads: OK").map_err(w)?;
+            true
+        }
+        Err(problems) => {
+            for p in &problems {
+                writeln!(out, "  problem: {p}").map_err(w)?;
+            }
+            false
+        }
+    };
+    match in_use {
+        Some((h, at)) if h == hash => writeln!(out, "  in use since {at}").map_err(w)?,
+        Some((h, at)) => writeln!(
+            out,
+            "  in use: another version (hash {}, loaded {at}){}",
+            h.get(..12).unwrap_or(&h),
+            if ok {
+                "; this one takes over at the next template or upload"
+            } else {
+                "; it stays in use until these problems are fixed"
+            }
+        )
+        .map_err(w)?,
+        None => writeln!(
+            out,
+            "  in use: {}",
+            if ok {
+                "not yet; from the next template or upload"
+            } else {
+                "none; this tenant's files cannot be checked until these problems are fixed"
+            }
+        )
+        .map_err(w)?,
+    }
+    Ok(ok)
 }
 
 /// Runs a parsed command line; returns the exit code.
@@ -1029,6 +1176,104 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             writeln!(out, "{name}: {done}").map_err(w)?;
             Ok(0)
         }
+        Command::Rules(RulesCmd::Check { tenant }) => {
+            let tenants = match tenant {
+                Some(t) => vec![db::tenant(&app.conn, &t)?],
+                None => db::list_tenants(&app.conn)?,
+            };
+            let mut broken = 0;
+            for t in &tenants {
+                if !rules_check(out, &app, t)? {
+                    broken += 1;
+                }
+            }
+            // Folders that belong to no tenant are most likely misspelt.
+            if let Ok(dir) = std::fs::read_dir(app.data.rules_dir()) {
+                let known: Vec<String> = db::list_tenants(&app.conn)?
+                    .iter()
+                    .map(|t| crate::rules::folder_name(&t.name))
+                    .collect();
+                for e in dir.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if e.path().is_dir() && !known.contains(&name) {
+                        writeln!(out, "Note: the rules folder {} belongs to no tenant (a tenant's folder is its name in lower case with hyphens, e.g. \"Example Corp\" -> example-corp).", e.path().display()).map_err(w)?;
+                    }
+                }
+            }
+            Ok(if broken == 0 { 0 } else { 1 })
+        }
+        Command::Rules(RulesCmd::Test {
+            tenant,
+            op,
+            file,
+            json,
+        }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            let files = crate::rules::find_files(&app.data, &t.name)?;
+            let ctx = crate::rules::context(&app.conn, &t)?;
+            let active = if files.scripts.is_empty() {
+                None
+            } else {
+                match crate::rules::describe(&app.reader, &files, &ctx) {
+                    Ok(description) => Some(crate::rules::ActiveRules {
+                        folder: files.folder.clone(),
+                        origin: files.origin.clone(),
+                        hash: files.hash(),
+                        scripts: files.scripts.clone(),
+                        description,
+                        loaded_at: db::now(),
+                        notes: vec![],
+                    }),
+                    Err(problems) => {
+                        writeln!(out, "The rules in {} do not load:", files.origin).map_err(w)?;
+                        for p in &problems {
+                            writeln!(out, "  {p}").map_err(w)?;
+                        }
+                        return Ok(1);
+                    }
+                }
+            };
+            if !json {
+                match &active {
+                    Some(a) => writeln!(
+                        out,
+                        "Rules of {} from {} ({} scripts, hash {}), not yet in use unless unchanged.",
+                        t.name,
+                        a.origin,
+                        a.scripts.len(),
+                        &a.hash[..12]
+                    ),
+                    None => writeln!(out, "{} has no rules; only the built-in checks run.", t.name),
+                }
+                .map_err(w)?;
+            }
+            let name = file_name(&file);
+            let db_path = app.data.database();
+            let mut effects = Effects::new(json);
+            let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
+            let outcome = crate::bulk::process(
+                &app.conn,
+                &app.reader,
+                &crate::bulk::Request {
+                    tenant: &t,
+                    op,
+                    path: &file,
+                    file_name: &name,
+                    file_sha256: None,
+                    mode: crate::bulk::Mode::DryRun,
+                    estimate: None,
+                    rules: service::rules_input(&app, active.as_ref(), &db_path),
+                },
+                &mut sink,
+                &mut |_| {},
+            )?;
+            if json {
+                print_json(out, &outcome, &effects.rows, None, None)?;
+            } else {
+                print_outcome(out, &name, &outcome, &effects.rows, false)?;
+            }
+            Ok(if outcome.is_valid() { 0 } else { 1 })
+        }
         Command::Audit(AuditCmd::Verify { json }) => {
             let v = crate::audit::verify(&app.conn, &app.data.audit_dir())?;
             if json {
@@ -1108,7 +1353,10 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         }
         Command::Users(UsersCmd::Export { tenant, output }) => {
             let t = db::tenant(&app.conn, &tenant)?;
-            let n = service::export_users(&app.conn, &t, output.as_deref())?;
+            let custom: Vec<String> = service::active_rules(&app, &t)?
+                .map(|r| r.description.columns.into_iter().map(|c| c.name).collect())
+                .unwrap_or_default();
+            let n = service::export_users(&app.conn, &t, &custom, output.as_deref())?;
             if let Some(p) = output {
                 writeln!(out, "Exported {n} users of {} to {}.", t.name, p.display()).map_err(w)?;
             }

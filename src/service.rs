@@ -612,10 +612,16 @@ pub fn save_upload_result(
     Ok(())
 }
 
-/// Writes every user of a tenant to `.xlsx` or `.csv` (by extension), or CSV to stdout.
+/// Writes every user of a tenant to `.xlsx` or `.csv` (by extension), or CSV to stdout,
+/// with the custom columns its rules declare (`custom`) after the built-in fields.
 /// Returns the number of users written.
-pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -> AppResult<u64> {
-    const HEADERS: [&str; 11] = [
+pub fn export_users(
+    conn: &Connection,
+    tenant: &Tenant,
+    custom: &[String],
+    output: Option<&Path>,
+) -> AppResult<u64> {
+    const BUILT_IN: [&str; 11] = [
         "Email",
         "First Name",
         "Last Name",
@@ -628,12 +634,19 @@ pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -
         "Created",
         "Updated",
     ];
+    let mut headers: Vec<&str> = BUILT_IN.to_vec();
+    headers.extend(custom.iter().map(String::as_str));
     let is_xlsx = output
         .and_then(|p| p.extension())
         .is_some_and(|e| e.eq_ignore_ascii_case("xlsx"));
     let mut n = 0u64;
-    let fields = |u: &db::User| -> [String; 11] {
-        [
+    let fields = |u: &db::User| -> Vec<String> {
+        let values: serde_json::Map<String, serde_json::Value> = u
+            .custom
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        let mut v = vec![
             u.email.clone(),
             u.first_name.clone(),
             u.last_name.clone(),
@@ -645,7 +658,15 @@ pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -
             u.status.clone(),
             u.created_at.clone(),
             u.updated_at.clone(),
-        ]
+        ];
+        v.extend(custom.iter().map(|c| {
+            values
+                .get(c)
+                .and_then(|x| x.as_str())
+                .unwrap_or_default()
+                .to_string()
+        }));
+        v
     };
     if is_xlsx {
         let Some(path) = output else { return Ok(0) };
@@ -654,8 +675,8 @@ pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -
         let mut wb = rust_xlsxwriter::Workbook::new();
         let ws = wb.add_worksheet_with_constant_memory().map_err(xerr)?;
         ws.set_name("Users").map_err(xerr)?;
-        for (i, h) in HEADERS.iter().enumerate() {
-            ws.write_string_with_format(0, i as u16, *h, &f.header)
+        for (i, h) in headers.iter().enumerate() {
+            ws.write_string_with_format(0, i as u16, crate::sheet::template::echo(h), &f.header)
                 .map_err(xerr)?;
             ws.set_column_width(i as u16, 20.0).map_err(xerr)?;
         }
@@ -680,7 +701,12 @@ pub fn export_users(conn: &Connection, tenant: &Tenant, output: Option<&Path>) -
     };
     let mut w = csv::Writer::from_writer(sink);
     let cerr = |e: csv::Error| AppError::internal("writing the export", e);
-    w.write_record(HEADERS).map_err(cerr)?;
+    w.write_record(
+        headers
+            .iter()
+            .map(|h| crate::model::csv_safe(h).into_owned()),
+    )
+    .map_err(cerr)?;
     db::for_each_user(conn, tenant.id, None, |u| {
         n += 1;
         let row = fields(u);

@@ -203,12 +203,13 @@ fn read_only(lua: &Lua, t: Table, what: &'static str) -> mlua::Result<Table> {
     let proxy = lua.create_table()?;
     let mt = lua.create_table()?;
     mt.set("__index", t)?;
-    mt.set(
-        "__newindex",
-        lua.create_function(move |_, _: mlua::MultiValue| -> mlua::Result<()> {
-            Err(mlua::Error::runtime(format!("{what} is read-only")))
-        })?,
-    )?;
+    // Made in Lua so that the error points at the script's line (level 2).
+    let deny: Function = lua
+        .load("local what = ... return function() error(what .. ' is read-only', 2) end")
+        .set_name("=sandbox")
+        .set_mode(ChunkMode::Text)
+        .call(what)?;
+    mt.set("__newindex", deny)?;
     mt.set("__metatable", false)?;
     proxy.set_metatable(Some(mt))?;
     Ok(proxy)
@@ -271,8 +272,10 @@ fn register_api(lua: &Lua, reg: &Rc<RefCell<Registry>>) -> mlua::Result<()> {
             let line = caller_line(lua);
             let script = reg.script.to_string();
             let name: Option<String> = spec.get("name")?;
+            let located =
+                |m: String| mlua::Error::runtime(format!("{script}:{}: {m}", line.unwrap_or(0)));
             let Some(name) = name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()) else {
-                return Err(mlua::Error::runtime("rollcall.column needs a name"));
+                return Err(located("rollcall.column needs a name".into()));
             };
             let choices: Option<Table> = spec.get("choices")?;
             let mut choice_list = Vec::new();
@@ -283,7 +286,7 @@ fn register_api(lua: &Lua, reg: &Rc<RefCell<Registry>>) -> mlua::Result<()> {
             }
             let operations = match op_list(spec.get("operations")?)? {
                 Ok(o) => o,
-                Err(m) => return Err(mlua::Error::runtime(m)),
+                Err(m) => return Err(located(m)),
             };
             let max_length: Option<i64> = spec.get("max_length")?;
             let decl = ColumnDecl {
