@@ -1003,6 +1003,7 @@ impl Checker {
         for (c, col) in cols.iter().enumerate() {
             let raw = std::mem::take(&mut self.values[c]);
             let v = raw.as_str();
+            let mut canon: Option<String> = None;
             let clear = v.eq_ignore_ascii_case(CLEAR_TOKEN);
             if v.is_empty() {
                 if col.required {
@@ -1021,12 +1022,11 @@ impl Checker {
             }
             if clear {
                 let clearable = self.op == Operation::Update
-                    && (matches!(col.field, Field::JobTitle | Field::Team)
-                        || (matches!(col.field, Field::Custom(_)) && !col.required));
+                    && (matches!(col.field, Field::JobTitle | Field::Team) || col.clearable);
                 if !clearable {
                     let msg = if self.op == Operation::Update {
                         format!(
-                            "{} cannot be cleared; only Job Title and Team can be cleared with {CLEAR_TOKEN}.",
+                            "{} cannot be cleared; only Job Title, Team and your organisation's optional columns can be cleared with {CLEAR_TOKEN}.",
                             col.header
                         )
                     } else {
@@ -1110,6 +1110,7 @@ impl Checker {
                                 });
                             }
                             rv.role = Some(r);
+                            canon = Some(r.to_string());
                         }
                         None => {
                             self.problem(
@@ -1133,6 +1134,7 @@ impl Checker {
                                 });
                             }
                             rv.language = Some(name);
+                            canon = Some(name.to_string());
                         }
                         None => {
                             self.problem(Severity::Error, Some(row), Some(c), Some(v), "invalid_choice", format!("Language must be one of the drop-down's languages (for example {}).", LANGUAGES.iter().take(6).map(|l| l.0).collect::<Vec<_>>().join(", ")));
@@ -1147,6 +1149,7 @@ impl Checker {
                                 });
                             }
                             rv.team = Some(Some(id));
+                            canon = Some(name);
                         }
                         None => {
                             let mut names: Vec<&str> =
@@ -1190,6 +1193,7 @@ impl Checker {
                                 });
                             }
                             rv.pool = Some(self.pools[i].id);
+                            canon = Some(self.pools[i].name.clone());
                         }
                         None => {
                             let names: Vec<&str> =
@@ -1217,7 +1221,8 @@ impl Checker {
                     _ => {}
                 },
             }
-            self.values[c] = raw;
+            // The rules see the corrected spelling ("manager" -> "Manager").
+            self.values[c] = canon.unwrap_or(raw);
         }
         ok
     }

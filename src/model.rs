@@ -192,6 +192,8 @@ pub struct Column {
     pub choices: Vec<String>,
     /// A custom column holding a user's email (must exist or be added by the same file).
     pub user_reference: bool,
+    /// A custom column an update may clear with the clear token (one not declared required).
+    pub clearable: bool,
 }
 
 impl Column {
@@ -211,11 +213,13 @@ impl Column {
             example: example.to_string(),
             choices: Vec::new(),
             user_reference: false,
+            clearable: false,
         }
     }
 
-    /// The n-th custom column of an operation, from its declaration.
-    pub fn custom(n: u16, d: &crate::rules::ColumnDecl) -> Self {
+    /// The n-th custom column of an operation, from its declaration. `required` holds in
+    /// add files only (elsewhere an empty cell leaves the value as it is).
+    pub fn custom(n: u16, d: &crate::rules::ColumnDecl, op: Operation) -> Self {
         let mut help = d.help.clone();
         if d.user_reference {
             if !help.is_empty() {
@@ -232,13 +236,14 @@ impl Column {
         Column {
             field: Field::Custom(n),
             header: d.name.clone(),
-            required: d.required,
+            required: d.required && op == Operation::Add,
             kind: Kind::Custom,
             max_chars: usize::MAX,
             help,
             example: d.example.clone(),
             choices: d.choices.clone(),
             user_reference: d.user_reference,
+            clearable: !d.required,
         }
     }
 }
@@ -249,7 +254,7 @@ pub fn columns_with(op: Operation, rules: Option<&crate::rules::Description>) ->
     let mut cols = columns(op);
     if let Some(d) = rules {
         for (n, c) in d.columns_of(op).enumerate() {
-            cols.push(Column::custom(n as u16, c));
+            cols.push(Column::custom(n as u16, c, op));
         }
     }
     cols

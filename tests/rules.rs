@@ -560,3 +560,40 @@ fn rules_check_and_rules_test_from_the_command_line_store_nothing() {
         text(&o)
     );
 }
+
+#[test]
+fn required_custom_columns_bind_add_files_only_and_rules_see_corrected_spellings() {
+    let env = Env::new();
+    let t = tenant(&env, "Example Corp");
+    let file = csv(
+        &env,
+        "a.csv",
+        &format!(
+            "{ADD_HEADER}\n\
+             ada@example.com,Ada,Lovelace,,,manager,,standard,,,\n"
+        ),
+    );
+    let o = validate(&env, &t, Operation::Add, &file);
+    let m = messages(&o);
+    // One message for the empty Employee ID, and the row rule saw "Manager".
+    assert_eq!(codes(&o), vec!["required_missing", "rule_error"], "{m}");
+    assert!(m.contains("A Manager must have a team"), "{m}");
+    let file = csv(
+        &env,
+        "u.csv",
+        "Email,New Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool,Cost Centre,Employee ID,Manager Email\n\
+         nobody@example.com,,,,,,,,,,,\n",
+    );
+    let o = validate(&env, &t, Operation::Update, &file);
+    assert_eq!(codes(&o), vec!["user_not_found"], "{}", messages(&o));
+    // A required custom column cannot be cleared.
+    let file = csv(
+        &env,
+        "c.csv",
+        "Email,New Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool,Cost Centre,Employee ID,Manager Email
+         nobody@example.com,,,,,,,,,,#clear,
+",
+    );
+    let o = validate(&env, &t, Operation::Update, &file);
+    assert!(codes(&o).contains(&"cannot_clear"), "{}", messages(&o));
+}

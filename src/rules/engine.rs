@@ -144,11 +144,12 @@ pub type Findings = Vec<Finding>;
 pub struct Engine {
     lua: Lua,
     ctx: Table,
+    /// The `row` scripts see: a read-only view of `row_data`, read on demand.
     row: Table,
+    row_data: Rc<RefCell<Vec<String>>>,
     /// The run's columns (built-in headers then the operation's custom columns).
     headers: Vec<String>,
     /// Lua strings of `headers`, made once.
-    header_keys: Vec<mlua::LuaString>,
     /// Custom columns by index in `headers`.
     custom: Vec<(usize, ColumnDecl)>,
     checks: Vec<Rule>,
@@ -198,21 +199,32 @@ fn sandbox(limits: &EngineLimits) -> mlua::Result<Lua> {
     Ok(lua)
 }
 
-/// A read-only view of `t`: reading works, writing raises an error.
+/// A read-only view of `t`: reading, `#`, `pairs` and `ipairs` work; writing raises an
+/// error that points at the script's line.
 fn read_only(lua: &Lua, t: Table, what: &'static str) -> mlua::Result<Table> {
-    let proxy = lua.create_table()?;
-    let mt = lua.create_table()?;
-    mt.set("__index", t)?;
-    // Made in Lua so that the error points at the script's line (level 2).
-    let deny: Function = lua
-        .load("local what = ... return function() error(what .. ' is read-only', 2) end")
-        .set_name("=sandbox")
-        .set_mode(ChunkMode::Text)
-        .call(what)?;
-    mt.set("__newindex", deny)?;
-    mt.set("__metatable", false)?;
-    proxy.set_metatable(Some(mt))?;
-    Ok(proxy)
+    let make: Function = match lua.named_registry_value::<Option<Function>>("rollcall.read_only")? {
+        Some(f) => f,
+        None => {
+            let f: Function = lua
+                .load(
+                    "return function(t, what)
+                       return setmetatable({}, {
+                         __index = t,
+                         __newindex = function() error(what .. ' is read-only', 2) end,
+                         __len = function() return #t end,
+                         __pairs = function() return next, t, nil end,
+                         __metatable = false,
+                       })
+                     end",
+                )
+                .set_name("=sandbox")
+                .set_mode(ChunkMode::Text)
+                .eval()?;
+            lua.set_named_registry_value("rollcall.read_only", &f)?;
+            f
+        }
+    };
+    make.call((t, what))
 }
 
 fn strings_table(lua: &Lua, items: &[String]) -> mlua::Result<Table> {
@@ -441,10 +453,10 @@ impl Engine {
             .unwrap_or_else(|rc| std::mem::take(&mut *rc.borrow_mut()));
         let mut engine = Engine {
             row: lua.create_table().map_err(|e| fail(lua_err(e)))?,
+            row_data: Rc::new(RefCell::new(Vec::new())),
             lua,
             ctx,
             headers: Vec::new(),
-            header_keys: Vec::new(),
             custom: Vec::new(),
             checks: Vec::new(),
             row_checks: Vec::new(),
@@ -580,11 +592,10 @@ impl Engine {
             info.row_checks.push(rule_info(&rule));
             self.row_checks.push(rule);
         }
-        self.header_keys = self
-            .headers
-            .iter()
-            .filter_map(|h| self.lua.create_string(h).ok())
-            .collect();
+        match row_view(&self.lua, &self.headers, &self.row_data) {
+            Ok(t) => self.row = t,
+            Err(e) => p("", None, lua_err(e)),
+        }
         self.description = info;
         problems
     }
@@ -609,7 +620,7 @@ impl Engine {
     pub fn check_row(
         &mut self,
         row: u32,
-        values: &mut [String],
+        values: &mut Vec<String>,
         out: &mut Findings,
     ) -> Result<(), RuleFailure> {
         let update = self.op == Operation::Update;
@@ -622,7 +633,7 @@ impl Engine {
             if v.is_empty() || (update && v.eq_ignore_ascii_case(CLEAR_TOKEN)) {
                 continue;
             }
-            let r: Value = self.call(i, Kind::Normaliser, row, (v.as_str(), self.ctx.clone()))?;
+            let r: Value = self.call(i, Kind::Normaliser, row, (v.as_str(), &self.ctx))?;
             match r {
                 Value::Nil => {}
                 Value::String(s) => {
@@ -643,7 +654,7 @@ impl Engine {
                         line: rule.line,
                         row: Some(row),
                         message: format!(
-                            "the normaliser of {:?} returned a {}; it must return a string or nil",
+                            "the normaliser of {:?} returned a value of type {}; it must return a string or nil",
                             rule.column_name.as_deref().unwrap_or(""),
                             other.type_name()
                         ),
@@ -653,13 +664,8 @@ impl Engine {
         }
         for (c, decl) in &self.custom {
             let v = &values[*c];
+            // (An empty required cell is reported by rollcall's own checks.)
             if v.is_empty() {
-                if decl.required && self.op == Operation::Add {
-                    out.push(Finding::Error {
-                        col: Some(*c),
-                        message: format!("{} is required. Fill it in.", decl.name),
-                    });
-                }
                 continue;
             }
             if update && v.eq_ignore_ascii_case(CLEAR_TOKEN) {
@@ -703,31 +709,37 @@ impl Engine {
         if self.checks.is_empty() && self.row_checks.is_empty() {
             return Ok(());
         }
-        // 2. The row as a table of strings, reused from row to row.
-        for (k, v) in self.header_keys.iter().zip(values.iter()) {
-            self.row
-                .raw_set(k, v.as_str())
-                .map_err(|e| self.internal(row, e))?;
-        }
-        // 3. Cell checks (on filled cells), then row checks.
+        // 2. The row's values move into the view the scripts read (and back after).
+        let data = self.row_data.clone();
+        std::mem::swap(&mut *data.borrow_mut(), values);
+        let result = self.run_checks(row, &data, out);
+        std::mem::swap(&mut *data.borrow_mut(), values);
+        result
+    }
+
+    /// Cell checks (on filled cells), then row checks.
+    fn run_checks(
+        &self,
+        row: u32,
+        data: &RefCell<Vec<String>>,
+        out: &mut Findings,
+    ) -> Result<(), RuleFailure> {
+        let update = self.op == Operation::Update;
         for i in 0..self.checks.len() {
             let Some(c) = self.checks[i].col else {
                 continue;
             };
-            let v = &values[c];
+            let values = data.borrow();
+            let v = values.get(c).map_or("", String::as_str);
             if v.is_empty() || (update && v.eq_ignore_ascii_case(CLEAR_TOKEN)) {
                 continue;
             }
-            let r: Value = self.call(
-                i,
-                Kind::Check,
-                row,
-                (v.as_str(), self.row.clone(), self.ctx.clone()),
-            )?;
+            let r: Value = self.call(i, Kind::Check, row, (v, &self.row, &self.ctx))?;
+            drop(values);
             self.collect(r, Some(c), i, Kind::Check, row, out)?;
         }
         for i in 0..self.row_checks.len() {
-            let r: Value = self.call(i, Kind::Row, row, (self.row.clone(), self.ctx.clone()))?;
+            let r: Value = self.call(i, Kind::Row, row, (&self.row, &self.ctx))?;
             self.collect(r, None, i, Kind::Row, row, out)?;
         }
         Ok(())
@@ -782,15 +794,6 @@ impl Engine {
         })
     }
 
-    fn internal(&self, row: u32, e: mlua::Error) -> RuleFailure {
-        RuleFailure {
-            script: String::new(),
-            line: None,
-            row: Some(row),
-            message: failure_text(&e, &self.limits),
-        }
-    }
-
     /// Turns what a check returned into findings.
     fn collect(
         &self,
@@ -832,7 +835,7 @@ impl Engine {
                         Ok(Value::Table(t)) => self.one_finding(&t, col, out).map_err(&bad)?,
                         Ok(other) => {
                             return Err(bad(format!(
-                                "a check returned a list holding a {}; a list may hold only messages",
+                                "a check returned a list holding a value of type {}; a list may hold only messages",
                                 other.type_name()
                             )));
                         }
@@ -842,7 +845,7 @@ impl Engine {
                 Ok(())
             }
             other => Err(bad(format!(
-                "a check returned a {}; it must return nothing, a message or a list of messages",
+                "a check returned a value of type {}; it must return nothing, a message or a list of messages",
                 other.type_name()
             ))),
         }
@@ -887,6 +890,54 @@ enum Kind {
     Normaliser,
     Check,
     Row,
+}
+
+/// The read-only `row` table: a header gives the cell's text from `data` (looked up when
+/// read, so a row costs nothing for the columns no rule reads); `pairs` lists them all.
+fn row_view(lua: &Lua, headers: &[String], data: &Rc<RefCell<Vec<String>>>) -> mlua::Result<Table> {
+    let index: Rc<std::collections::HashMap<String, usize>> = Rc::new(
+        headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.clone(), i))
+            .collect(),
+    );
+    let (d, ix) = (data.clone(), index.clone());
+    let get = lua.create_function(move |lua, (_, key): (Value, Value)| {
+        let Value::String(k) = key else {
+            return Ok(Value::Nil);
+        };
+        let Some(&i) = k.to_str().ok().and_then(|k| ix.get(&*k)) else {
+            return Ok(Value::Nil);
+        };
+        match d.borrow().get(i) {
+            Some(v) => lua.create_string(v).map(Value::String),
+            None => Ok(Value::Nil),
+        }
+    })?;
+    let (d, names) = (data.clone(), headers.to_vec());
+    let all = lua.create_function(move |lua, _: Value| {
+        let t = lua.create_table()?;
+        for (h, v) in names.iter().zip(d.borrow().iter()) {
+            t.raw_set(h.as_str(), v.as_str())?;
+        }
+        let next: Function = lua.globals().get("next")?;
+        Ok((next, t, Value::Nil))
+    })?;
+    let view: Table = lua
+        .load(
+            "local get, all = ...
+             return setmetatable({}, {
+               __index = get,
+               __newindex = function() error('row is read-only', 2) end,
+               __pairs = all,
+               __metatable = false,
+             })",
+        )
+        .set_name("=sandbox")
+        .set_mode(ChunkMode::Text)
+        .call((get, all))?;
+    Ok(view)
 }
 
 fn rule_info(r: &Rule) -> RuleInfo {
@@ -1027,4 +1078,290 @@ fn make_context(
         })?,
     )?;
     read_only(lua, t, "ctx")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            tenant: "Acme".into(),
+            today: "2026-11-25".into(),
+            teams: vec!["Research".into(), "Sales".into()],
+            pools: vec!["Standard".into()],
+            roles: vec!["Learner".into(), "Manager".into(), "Admin".into()],
+        }
+    }
+
+    fn builtin(op: Operation) -> Vec<String> {
+        crate::model::columns(op)
+            .into_iter()
+            .map(|c| c.header)
+            .collect()
+    }
+
+    fn load(op: Operation, src: &str) -> Result<Engine, Vec<LoadProblem>> {
+        Engine::load(
+            &[Script {
+                name: "t.lua".into(),
+                source: src.into(),
+            }],
+            &ctx(),
+            op,
+            &builtin(op),
+            EngineLimits {
+                memory_mib: 16,
+                call_ms: 500,
+            },
+            CallState::new(),
+            None,
+        )
+    }
+
+    /// Runs one add row: the built-in values in order, then the custom ones.
+    fn run(e: &mut Engine, values: &[&str]) -> Result<(Vec<String>, Findings), RuleFailure> {
+        let mut v: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+        v.resize(e.headers().len(), String::new());
+        let mut out = Vec::new();
+        e.check_row(2, &mut v, &mut out)?;
+        Ok((v, out))
+    }
+
+    const ADA: [&str; 8] = [
+        "ada@example.com",
+        "Ada",
+        "Lovelace",
+        "",
+        "Research",
+        "Manager",
+        "",
+        "Standard",
+    ];
+
+    fn with(extra: &[&str]) -> Vec<&'static str> {
+        let mut v: Vec<&str> = ADA.to_vec();
+        v.extend(extra.iter().map(|s| &*s.to_string().leak()));
+        v
+    }
+
+    #[test]
+    fn column_declares_a_custom_column_for_add_and_update_by_default() {
+        let src = r#"rollcall.column { name = "Badge", help = "h", example = "B1", required = true,
+            choices = { "B1", "B2" }, max_length = 2, user_reference = false }
+            rollcall.column { name = "Note", operations = { "delete" } }"#;
+        let e = load(Operation::Add, src).unwrap();
+        let d = e.description();
+        assert_eq!(d.columns.len(), 2);
+        let b = &d.columns[0];
+        assert_eq!(
+            (
+                b.name.as_str(),
+                b.help.as_str(),
+                b.example.as_str(),
+                b.required
+            ),
+            ("Badge", "h", "B1", true)
+        );
+        assert_eq!(b.choices, vec!["B1", "B2"]);
+        assert_eq!(b.max_length, Some(2));
+        assert_eq!(b.operations, vec![Operation::Add, Operation::Update]);
+        assert_eq!((b.script.as_str(), b.line), ("t.lua", Some(1)));
+        assert_eq!(e.headers().last().map(String::as_str), Some("Badge"));
+        let del = load(Operation::Delete, src).unwrap();
+        assert_eq!(del.headers().last().map(String::as_str), Some("Note"));
+        let p = load(
+            Operation::Add,
+            "rollcall.column { name = 'X', operations = { 'nope' } }",
+        )
+        .err()
+        .unwrap();
+        assert!(
+            p[0].message.contains("\"nope\" is not an operation"),
+            "{p:?}"
+        );
+        let p = load(
+            Operation::Add,
+            "rollcall.column { name = 'X' }\nrollcall.column { name = 'x' }",
+        )
+        .err()
+        .unwrap();
+        assert!(p[0].message.contains("declared twice"), "{p:?}");
+    }
+
+    #[test]
+    fn declared_checks_length_and_choices() {
+        let src = r#"rollcall.column { name = "Badge", required = true, max_length = 3, choices = { "Abc", "Xy" } }"#;
+        let mut e = load(Operation::Add, src).unwrap();
+        // An empty required cell is left to rollcall's own checks (one message, not two).
+        assert_eq!(run(&mut e, &with(&[""])).unwrap().1, vec![]);
+        let (v, f) = run(&mut e, &with(&["abc"])).unwrap();
+        assert_eq!(v[8], "Abc");
+        assert!(
+            matches!(&f[0], Finding::CaseCorrected { value, from, .. } if value == "Abc" && from == "abc")
+        );
+        let (_, f) = run(&mut e, &with(&["abcd"])).unwrap();
+        assert!(
+            matches!(&f[0], Finding::Error { message, .. } if message.contains("has 4 characters; at most 3"))
+        );
+        let (_, f) = run(&mut e, &with(&["Q"])).unwrap();
+        assert!(
+            matches!(&f[0], Finding::Error { message, .. } if message == "Badge must be one of Abc, Xy.")
+        );
+        // Required applies to add files only; #CLEAR in an update is left to rollcall.
+        let mut u = load(Operation::Update, src).unwrap();
+        let mut v = vec![String::new(); u.headers().len()];
+        v[0] = "ada@example.com".into();
+        let mut out = Vec::new();
+        u.check_row(2, &mut v, &mut out).unwrap();
+        let last = v.len() - 1;
+        v[last] = "#CLEAR".into();
+        u.check_row(2, &mut v, &mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn check_results_nil_string_list_warning_error_and_column() {
+        let src = r#"
+            rollcall.check("First Name", function(v)
+              if v == "ok" then return nil end
+              if v == "one" then return "bad name" end
+              if v == "two" then return { "first", rollcall.warning("second") } end
+              if v == "err" then return rollcall.error("explicit") end
+              if v == "col" then return { column = "Team", message = "about the team", level = "warning" } end
+              if v == "num" then return 42 end
+            end)"#;
+        let mut e = load(Operation::Add, src).unwrap();
+        let mut row = ADA.to_vec();
+        let mut go = |name: &'static str| {
+            row[1] = name;
+            run(&mut e, &row)
+        };
+        assert_eq!(go("ok").unwrap().1, vec![]);
+        assert_eq!(
+            go("one").unwrap().1,
+            vec![Finding::Error {
+                col: Some(1),
+                message: "bad name".into()
+            }]
+        );
+        assert_eq!(
+            go("two").unwrap().1,
+            vec![
+                Finding::Error {
+                    col: Some(1),
+                    message: "first".into()
+                },
+                Finding::Warning {
+                    col: Some(1),
+                    message: "second".into()
+                }
+            ]
+        );
+        assert_eq!(
+            go("err").unwrap().1,
+            vec![Finding::Error {
+                col: Some(1),
+                message: "explicit".into()
+            }]
+        );
+        assert_eq!(
+            go("col").unwrap().1,
+            vec![Finding::Warning {
+                col: Some(4),
+                message: "about the team".into()
+            }]
+        );
+        let f = go("num").unwrap_err();
+        assert_eq!(
+            (f.script.as_str(), f.line, f.row),
+            ("t.lua", Some(2), Some(2))
+        );
+        assert!(
+            f.message.contains("returned a value of type integer"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn checks_skip_empty_cells_and_row_checks_see_the_row_and_ctx() {
+        let src = r#"
+            rollcall.check("Job Title", function(v) return "called" end)
+            rollcall.check_row(function(row, ctx)
+              return string.format("%s|%s|%s|%s|%s|%d|%s", row["Email"], row["Job Title"],
+                ctx.operation, ctx.today, ctx.tenant, #ctx.teams, ctx.roles[2])
+            end)"#;
+        let mut e = load(Operation::Add, src).unwrap();
+        let (_, f) = run(&mut e, &ADA).unwrap();
+        assert_eq!(
+            f,
+            vec![Finding::Error {
+                col: None,
+                message: "ada@example.com||add|2026-11-25|Acme|2|Manager".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn normalisers_change_custom_values_only() {
+        let src = r#"rollcall.column { name = "Code" }
+            rollcall.normalise("Code", function(v) return v:upper() end)"#;
+        let mut e = load(Operation::Add, src).unwrap();
+        let (v, f) = run(&mut e, &with(&["ab1"])).unwrap();
+        assert_eq!(v[8], "AB1");
+        assert_eq!(
+            f,
+            vec![Finding::Normalised {
+                col: 8,
+                value: "AB1".into(),
+                from: "ab1".into()
+            }]
+        );
+        assert_eq!(run(&mut e, &with(&["AB1"])).unwrap().1, vec![]);
+        let p = load(
+            Operation::Add,
+            "rollcall.normalise('Job Title', function(v) return v end)",
+        )
+        .err()
+        .unwrap();
+        assert!(
+            p[0].message
+                .contains("built-in columns are normalised by rollcall"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn ctx_row_and_lists_are_read_only_and_lookups_answer_nothing_without_a_directory() {
+        let src = r#"rollcall.check_row(function(row, ctx)
+              if ctx.user_exists("a@b.c") or ctx.user_active("a@b.c") or ctx.user("a@b.c") then return "found" end
+              local ok1 = pcall(function() ctx.tenant = "x" end)
+              local ok2 = pcall(function() ctx.teams[1] = "x" end)
+              local ok3 = pcall(function() row.Email = "x" end)
+              return tostring(ok1) .. tostring(ok2) .. tostring(ok3)
+            end)"#;
+        let mut e = load(Operation::Add, src).unwrap();
+        assert_eq!(
+            run(&mut e, &ADA).unwrap().1,
+            vec![Finding::Error {
+                col: None,
+                message: "falsefalsefalse".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn error_locations_are_split_from_messages() {
+        assert_eq!(
+            split_location(
+                "a.lua",
+                "runtime error: a.lua:12: boom\nstack traceback: ..."
+            ),
+            (Some(12), "boom".to_string())
+        );
+        assert_eq!(
+            split_location("a.lua", "something else"),
+            (None, "something else".to_string())
+        );
+    }
 }

@@ -118,6 +118,18 @@ impl Cursor<'_> {
     fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|s| s[0])
     }
+    /// The next text into `into` (its buffer reused).
+    fn text_into(&mut self, into: &mut String) -> Option<()> {
+        let n = self.u32()? as usize;
+        let bytes = self.take(n)?;
+        into.clear();
+        match std::str::from_utf8(bytes) {
+            Ok(t) => into.push_str(t),
+            Err(_) => into.push_str(&String::from_utf8_lossy(bytes)),
+        }
+        Some(())
+    }
+
     fn text(&mut self) -> Option<String> {
         let n = self.u32()? as usize;
         self.take(n)
@@ -337,14 +349,9 @@ pub fn run() -> i32 {
             };
             for (i, v) in values.iter_mut().enumerate() {
                 v.clear();
-                if i < n as usize {
-                    match c.text() {
-                        Some(t) => *v = t,
-                        None => {
-                            eprintln!("rules worker: bad batch");
-                            return 2;
-                        }
-                    }
+                if i < n as usize && c.text_into(v).is_none() {
+                    eprintln!("rules worker: bad batch");
+                    return 2;
                 }
             }
             for _ in ncols..n as usize {
