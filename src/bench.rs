@@ -183,6 +183,9 @@ pub struct StageResult {
     /// Size of the audit log written (the `audit` stage), bytes.
     #[serde(default)]
     pub audit_bytes: u64,
+    /// CPU time of the rules worker (the `validate_*` stages), seconds.
+    #[serde(default)]
+    pub rules_cpu_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -386,6 +389,42 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             check_valid(&o)?;
             rows = o.rows;
         }
+        "lua_engine" => {
+            // The rules engine alone, in this process: the same rules on the same values,
+            // without the file, the pipe or the other checks.
+            let op = Operation::Add;
+            let builtin: Vec<String> = crate::model::columns(op)
+                .into_iter()
+                .map(|c| c.header)
+                .collect();
+            let mut engine = crate::rules::engine::Engine::load(
+                &[crate::rules::Script {
+                    name: "bench.lua".into(),
+                    source: bench_rules(false),
+                }],
+                &crate::rules::Context::default(),
+                op,
+                &builtin,
+                crate::rules::client::engine_limits(&crate::config::Limits::default()),
+                crate::rules::engine::CallState::new(),
+                None,
+            )
+            .map_err(|p| AppError::internal("bench rules", format!("{p:?}")))?;
+            let mut values: Vec<String> = Vec::with_capacity(11);
+            let mut findings = Vec::new();
+            let start = Instant::now();
+            for i in 0..a.rows {
+                values.clear();
+                values.extend(row_values(i));
+                values.extend(custom_values(i));
+                findings.clear();
+                engine
+                    .check_row(i as u32 + 2, &mut values, &mut findings)
+                    .map_err(|f| AppError::internal("bench rules", f))?;
+                rows += 1;
+            }
+            secs = start.elapsed().as_secs_f64();
+        }
         "apply" => {
             let app = prepare(&a.data_dir, a.rows)?;
             let t = db::tenant(&app.conn, TENANT)?;
@@ -490,8 +529,15 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
         audit_bytes,
         rss_mib: crate::sheet::codec::peak_rss_kib() as f64 / 1024.0,
         worker_rss_mib: crate::sheet::reader::MAX_WORKER_PEAK_KIB
-            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(
+                crate::rules::client::RULES_WORKER_PEAK_KIB
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ) as f64
             / 1024.0,
+        rules_cpu_secs: crate::rules::client::RULES_WORKER_CPU_MS
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1000.0,
     })
 }
 
@@ -522,7 +568,13 @@ const STAGES: [&str; 10] = [
 ];
 
 /// Runs the benchmark for each size, printing a table per size and the goal ratios.
-pub fn run(sizes: &[usize], dir: &Path, out: &mut dyn std::io::Write) -> AppResult<()> {
+/// Each stage runs `repeat` times (in a fresh process each time); the fastest run counts.
+pub fn run(
+    sizes: &[usize],
+    repeat: usize,
+    dir: &Path,
+    out: &mut dyn std::io::Write,
+) -> AppResult<()> {
     let w = |e: std::io::Error| AppError::internal("writing output", e);
     std::fs::create_dir_all(dir).map_err(|e| AppError::internal("bench directory", e))?;
     let exe = std::env::current_exe().map_err(|e| AppError::internal("finding the binary", e))?;
@@ -565,19 +617,26 @@ pub fn run(sizes: &[usize], dir: &Path, out: &mut dyn std::io::Write) -> AppResu
             };
             let json = serde_json::to_string(&args)
                 .map_err(|e| AppError::internal("bench arguments", e))?;
-            let o = Command::new(&exe)
-                .arg(STAGE_SUBCOMMAND)
-                .arg(json)
-                .output()
-                .map_err(|e| AppError::internal("starting a bench stage", e))?;
-            if !o.status.success() {
-                return Err(AppError::internal(
-                    format!("bench stage {stage}"),
-                    String::from_utf8_lossy(&o.stderr),
-                ));
+            let mut best: Option<StageResult> = None;
+            for _ in 0..repeat.max(1) {
+                let o = Command::new(&exe)
+                    .arg(STAGE_SUBCOMMAND)
+                    .arg(&json)
+                    .output()
+                    .map_err(|e| AppError::internal("starting a bench stage", e))?;
+                if !o.status.success() {
+                    return Err(AppError::internal(
+                        format!("bench stage {stage}"),
+                        String::from_utf8_lossy(&o.stderr),
+                    ));
+                }
+                let r: StageResult = serde_json::from_slice(&o.stdout)
+                    .map_err(|e| AppError::internal("bench stage output", e))?;
+                if best.as_ref().is_none_or(|b| r.secs < b.secs) {
+                    best = Some(r);
+                }
             }
-            let r: StageResult = serde_json::from_slice(&o.stdout)
-                .map_err(|e| AppError::internal("bench stage output", e))?;
+            let Some(r) = best else { continue };
             writeln!(
                 out,
                 "{:<12} {:>9.2} {:>12.0} {:>10.0} {:>11.0}",
@@ -614,6 +673,15 @@ pub fn run(sizes: &[usize], dir: &Path, out: &mut dyn std::io::Write) -> AppResu
             n as f64 / t("validate_rules"),
             per_100k(t("validate_rules") - t("validate_columns")),
             per_100k(t("validate_columns") - t("validate"))
+        )
+        .map_err(w)?;
+        let cpu = |s: &str| results.get(s).map(|r| r.rules_cpu_secs).unwrap_or(f64::NAN);
+        writeln!(
+            out,
+            "rules worker CPU per 100k rows: {:.3} s declared columns only, {:.3} s with the Lua rules: Lua costs {:.3} s of CPU per 100k rows",
+            per_100k(cpu("validate_columns")),
+            per_100k(cpu("validate_rules")),
+            per_100k(cpu("validate_rules") - cpu("validate_columns"))
         )
         .map_err(w)?;
         if let Some(a) = results.get("audit") {

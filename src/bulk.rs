@@ -266,6 +266,9 @@ pub fn process_rows(
         },
         None => None,
     };
+    // A dry run reads the roster in one read transaction: one snapshot for the whole file,
+    // and no lock taken and released per looked-up row. (Apply runs in the caller's.)
+    let _snapshot = ReadSnapshot::begin(conn, req.mode)?;
     let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
     if let Some(sha) = req.file_sha256 {
         v.check_already_applied(sha)?;
@@ -351,6 +354,28 @@ pub fn process_rows(
     out2.format = out.format;
     out2.notes.splice(0..0, out.notes);
     Ok(out2)
+}
+
+/// A read transaction held for a dry run when the connection has none open; ended on drop.
+struct ReadSnapshot<'c>(Option<&'c Connection>);
+
+impl<'c> ReadSnapshot<'c> {
+    fn begin(conn: &'c Connection, mode: Mode) -> AppResult<ReadSnapshot<'c>> {
+        if mode != Mode::DryRun || !conn.is_autocommit() {
+            return Ok(ReadSnapshot(None));
+        }
+        conn.execute_batch("BEGIN DEFERRED")?;
+        Ok(ReadSnapshot(Some(conn)))
+    }
+}
+
+impl Drop for ReadSnapshot<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            // Nothing was written: ending it cannot lose anything.
+            let _ = c.execute_batch("ROLLBACK");
+        }
+    }
 }
 
 /// Rows per message from the checking thread (and per batch sent to the rules worker).

@@ -193,6 +193,9 @@ pub enum Command {
         /// Row counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,1048575")]
         rows: Vec<usize>,
+        /// Runs of each stage; the fastest counts (timings vary on a busy machine).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// Where generated files go (default: rollcall-bench in the temporary directory).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
@@ -557,11 +560,11 @@ pub fn run(cli: Cli) -> i32 {
             }
         };
     }
-    if let Command::Bench { rows, dir } = &cli.command {
+    if let Command::Bench { rows, repeat, dir } = &cli.command {
         let dir = dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("rollcall-bench"));
-        return match crate::bench::run(rows, &dir, &mut std::io::stdout()) {
+        return match crate::bench::run(rows, *repeat, &dir, &mut std::io::stdout()) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("rollcall: {e}");

@@ -155,6 +155,32 @@ fn the_example_rules_shape_templates_checks_storage_and_exports() {
         ),
         "{norms:?}"
     );
+    // The error workbook keeps the custom cells and puts Errors after them.
+    let report = env.path("errors.xlsx");
+    rollcall::sheet::report::write_error_workbook(
+        &env.app.reader,
+        Operation::Add,
+        &lists,
+        &file,
+        "a.csv",
+        &o,
+        &report,
+    )
+    .unwrap();
+    let mut wb = calamine::open_workbook_auto(&report).unwrap();
+    let data = wb.worksheet_range("Add Users").unwrap();
+    let rows: Vec<Vec<String>> = data
+        .rows()
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect();
+    assert_eq!(rows[0][11], "Errors");
+    assert_eq!(rows[2][9], "x1");
+    assert_eq!(rows[2][10], "grace@example.com");
+    assert!(
+        rows[2][11].contains("Employee ID must be two letters"),
+        "{:?}",
+        rows[2]
+    );
 
     // Valid: a manager added further down the same file is accepted.
     let file = csv(

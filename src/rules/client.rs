@@ -7,7 +7,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -19,6 +19,11 @@ use super::{Context, Description, LoadProblem, Script};
 use crate::config::Limits;
 use crate::model::Operation;
 use crate::sheet::reader::ReaderSetup;
+
+/// CPU time (ms) and the highest peak memory (KiB) of the rules workers this process ended
+/// politely; for the benchmark.
+pub static RULES_WORKER_CPU_MS: AtomicU64 = AtomicU64::new(0);
+pub static RULES_WORKER_PEAK_KIB: AtomicU64 = AtomicU64::new(0);
 
 /// Address space of the rules worker beyond the Lua memory limit (code, SQLite cache,
 /// buffers), in MiB.
@@ -235,10 +240,16 @@ impl RulesProcess {
         f
     }
 
-    /// Ends the worker (politely when it is idle).
+    /// Ends the worker (politely when it is idle), noting what it used.
     pub fn finish(mut self) {
         let _ = worker::write_frame(&mut self.input, TAG_END, &[]);
         let _ = self.input.flush();
+        if let Ok(Some(worker::TAG_STATS)) = worker::read_frame(&mut self.output, &mut self.buf)
+            && let Ok(st) = serde_json::from_slice::<worker::Stats>(&self.buf)
+        {
+            RULES_WORKER_CPU_MS.fetch_add(st.cpu_ms, Ordering::Relaxed);
+            RULES_WORKER_PEAK_KIB.fetch_max(st.peak_rss_kib, Ordering::Relaxed);
+        }
         self.stop();
     }
 

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use mlua::chunk::ChunkMode;
@@ -75,47 +75,72 @@ pub struct EngineLimits {
     pub call_ms: u64,
 }
 
-/// The rule being run, shared with the worker's watchdog thread: the start of the call in
-/// milliseconds since `EPOCH` (0 when idle), which rule, and which row.
+/// The rule being run, shared with the worker's watchdog thread. A call costs no clock
+/// reading: the watchdog notices a call that stays the same (same `seq`) across its ticks,
+/// raises `overdue` (the instruction hook then stops a Lua loop with its line), and ends
+/// the process when the call still runs after a grace period (it is inside a C function).
 pub struct CallState {
-    pub epoch: Instant,
-    pub started_ms: AtomicU64,
-    /// Index into `Engine::rule_names` (u64::MAX while loading a script: see `script`).
+    seq: AtomicU64,
+    running: AtomicBool,
+    /// Set by the watchdog: the running call is past its time limit.
+    pub overdue: AtomicBool,
+    /// Index into `Engine::rule_locations` (u64::MAX while loading a script: see `script`).
     pub rule: AtomicU64,
     pub row: AtomicU64,
     pub script: std::sync::Mutex<String>,
 }
 
+/// What the watchdog remembers between ticks.
+pub struct Observer {
+    seq: u64,
+    since: Instant,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer {
+            seq: u64::MAX,
+            since: Instant::now(),
+        }
+    }
+}
+
 impl CallState {
     pub fn new() -> Arc<CallState> {
         Arc::new(CallState {
-            epoch: Instant::now(),
-            started_ms: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+            overdue: AtomicBool::new(false),
             rule: AtomicU64::new(u64::MAX),
             row: AtomicU64::new(0),
             script: std::sync::Mutex::new(String::new()),
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        // Never 0, so that 0 can mean "idle".
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
     fn begin(&self, rule: usize, row: u32) {
         self.rule.store(rule as u64, Ordering::Relaxed);
         self.row.store(row as u64, Ordering::Relaxed);
-        self.started_ms.store(self.now_ms(), Ordering::Release);
+        self.overdue.store(false, Ordering::Relaxed);
+        self.seq.fetch_add(1, Ordering::Release);
+        self.running.store(true, Ordering::Release);
     }
 
     fn end(&self) {
-        self.started_ms.store(0, Ordering::Release);
+        self.running.store(false, Ordering::Release);
     }
 
-    /// Milliseconds the current call has run, if one runs.
-    pub fn running_ms(&self) -> Option<u64> {
-        let s = self.started_ms.load(Ordering::Acquire);
-        (s != 0).then(|| self.now_ms().saturating_sub(s))
+    /// Milliseconds the current call has been seen running (at the watchdog's ticks), if a
+    /// call runs.
+    pub fn observe(&self, o: &mut Observer) -> Option<u64> {
+        if !self.running.load(Ordering::Acquire) {
+            return None;
+        }
+        let seq = self.seq.load(Ordering::Acquire);
+        if seq != o.seq {
+            o.seq = seq;
+            o.since = Instant::now();
+        }
+        Some(o.since.elapsed().as_millis() as u64)
     }
 }
 
@@ -994,16 +1019,14 @@ fn failure_text(e: &mlua::Error, limits: &EngineLimits) -> String {
     }
 }
 
-/// Counts instructions: a rule running longer than its budget is stopped with an error that
-/// names the line it was on.
+/// Every 4096 instructions: a rule the watchdog found past its time limit is stopped with an
+/// error that names the line it was on.
 fn install_hook(lua: &Lua, state: &Arc<CallState>, limits: EngineLimits) {
     let state = state.clone();
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(4096),
         move |_lua, debug| {
-            if let Some(ms) = state.running_ms()
-                && ms > limits.call_ms
-            {
+            if state.overdue.load(Ordering::Relaxed) {
                 let line = debug.current_line();
                 let src = debug.source();
                 let script = src.short_src.map(|s| s.into_owned()).unwrap_or_default();

@@ -20,7 +20,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use super::engine::{CallState, Engine, EngineLimits, Finding, RuleFailure};
+use super::engine::{CallState, Engine, EngineLimits, Finding, Observer, RuleFailure};
 use super::{Context, Description, LoadProblem, RuleLocations, Script, UserInfo, UserLookup};
 use crate::model::Operation;
 
@@ -56,6 +56,25 @@ pub const TAG_END: u8 = b'E';
 pub const TAG_LOADED: u8 = b'D';
 pub const TAG_REPLY: u8 = b'R';
 pub const TAG_FAILED: u8 = b'F';
+pub const TAG_STATS: u8 = b'Z';
+
+/// What the worker used, sent when it is told to end.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct Stats {
+    /// User plus system CPU time, milliseconds.
+    pub cpu_ms: u64,
+    pub peak_rss_kib: u64,
+}
+
+fn own_cpu_ms() -> u64 {
+    // SAFETY: getrusage fills the struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    ms(u.ru_utime) + ms(u.ru_stime)
+}
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 256 * 1024 * 1024;
@@ -330,7 +349,15 @@ pub fn run() -> i32 {
     loop {
         match read_frame(&mut input, &mut buf) {
             Ok(Some(TAG_BATCH)) => {}
-            Ok(Some(TAG_END)) | Ok(None) => return 0,
+            Ok(Some(TAG_END)) => {
+                let stats = Stats {
+                    cpu_ms: own_cpu_ms(),
+                    peak_rss_kib: crate::sheet::codec::peak_rss_kib(),
+                };
+                send(TAG_STATS, &serde_json::to_vec(&stats).unwrap_or_default());
+                return 0;
+            }
+            Ok(None) => return 0,
             Ok(Some(t)) => {
                 eprintln!("rules worker: unexpected frame {t}");
                 return 2;
@@ -384,11 +411,18 @@ fn start_watchdog(
     let grace = (limits.call_ms / 2).max(200);
     let tick = Duration::from_millis((limits.call_ms / 10).clamp(10, 100));
     std::thread::spawn(move || {
+        let mut seen = Observer::default();
         loop {
             std::thread::sleep(tick);
-            let Some(ms) = state.running_ms() else {
+            let Some(ms) = state.observe(&mut seen) else {
                 continue;
             };
+            if ms > limits.call_ms {
+                // A Lua loop stops at the next hook, naming its line.
+                state
+                    .overdue
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if ms <= limits.call_ms + grace {
                 continue;
             }

@@ -102,7 +102,8 @@ pub fn write_error_workbook(
             .map_err(xlsx_err)?;
         let f = Formats::new();
         let date = Format::new().set_num_format("yyyy-mm-dd");
-        let n = model::columns(op).len() as u32;
+        // The Errors column follows the template's columns, the tenant's custom ones included.
+        let n = model::columns_with(op, lists.rules.as_ref()).len() as u32;
         let mut reader = SheetReader::open(setup, file, file_name, &op.sheet_name())
             .map_err(|e| AppError::internal("re-reading the upload for its error workbook", e))?;
         let mut row = RawRow::default();
