@@ -104,8 +104,14 @@ pub fn backup(app: &App, out: &Path) -> AppResult<usize> {
             files.push((data.config_file(), "rollcall.toml".into()));
         }
         // The files of uploads that are still to be run (waiting jobs, valid uploads not yet
-        // submitted): a restored worker needs them.
-        let mut st = app.conn.prepare(
+        // submitted): a restored worker needs them. Asked of the snapshot, not the live
+        // database, whose jobs may have moved on since.
+        let snapshot = rusqlite::Connection::open_with_flags(
+            &tmp_db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .map_err(|e| AppError::internal("reading the database snapshot", e))?;
+        let mut st = snapshot.prepare(
             "SELECT DISTINCT u.stored_path FROM uploads u
              WHERE u.stored_path <> ''
                AND (EXISTS (SELECT 1 FROM jobs j WHERE j.upload_id = u.id AND j.state IN ('queued', 'running', 'scheduled', 'awaiting_approval'))
