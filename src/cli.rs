@@ -99,6 +99,9 @@ pub enum Command {
     Import {
         #[command(flatten)]
         file: FileArgs,
+        /// Your email address: told when the job starts and ends (and why it failed).
+        #[arg(long, value_name = "ADDRESS", value_parser = parse_email)]
+        email: Option<String>,
         /// Acknowledge warnings (e.g. users already deactivated) and apply anyway.
         #[arg(long)]
         yes: bool,
@@ -126,6 +129,9 @@ pub enum Command {
     Upload {
         #[command(flatten)]
         file: FileArgs,
+        /// Your email address: sent the problems and the error workbook if it is rejected.
+        #[arg(long, value_name = "ADDRESS", value_parser = parse_email)]
+        email: Option<String>,
         /// Copy the error workbook here when the file has problems.
         #[arg(long, value_name = "OUT.xlsx")]
         report: Option<PathBuf>,
@@ -137,6 +143,9 @@ pub enum Command {
     ///
     /// Example: rollcall submit 7 --yes
     Submit {
+        /// Your email address: told when the job starts and ends (and why it failed).
+        #[arg(long, value_name = "ADDRESS", value_parser = parse_email)]
+        email: Option<String>,
         /// The upload's number, as `rollcall upload` printed it.
         upload: i64,
         /// Acknowledge the upload's warnings.
@@ -181,6 +190,16 @@ pub enum Command {
     /// Check and read the hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The mail outbox: list messages, send what is due, retry a failed one.
+    #[command(subcommand)]
+    Mail(MailCmd),
+    /// Send a test message now with the configured transport, and say exactly what failed.
+    ///
+    /// Example: rollcall send-test-email --to ops@example.com
+    SendTestEmail {
+        #[arg(long, value_name = "ADDRESS", value_parser = parse_email)]
+        to: String,
+    },
     /// Check tenants' Lua rules and try them on a file (see docs/RULES.md).
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -321,6 +340,30 @@ pub enum InboxCmd {
     /// Take up the files waiting in the drop folders now (the job worker does this by
     /// itself every few seconds). Example: rollcall inbox scan
     Scan,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MailCmd {
+    /// Messages, newest first. Example: rollcall mail list --state failed
+    List {
+        /// queued, sending, sent or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the messages that are due now (what the job worker does by itself).
+    Send,
+    /// Queue a failed message again. Example: rollcall mail retry 12
+    Retry { id: i64 },
+}
+
+/// An email address for a flag: one plain address, no line breaks.
+fn parse_email(s: &str) -> Result<String, String> {
+    crate::mail::mailbox(s)?;
+    Ok(s.trim().to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -876,6 +919,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         }
         Command::Import {
             file,
+            email,
             yes,
             report,
             json,
@@ -891,6 +935,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 let opts = scheduler::JobOptions {
                     acknowledge_warnings: yes,
                     confirm: confirm.clone(),
+                    notify: email.clone(),
                 };
                 let (_, job) = scheduler::submit(
                     &app,
@@ -927,6 +972,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 &name,
                 service::ImportOptions {
                     confirm: confirm.clone(),
+                    notify: email.clone(),
                     ..service::ImportOptions::new(yes)
                 },
                 &mut sink,
@@ -982,15 +1028,27 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             }
             Ok(if res.applied { 0 } else { 1 })
         }
-        Command::Upload { file, report, json } => {
+        Command::Upload {
+            file,
+            email,
+            report,
+            json,
+        } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
             let name = file_name(&file.file);
             let mut effects = Effects::new(json);
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
-            let up = service::upload(&app, &t, file.op, &file.file, &name, &mut sink, &mut |n| {
-                bar.tick(n)
-            })?;
+            let up = service::upload(
+                &app,
+                &t,
+                file.op,
+                &file.file,
+                &name,
+                email.as_deref(),
+                &mut sink,
+                &mut |n| bar.tick(n),
+            )?;
             bar.done();
             if let (Some(dest), Some(src)) = (&report, &up.error_report) {
                 std::fs::copy(src, dest).map_err(|e| {
@@ -1024,6 +1082,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             Ok(if up.outcome.is_valid() { 0 } else { 1 })
         }
         Command::Submit {
+            email,
             upload,
             yes,
             confirm,
@@ -1034,6 +1093,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             let opts = scheduler::JobOptions {
                 acknowledge_warnings: yes,
                 confirm,
+                notify: email,
             };
             let job = scheduler::submit_upload(&app, upload, &opts, not_before.as_deref())?;
             if no_wait || not_before.is_some() {
@@ -1178,6 +1238,81 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             let done = crate::tasks::run(&app, &name)?;
             writeln!(out, "{name}: {done}").map_err(w)?;
             Ok(0)
+        }
+        Command::Mail(MailCmd::List { state, limit, json }) => {
+            let rows = crate::mail::list(&app.conn, state.as_deref(), limit)?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &rows)
+                    .map_err(|e| AppError::internal("writing JSON", e))?;
+                writeln!(out).map_err(w)?;
+            } else if rows.is_empty() {
+                writeln!(out, "No messages.").map_err(w)?;
+            } else {
+                for m in rows {
+                    writeln!(
+                        out,
+                        "{:>5}  {:<8} {:<16} {:<32} {} (attempts {}{}){}",
+                        m.id,
+                        m.state,
+                        m.event,
+                        m.recipient,
+                        m.subject,
+                        m.attempts,
+                        m.sent_at
+                            .as_deref()
+                            .map(|t| format!(", sent {t}"))
+                            .unwrap_or_else(|| if m.state == "queued" {
+                                format!(", next {}", m.next_attempt_at)
+                            } else {
+                                String::new()
+                            }),
+                        m.last_error
+                            .as_deref()
+                            .map(|e| format!("\n       last error: {e}"))
+                            .unwrap_or_default()
+                    )
+                    .map_err(w)?;
+                }
+            }
+            Ok(0)
+        }
+        Command::Mail(MailCmd::Send) => {
+            let Some(lock) = scheduler::WorkerLock::try_take(&app.data)? else {
+                writeln!(out, "The job worker of this data directory (rollcall serve or jobs work) is running and sends the mail itself.").map_err(w)?;
+                return Ok(0);
+            };
+            let s = crate::mail::send_due(&app.conn, &app.data, &app.config.mail)?;
+            drop(lock);
+            service::flush_audit(&app)?;
+            writeln!(
+                out,
+                "Sent {}, failed {}, to be retried {}.",
+                s.sent, s.failed, s.retrying
+            )
+            .map_err(w)?;
+            Ok(if s.failed > 0 { 1 } else { 0 })
+        }
+        Command::Mail(MailCmd::Retry { id }) => {
+            if crate::mail::retry(&app.conn, id, &app.actor)? {
+                service::flush_audit(&app)?;
+                writeln!(out, "Message {id} is queued again.").map_err(w)?;
+                Ok(0)
+            } else {
+                Err(AppError::Usage(format!(
+                    "there is no failed message {id} (see rollcall mail list --state failed)"
+                )))
+            }
+        }
+        Command::SendTestEmail { to } => {
+            match crate::mail::send_test(&app.data, &app.config.mail, &to, &app.actor) {
+                Ok(msg) => {
+                    writeln!(out, "{msg}").map_err(w)?;
+                    Ok(0)
+                }
+                Err(why) => Err(AppError::Refused(format!(
+                    "The test message was not sent: {why}."
+                ))),
+            }
         }
         Command::Rules(RulesCmd::Check { tenant }) => {
             let tenants = match tenant {

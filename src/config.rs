@@ -126,6 +126,54 @@ impl Default for JobsConfig {
     }
 }
 
+/// Email: where messages go and how they are sent.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailConfig {
+    /// `outbox` (the default: every message is written as an .eml file in the data
+    /// directory's `outbox/`, for air-gapped sites) or `smtp`.
+    pub transport: String,
+    /// The sender, e.g. `rollcall <rollcall@example.com>`.
+    pub from: String,
+    /// Shown in every message as whom to ask (an address, a phone number, a web page).
+    pub support_contact: String,
+    pub smtp_host: String,
+    /// Default: 587 with STARTTLS, 465 with implicit TLS, 25 without TLS.
+    pub smtp_port: Option<u16>,
+    /// `starttls` (default), `tls` (implicit, port 465) or `none` (a trusted local relay).
+    pub smtp_security: String,
+    /// Sign in with these when set.
+    pub smtp_username: String,
+    pub smtp_password: String,
+    /// A PEM file of certificate authorities to trust besides the public ones (an
+    /// organisation's own CA).
+    pub smtp_ca_file: Option<PathBuf>,
+    pub smtp_timeout_seconds: u64,
+    /// Workbooks larger than this are not attached; the message says where to get them.
+    pub attach_max_mib: u64,
+    /// Tries before a message is marked failed (with back-off from 30 s to 1 h between).
+    pub max_attempts: u32,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig {
+            transport: "outbox".into(),
+            from: "rollcall <rollcall@localhost>".into(),
+            support_contact: String::new(),
+            smtp_host: String::new(),
+            smtp_port: None,
+            smtp_security: "starttls".into(),
+            smtp_username: String::new(),
+            smtp_password: String::new(),
+            smtp_ca_file: None,
+            smtp_timeout_seconds: 30,
+            attach_max_mib: 10,
+            max_attempts: 8,
+        }
+    }
+}
+
 /// The whole configuration after all layers were applied.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -138,6 +186,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub audit: AuditConfig,
     pub jobs: JobsConfig,
+    pub mail: MailConfig,
 }
 
 impl Default for Config {
@@ -149,6 +198,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             audit: AuditConfig::default(),
             jobs: JobsConfig::default(),
+            mail: MailConfig::default(),
         }
     }
 }
@@ -185,6 +235,18 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_AUDIT_MAX_FILE_MIB",
     "ROLLCALL_JOBS_UNDO_DAYS",
     "ROLLCALL_JOBS_FILE_RETENTION_DAYS",
+    "ROLLCALL_MAIL_TRANSPORT",
+    "ROLLCALL_MAIL_FROM",
+    "ROLLCALL_MAIL_SUPPORT_CONTACT",
+    "ROLLCALL_MAIL_SMTP_HOST",
+    "ROLLCALL_MAIL_SMTP_PORT",
+    "ROLLCALL_MAIL_SMTP_SECURITY",
+    "ROLLCALL_MAIL_SMTP_USERNAME",
+    "ROLLCALL_MAIL_SMTP_PASSWORD",
+    "ROLLCALL_MAIL_SMTP_CA_FILE",
+    "ROLLCALL_MAIL_SMTP_TIMEOUT_SECONDS",
+    "ROLLCALL_MAIL_ATTACH_MAX_MIB",
+    "ROLLCALL_MAIL_MAX_ATTEMPTS",
 ];
 
 /// A loaded configuration together with where it came from.
@@ -358,6 +420,47 @@ impl Config {
             config.jobs.file_retention_days
         );
 
+        for (name, slot) in [
+            ("ROLLCALL_MAIL_TRANSPORT", &mut config.mail.transport),
+            ("ROLLCALL_MAIL_FROM", &mut config.mail.from),
+            (
+                "ROLLCALL_MAIL_SUPPORT_CONTACT",
+                &mut config.mail.support_contact,
+            ),
+            ("ROLLCALL_MAIL_SMTP_HOST", &mut config.mail.smtp_host),
+            (
+                "ROLLCALL_MAIL_SMTP_SECURITY",
+                &mut config.mail.smtp_security,
+            ),
+            (
+                "ROLLCALL_MAIL_SMTP_USERNAME",
+                &mut config.mail.smtp_username,
+            ),
+            (
+                "ROLLCALL_MAIL_SMTP_PASSWORD",
+                &mut config.mail.smtp_password,
+            ),
+        ] {
+            if let Some(v) = env_get(name) {
+                *slot = v;
+            }
+        }
+        if let Some(v) = env_get("ROLLCALL_MAIL_SMTP_CA_FILE") {
+            config.mail.smtp_ca_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env_get("ROLLCALL_MAIL_SMTP_PORT") {
+            config.mail.smtp_port = Some(v.trim().parse().map_err(|_| StartupError::BadEnv {
+                key: "ROLLCALL_MAIL_SMTP_PORT".to_string(),
+                value: v.clone(),
+            })?);
+        }
+        env_num!(
+            "ROLLCALL_MAIL_SMTP_TIMEOUT_SECONDS",
+            config.mail.smtp_timeout_seconds
+        );
+        env_num!("ROLLCALL_MAIL_ATTACH_MAX_MIB", config.mail.attach_max_mib);
+        env_num!("ROLLCALL_MAIL_MAX_ATTEMPTS", config.mail.max_attempts);
+
         // Flags.
         if let Some(d) = &overrides.data_dir {
             config.data_dir = Some(d.clone());
@@ -413,6 +516,7 @@ impl DataDir {
             dd.audit_dir(),
             dd.run_dir(),
             dd.inbox_dir(),
+            dd.outbox_dir(),
         ] {
             fs::create_dir_all(&dir).map_err(unwritable)?;
         }
@@ -464,6 +568,10 @@ impl DataDir {
     /// Run-time files: the scheduler's lock and wake-up socket, job progress.
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
+    }
+    /// Messages written as .eml files (the `outbox` mail transport).
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.root.join("outbox")
     }
     pub fn scheduler_lock(&self) -> PathBuf {
         self.run_dir().join("scheduler.lock")

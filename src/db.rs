@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_audit.sql")),
     (3, include_str!("../migrations/0003_tasks.sql")),
     (4, include_str!("../migrations/0004_rules.sql")),
+    (5, include_str!("../migrations/0005_mail.sql")),
 ];
 
 /// Newest schema this binary knows.
@@ -433,9 +434,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
-        // Make it look like schema 2: without what migrations 3 and 4 add.
+        // Make it look like schema 2: without what the later migrations add.
         conn.execute_batch(
-            "DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
+            "DROP TABLE mail_outbox; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
         )
         .unwrap();
         drop(conn);

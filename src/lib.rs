@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod inbox;
+pub mod mail;
 pub mod model;
 pub mod ops;
 pub mod rules;

@@ -86,6 +86,9 @@ pub struct JobOptions {
     /// The typed confirmation of a large deactivation or deletion ("DELETE 152 USERS").
     #[serde(default)]
     pub confirm: Option<String>,
+    /// The submitter's email address: told when the job starts and when it ends.
+    #[serde(default)]
+    pub notify: Option<String>,
 }
 
 /// Queues a job for a stored upload; returns (upload id, job id).
@@ -509,13 +512,16 @@ pub fn run_job(
     on_rows: &mut dyn FnMut(u64),
 ) -> AppResult<Option<JobRun>> {
     let started = db::now();
-    let n = app.conn.execute(
+    let tx = app.conn.unchecked_transaction()?;
+    let n = tx.execute(
         "UPDATE jobs SET state = 'running', started_at = ?2 WHERE id = ?1 AND state = 'queued'",
         params![job_id, started],
     )?;
     if n == 0 {
         return Ok(None);
     }
+    notify_started(app, &tx, job_id, &started)?;
+    tx.commit()?;
     // Whatever goes wrong from here, the job must not stay 'running' (it would be retried
     // for ever and hold up the queue): it fails with the reason, its transaction undone.
     match run_started(app, job_id, run, on_effect, on_rows) {
@@ -675,6 +681,17 @@ fn run_started(
                 serde_json::json!({"job": job_id, "totals": outcome.totals, "licence_forecast": outcome.forecast}),
             ),
         )?;
+        notify_finished(
+            app,
+            &tx,
+            job_id,
+            Some(&outcome),
+            None,
+            Some((
+                app.data.results_report(job_id),
+                format!("job-{job_id}-results.xlsx"),
+            )),
+        )?;
         tx.commit()?;
         pf.update(outcome.rows, true);
         if run.flush_audit {
@@ -753,6 +770,19 @@ fn run_started(
             format!("job {job_id}"),
             serde_json::json!({"job": job_id, "reason": reason}),
         ),
+    )?;
+    notify_finished(
+        app,
+        &tx,
+        job_id,
+        Some(&outcome),
+        Some(&reason),
+        (!outcome.is_valid()).then(|| {
+            (
+                app.data.error_report(upload_id),
+                format!("{}-errors.xlsx", file_stem(&file_name)),
+            )
+        }),
     )?;
     tx.commit()?;
     let _ = std::fs::remove_file(&pf.path);
@@ -956,6 +986,116 @@ pub fn run_or_wait(app: &App, job_id: i64) -> AppResult<(String, Option<String>)
     )?)
 }
 
+/// A file name without its extension, for the names of attached workbooks.
+pub fn file_stem(name: &str) -> String {
+    let stem = std::path::Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "upload".into());
+    crate::mail::header_text(&stem)
+}
+
+/// The context every job message shares, and the address to tell (if the submitter gave one).
+fn job_mail_context(
+    conn: &Connection,
+    job_id: i64,
+) -> AppResult<Option<(String, String, serde_json::Value)>> {
+    type Row = (String, String, String, Option<String>, Option<i64>);
+    let row: Option<Row> = conn
+        .query_row(
+            "SELECT j.options, t.name, j.operation, u.file_name, u.rows_total
+             FROM jobs j JOIN tenants t ON t.id = j.tenant_id LEFT JOIN uploads u ON u.id = j.upload_id
+             WHERE j.id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((options, tenant, op, file_name, rows)) = row else {
+        return Ok(None);
+    };
+    let opts: JobOptions = serde_json::from_str(&options).unwrap_or_default();
+    let Some(to) = opts.notify.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let operation = op
+        .parse::<Operation>()
+        .map(|o| format!("{} users", o.title().to_lowercase()))
+        .unwrap_or(op);
+    let ctx = serde_json::json!({
+        "tenant": tenant,
+        "job_id": job_id,
+        "operation": operation,
+        "file_name": file_name.unwrap_or_default(),
+        "rows": rows.filter(|r| *r > 0),
+    });
+    Ok(Some((to, tenant, ctx)))
+}
+
+fn notify_started(app: &App, conn: &Connection, job_id: i64, started: &str) -> AppResult<()> {
+    let Some((to, tenant, mut ctx)) = job_mail_context(conn, job_id)? else {
+        return Ok(());
+    };
+    ctx["started_at"] = serde_json::Value::String(started.to_string());
+    crate::mail::queue(
+        conn,
+        &app.data,
+        &app.config.mail,
+        &app.actor,
+        &crate::mail::Outgoing {
+            event: "job_started",
+            tenant: Some(&tenant),
+            to: &to,
+            template: "job_started",
+            context: ctx,
+            attachment: None,
+        },
+    )?;
+    Ok(())
+}
+
+/// Queues the "finished" message of a job: its counts and results workbook, or why it
+/// failed, with the problems and the error workbook.
+fn notify_finished(
+    app: &App,
+    conn: &Connection,
+    job_id: i64,
+    outcome: Option<&Outcome>,
+    failure: Option<&str>,
+    attachment: Option<(std::path::PathBuf, String)>,
+) -> AppResult<()> {
+    let Some((to, tenant, mut ctx)) = job_mail_context(conn, job_id)? else {
+        return Ok(());
+    };
+    ctx["succeeded"] = serde_json::Value::Bool(failure.is_none());
+    if let Some(o) = outcome {
+        let (problems, more) = crate::mail::problem_lines(o, 10);
+        ctx["counts"] = serde_json::json!(crate::mail::count_lines(&o.totals));
+        ctx["summary"] = serde_json::Value::String(crate::mail::count_lines(&o.totals).join(", "));
+        if failure.is_some() {
+            ctx["problems"] = serde_json::json!(problems);
+            ctx["more_problems"] = serde_json::json!(more);
+        }
+    }
+    if let Some(f) = failure {
+        ctx["reason"] = serde_json::Value::String(f.to_string());
+    }
+    crate::mail::queue(
+        conn,
+        &app.data,
+        &app.config.mail,
+        &app.actor,
+        &crate::mail::Outgoing {
+            event: "job_finished",
+            tenant: Some(&tenant),
+            to: &to,
+            template: "job_finished",
+            context: ctx,
+            attachment,
+        },
+    )?;
+    Ok(())
+}
+
 fn fail_job(app: &App, job_id: i64, reason: &str) -> AppResult<()> {
     let tenant = db::Tenant {
         id: 0,
@@ -970,6 +1110,7 @@ fn fail_job(app: &App, job_id: i64, reason: &str) -> AppResult<()> {
         "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
         params![job_id, db::now(), reason],
     )?;
+    notify_finished(app, &tx, job_id, None, Some(reason), None)?;
     audit::record(
         &tx,
         &Event {
@@ -1005,6 +1146,7 @@ pub fn work(
         }
         match next_job(&app.conn)? {
             Some(id) => {
+                send_mail(app);
                 let run = if Some(id) == watch {
                     run_job(app, id, RunOptions::default(), on_effect, on_rows)?
                 } else {
@@ -1025,21 +1167,35 @@ pub fn work(
                 if until_idle && crate::inbox::scan(app)?.picked > 0 {
                     continue;
                 }
+                send_mail(app);
                 break;
             }
             None => {
                 crate::tasks::run_due(app)?;
+                send_mail(app);
                 // Drop folders are looked at every few seconds while idle.
                 if crate::inbox::scan(app)?.picked == 0 {
-                    lock.wait(next_due(
-                        &app.conn,
-                        Duration::from_secs(crate::inbox::SETTLE_SECS),
-                    ));
+                    let settle = Duration::from_secs(crate::inbox::SETTLE_SECS);
+                    lock.wait(
+                        next_due(&app.conn, settle).min(crate::mail::next_due(&app.conn, settle)),
+                    );
                 }
             }
         }
     }
     Ok(watched)
+}
+
+/// Sends the mail that is due (the worker's duty); a failure is logged, not fatal: the
+/// messages stay queued and the jobs go on.
+pub fn send_mail(app: &App) {
+    match crate::mail::send_due(&app.conn, &app.data, &app.config.mail) {
+        Ok(s) if s.sent + s.failed > 0 => {
+            let _ = service::flush_audit(app);
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("rollcall: sending mail: {e}"),
+    }
 }
 
 /// Whether a job reached an end state.

@@ -278,12 +278,14 @@ pub struct Uploaded {
 
 /// Stores a file, validates it against the roster (a dry run) and records the upload with
 /// its problems, so it can be submitted later (`scheduler::submit_upload`).
+#[allow(clippy::too_many_arguments)]
 pub fn upload(
     app: &App,
     tenant: &Tenant,
     op: Operation,
     file: &Path,
     file_name: &str,
+    notify: Option<&str>,
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Uploaded> {
@@ -334,6 +336,36 @@ pub fn upload(
             details: upload_details(upload_id, op, &stored, &outcome, false),
         },
     )?;
+    if let Some(to) = notify
+        && !outcome.is_valid()
+    {
+        let (problems, more) = crate::mail::problem_lines(&outcome, 10);
+        crate::mail::queue(
+            &tx,
+            &app.data,
+            &app.config.mail,
+            &app.actor,
+            &crate::mail::Outgoing {
+                event: "upload_rejected",
+                tenant: Some(&tenant.name),
+                to,
+                template: "upload_rejected",
+                context: serde_json::json!({
+                    "upload_id": upload_id,
+                    "file_name": file_name,
+                    "operation": format!("{} users", op.title().to_lowercase()),
+                    "errors": outcome.errors,
+                    "summary": crate::mail::summary(&outcome),
+                    "problems": problems,
+                    "more_problems": more,
+                }),
+                attachment: Some((
+                    app.data.error_report(upload_id),
+                    format!("{}-errors.xlsx", scheduler::file_stem(file_name)),
+                )),
+            },
+        )?;
+    }
     tx.commit()?;
     flush_audit(app)?;
     let error_report = if outcome.is_valid() && outcome.warnings == 0 {
@@ -407,6 +439,8 @@ pub struct ImportOptions {
     pub results_workbook: bool,
     /// Append the audit entries to the log before returning (benchmarks time it apart).
     pub flush_audit: bool,
+    /// The submitter's email address, told when the job starts and ends.
+    pub notify: Option<String>,
 }
 
 impl ImportOptions {
@@ -416,6 +450,7 @@ impl ImportOptions {
             confirm: None,
             results_workbook: true,
             flush_audit: true,
+            notify: None,
         }
     }
 }
@@ -439,6 +474,7 @@ pub fn import(
     let job_opts = scheduler::JobOptions {
         acknowledge_warnings: opts.acknowledge_warnings,
         confirm: opts.confirm.clone(),
+        notify: opts.notify.clone(),
     };
     let (upload_id, job_id) =
         scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;
@@ -470,6 +506,8 @@ pub fn import(
                     ran = run;
                 }
             }
+            // This process is the worker for now: it sends the job's messages.
+            scheduler::send_mail(app);
             drop(lock);
             let _ = &stop;
             break;

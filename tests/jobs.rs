@@ -915,6 +915,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Add,
         &p,
         "hires.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -946,6 +947,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Add,
         &p,
         "hires.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -967,6 +969,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Add,
         &q,
         "more.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -983,6 +986,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Add,
         &env.path("bob.csv"),
         "bob.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -1015,6 +1019,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Deactivate,
         &d,
         "d.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -1027,6 +1032,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Deactivate,
         &d,
         "d.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -1040,6 +1046,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
         Operation::Deactivate,
         &d,
         "d2.csv",
+        None,
         &mut |_, _, _| {},
         &mut |_| {},
     )
@@ -1057,6 +1064,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
     let opts = JobOptions {
         acknowledge_warnings: true,
         confirm: None,
+        notify: None,
     };
     let j = scheduler::submit_upload(&env.app, again.upload_id, &opts, None).unwrap();
     assert_eq!(scheduler::run_or_wait(&env.app, j).unwrap().0, "succeeded");
