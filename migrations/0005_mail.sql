@@ -21,3 +21,7 @@ CREATE TABLE mail_outbox (
     sent_at         TEXT
 );
 CREATE INDEX mail_outbox_due ON mail_outbox (state, next_attempt_at);
+
+-- Getting Started messages sent to each user: when last, and how many.
+ALTER TABLE users ADD COLUMN welcome_sent_at TEXT;
+ALTER TABLE users ADD COLUMN welcome_count INTEGER NOT NULL DEFAULT 0;

@@ -99,6 +99,9 @@ pub enum Command {
     Import {
         #[command(flatten)]
         file: FileArgs,
+        /// Send each user the job adds a Getting Started message.
+        #[arg(long)]
+        getting_started: bool,
         /// Your email address: told when the job starts and ends (and why it failed).
         #[arg(long, value_name = "ADDRESS", value_parser = parse_email)]
         email: Option<String>,
@@ -143,6 +146,9 @@ pub enum Command {
     ///
     /// Example: rollcall submit 7 --yes
     Submit {
+        /// Send each user the job adds a Getting Started message.
+        #[arg(long)]
+        getting_started: bool,
         /// Your email address: told when the job starts and ends (and why it failed).
         #[arg(long, value_name = "ADDRESS", value_parser = parse_email)]
         email: Option<String>,
@@ -266,6 +272,9 @@ pub enum TenantCmd {
         /// Valid files dropped in the tenant's inbox folder are submitted (else only checked).
         #[arg(long)]
         drop_folder_submit: Option<bool>,
+        /// Addresses told when a job waits for approval, comma-separated ("" for none).
+        #[arg(long, value_name = "ADDRESSES")]
+        approvers: Option<String>,
     },
 }
 
@@ -454,6 +463,19 @@ pub enum UsersCmd {
         tenant: String,
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+    },
+    /// Queue a Getting Started message for some active users (sent by the job worker).
+    ///
+    /// Example: rollcall users welcome --tenant Acme --user ada@example.com --user grace@example.com
+    Welcome {
+        #[arg(long)]
+        tenant: String,
+        /// A user's email (repeat for several).
+        #[arg(long = "user", value_name = "EMAIL")]
+        users: Vec<String>,
+        /// Every active user who never got one.
+        #[arg(long, conflicts_with = "users")]
+        not_welcomed: bool,
     },
 }
 
@@ -753,6 +775,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             large_change_count,
             require_approval,
             drop_folder_submit,
+            approvers,
         }) => {
             let t = db::tenant(&app.conn, &name)?;
             let after = service::change_audited(&app, "settings.change", |c| {
@@ -774,6 +797,13 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 }
                 if let Some(b) = drop_folder_submit {
                     s.drop_folder_submit = b;
+                }
+                if let Some(list) = &approvers {
+                    let mut v = Vec::new();
+                    for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                        v.push(parse_email(a).map_err(AppError::Usage)?);
+                    }
+                    s.approvers = v;
                 }
                 db::set_tenant_settings(c, t.id, &s)?;
                 let details = serde_json::json!({ "before": before, "after": s });
@@ -919,6 +949,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         }
         Command::Import {
             file,
+            getting_started,
             email,
             yes,
             report,
@@ -936,6 +967,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     acknowledge_warnings: yes,
                     confirm: confirm.clone(),
                     notify: email.clone(),
+                    getting_started,
                 };
                 let (_, job) = scheduler::submit(
                     &app,
@@ -973,6 +1005,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 service::ImportOptions {
                     confirm: confirm.clone(),
                     notify: email.clone(),
+                    getting_started,
                     ..service::ImportOptions::new(yes)
                 },
                 &mut sink,
@@ -1050,6 +1083,13 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 &mut |n| bar.tick(n),
             )?;
             bar.done();
+            // A rejection message goes out now unless a running worker sends it.
+            if email.is_some()
+                && let Some(lock) = scheduler::WorkerLock::try_take(&app.data)?
+            {
+                scheduler::send_mail(&app);
+                drop(lock);
+            }
             if let (Some(dest), Some(src)) = (&report, &up.error_report) {
                 std::fs::copy(src, dest).map_err(|e| {
                     AppError::Usage(format!("cannot write {}: {e}", dest.display()))
@@ -1082,6 +1122,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             Ok(if up.outcome.is_valid() { 0 } else { 1 })
         }
         Command::Submit {
+            getting_started,
             email,
             upload,
             yes,
@@ -1094,6 +1135,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 acknowledge_warnings: yes,
                 confirm,
                 notify: email,
+                getting_started,
             };
             let job = scheduler::submit_upload(&app, upload, &opts, not_before.as_deref())?;
             if no_wait || not_before.is_some() {
@@ -1497,6 +1539,50 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             let n = service::export_users(&app.conn, &t, &custom, output.as_deref())?;
             if let Some(p) = output {
                 writeln!(out, "Exported {n} users of {} to {}.", t.name, p.display()).map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Users(UsersCmd::Welcome {
+            tenant,
+            users,
+            not_welcomed,
+        }) => {
+            let t = db::tenant(&app.conn, &tenant)?;
+            if users.is_empty() && !not_welcomed {
+                return Err(AppError::Usage(
+                    "say whom to welcome: --user EMAIL (repeatable) or --not-welcomed".into(),
+                ));
+            }
+            let which = if not_welcomed {
+                crate::mail::Welcome::NotYetWelcomed
+            } else {
+                crate::mail::Welcome::Users(&users)
+            };
+            let tx = app.conn.unchecked_transaction()?;
+            let n = crate::mail::queue_welcomes(
+                &tx,
+                &app.data,
+                &app.config.mail,
+                &app.actor,
+                &t,
+                which,
+            )?;
+            tx.commit()?;
+            service::flush_audit(&app)?;
+            if !users.is_empty() && (n as usize) < users.len() {
+                writeln!(
+                    out,
+                    "Queued {n} Getting Started messages; {} of the users given are not active users of {}.",
+                    users.len() - n as usize,
+                    t.name
+                )
+                .map_err(w)?;
+            } else {
+                writeln!(out, "Queued {n} Getting Started messages for {}.", t.name).map_err(w)?;
+            }
+            if let Some(lock) = scheduler::WorkerLock::try_take(&app.data)? {
+                scheduler::send_mail(&app);
+                drop(lock);
             }
             Ok(0)
         }

@@ -137,6 +137,8 @@ pub struct MailConfig {
     pub from: String,
     /// Shown in every message as whom to ask (an address, a phone number, a web page).
     pub support_contact: String,
+    /// Where users sign in (shown in Getting Started messages), e.g. https://learn.example.com.
+    pub sign_in_url: String,
     pub smtp_host: String,
     /// Default: 587 with STARTTLS, 465 with implicit TLS, 25 without TLS.
     pub smtp_port: Option<u16>,
@@ -161,6 +163,7 @@ impl Default for MailConfig {
             transport: "outbox".into(),
             from: "rollcall <rollcall@localhost>".into(),
             support_contact: String::new(),
+            sign_in_url: String::new(),
             smtp_host: String::new(),
             smtp_port: None,
             smtp_security: "starttls".into(),
@@ -238,6 +241,7 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_MAIL_TRANSPORT",
     "ROLLCALL_MAIL_FROM",
     "ROLLCALL_MAIL_SUPPORT_CONTACT",
+    "ROLLCALL_MAIL_SIGN_IN_URL",
     "ROLLCALL_MAIL_SMTP_HOST",
     "ROLLCALL_MAIL_SMTP_PORT",
     "ROLLCALL_MAIL_SMTP_SECURITY",
@@ -427,6 +431,7 @@ impl Config {
                 "ROLLCALL_MAIL_SUPPORT_CONTACT",
                 &mut config.mail.support_contact,
             ),
+            ("ROLLCALL_MAIL_SIGN_IN_URL", &mut config.mail.sign_in_url),
             ("ROLLCALL_MAIL_SMTP_HOST", &mut config.mail.smtp_host),
             (
                 "ROLLCALL_MAIL_SMTP_SECURITY",

@@ -203,6 +203,8 @@ pub struct TenantSettings {
     /// Files dropped in the tenant's inbox folder are submitted when valid (else only
     /// checked, with the results beside them).
     pub drop_folder_submit: bool,
+    /// Email addresses told when a job waits for a second administrator's approval.
+    pub approvers: Vec<String>,
 }
 
 impl Default for TenantSettings {
@@ -212,6 +214,7 @@ impl Default for TenantSettings {
             large_change_count: None,
             require_approval: false,
             drop_folder_submit: false,
+            approvers: Vec::new(),
         }
     }
 }
@@ -436,7 +439,7 @@ mod tests {
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
         // Make it look like schema 2: without what the later migrations add.
         conn.execute_batch(
-            "DROP TABLE mail_outbox; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
+            "DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
         )
         .unwrap();
         drop(conn);

@@ -214,6 +214,7 @@ fn take_up(
         &JobOptions::default(),
         None,
     )?;
+    scheduler::notify_if_awaiting(app, &tx, job)?;
     tx.execute(
         "INSERT INTO inbox_claims (path, tenant_id, operation, job_id, claimed_at) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (path) DO UPDATE SET job_id = excluded.job_id",

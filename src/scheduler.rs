@@ -89,6 +89,9 @@ pub struct JobOptions {
     /// The submitter's email address: told when the job starts and when it ends.
     #[serde(default)]
     pub notify: Option<String>,
+    /// Send each user an add job creates a Getting Started message.
+    #[serde(default)]
+    pub getting_started: bool,
 }
 
 /// Queues a job for a stored upload; returns (upload id, job id).
@@ -105,6 +108,7 @@ pub fn submit(
     let ids = submit_in(
         &tx, &app.actor, tenant, op, stored, file_name, opts, not_before,
     )?;
+    notify_if_awaiting(app, &tx, ids.1)?;
     tx.commit()?;
     service::flush_audit(app)?;
     wake(&app.data);
@@ -244,6 +248,7 @@ pub fn submit_upload(
         name: tenant_name,
     };
     let job = queue_job(&tx, &app.actor, &tenant, op, upload_id, opts, not_before)?;
+    notify_if_awaiting(app, &tx, job)?;
     tx.commit()?;
     service::flush_audit(app)?;
     wake(&app.data);
@@ -299,6 +304,24 @@ pub fn approve(app: &App, job_id: i64) -> AppResult<()> {
             details: serde_json::json!({ "job": job_id, "submitted_by": submitter }),
         },
     )?;
+    if let Some((to, tenant, mut ctx)) = job_mail_context(&tx, job_id)? {
+        ctx["approved_by"] = serde_json::Value::String(app.actor.clone());
+        ctx["not_before"] = serde_json::json!(not_before);
+        crate::mail::queue(
+            &tx,
+            &app.data,
+            &app.config.mail,
+            &app.actor,
+            &crate::mail::Outgoing {
+                event: "approval_granted",
+                tenant: Some(&tenant),
+                to: &to,
+                template: "approval_granted",
+                context: ctx,
+                attachment: None,
+            },
+        )?;
+    }
     tx.commit()?;
     service::flush_audit(app)?;
     wake(&app.data);
@@ -681,6 +704,16 @@ fn run_started(
                 serde_json::json!({"job": job_id, "totals": outcome.totals, "licence_forecast": outcome.forecast}),
             ),
         )?;
+        if opts.getting_started && op == Operation::Add {
+            crate::mail::queue_welcomes(
+                &tx,
+                &app.data,
+                &app.config.mail,
+                &actor,
+                &tenant,
+                crate::mail::Welcome::AddedBy(job_id),
+            )?;
+        }
         notify_finished(
             app,
             &tx,
@@ -1029,6 +1062,63 @@ fn job_mail_context(
         "rows": rows.filter(|r| *r > 0),
     });
     Ok(Some((to, tenant, ctx)))
+}
+
+/// Tells the tenant's approvers that a job waits for them (when it does).
+pub fn notify_if_awaiting(app: &App, conn: &Connection, job_id: i64) -> AppResult<()> {
+    type Row = (
+        String,
+        i64,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<i64>,
+    );
+    let row: Option<Row> = conn
+        .query_row(
+            "SELECT j.state, t.id, t.name, j.operation, j.submitted_by, u.file_name, u.rows_total
+             FROM jobs j JOIN tenants t ON t.id = j.tenant_id LEFT JOIN uploads u ON u.id = j.upload_id
+             WHERE j.id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .optional()?;
+    let Some((state, tenant_id, tenant, op, submitted_by, file_name, rows)) = row else {
+        return Ok(());
+    };
+    if state != "awaiting_approval" {
+        return Ok(());
+    }
+    let settings = db::tenant_settings(conn, tenant_id)?;
+    let operation = op
+        .parse::<Operation>()
+        .map(|o| format!("{} users", o.title().to_lowercase()))
+        .unwrap_or(op);
+    for to in &settings.approvers {
+        crate::mail::queue(
+            conn,
+            &app.data,
+            &app.config.mail,
+            &app.actor,
+            &crate::mail::Outgoing {
+                event: "approval_requested",
+                tenant: Some(&tenant),
+                to,
+                template: "approval_requested",
+                context: serde_json::json!({
+                    "tenant": tenant,
+                    "job_id": job_id,
+                    "operation": operation,
+                    "file_name": file_name.clone().unwrap_or_default(),
+                    "rows": rows.filter(|r| *r > 0),
+                    "submitted_by": submitted_by,
+                }),
+                attachment: None,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn notify_started(app: &App, conn: &Connection, job_id: i64, started: &str) -> AppResult<()> {

@@ -441,6 +441,8 @@ pub struct ImportOptions {
     pub flush_audit: bool,
     /// The submitter's email address, told when the job starts and ends.
     pub notify: Option<String>,
+    /// Send each added user a Getting Started message.
+    pub getting_started: bool,
 }
 
 impl ImportOptions {
@@ -451,6 +453,7 @@ impl ImportOptions {
             results_workbook: true,
             flush_audit: true,
             notify: None,
+            getting_started: false,
         }
     }
 }
@@ -475,6 +478,7 @@ pub fn import(
         acknowledge_warnings: opts.acknowledge_warnings,
         confirm: opts.confirm.clone(),
         notify: opts.notify.clone(),
+        getting_started: opts.getting_started,
     };
     let (upload_id, job_id) =
         scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;

@@ -1063,8 +1063,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
     );
     let opts = JobOptions {
         acknowledge_warnings: true,
-        confirm: None,
-        notify: None,
+        ..Default::default()
     };
     let j = scheduler::submit_upload(&env.app, again.upload_id, &opts, None).unwrap();
     assert_eq!(scheduler::run_or_wait(&env.app, j).unwrap().0, "succeeded");

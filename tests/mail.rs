@@ -570,3 +570,190 @@ fn line_breaks_cannot_add_headers_or_recipients() {
         "{names:?}"
     );
 }
+
+#[test]
+fn getting_started_messages_go_to_added_users_and_are_counted_per_user() {
+    let port = free_port();
+    let sink = Sink::start(port, &tempfile::tempdir().unwrap().keep(), None);
+    let mut env = Env::with(|c| {
+        c.mail.transport = "smtp".into();
+        c.mail.smtp_host = "127.0.0.1".into();
+        c.mail.smtp_port = Some(port);
+        c.mail.smtp_security = "none".into();
+        c.mail.sign_in_url = "https://learn.example.com".into();
+    });
+    let t = tenant(&env);
+    let file = env.path("new-staff.xlsx");
+    write_add_file(&file, 0..3);
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Add,
+        &file,
+        "new-staff.xlsx",
+        ImportOptions {
+            getting_started: true,
+            ..ImportOptions::new(true)
+        },
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(r.applied);
+    let msgs = sink.wait_for(3);
+    assert_eq!(
+        msgs.len(),
+        3,
+        "no submitter address: only the users are written to"
+    );
+    let mut to: Vec<String> = msgs
+        .iter()
+        .map(|m| m["rcpt_tos"][0].as_str().unwrap().to_string())
+        .collect();
+    to.sort();
+    assert_eq!(
+        to,
+        vec!["u0@example.com", "u1@example.com", "u2@example.com"]
+    );
+    let m = &msgs[0];
+    assert_eq!(m["subject"], "Your account at Acme is ready");
+    let body = text_part(m, "text/plain");
+    assert!(body.starts_with("Hello A,"), "{body}");
+    assert!(body.contains("Your sign-in name: u0@example.com"), "{body}");
+    assert!(
+        body.contains("Sign in at https://learn.example.com"),
+        "{body}"
+    );
+    let counts: Vec<(i64, bool)> = env
+        .app
+        .conn
+        .prepare("SELECT welcome_count, welcome_sent_at IS NOT NULL FROM users ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(counts, vec![(1, true); 3]);
+    // Later, for a selection (the command line), and only for active users.
+    let o = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(env.app.data.root())
+        .args([
+            "users",
+            "welcome",
+            "--tenant",
+            "Acme",
+            "--user",
+            "U1@example.com",
+            "--user",
+            "nobody@example.com",
+        ])
+        .env("ROLLCALL_MAIL_TRANSPORT", "smtp")
+        .env("ROLLCALL_MAIL_SMTP_HOST", "127.0.0.1")
+        .env("ROLLCALL_MAIL_SMTP_PORT", port.to_string())
+        .env("ROLLCALL_MAIL_SMTP_SECURITY", "none")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            "Queued 1 Getting Started messages; 1 of the users given are not active users of Acme."
+        ),
+        "{}",
+        text(&o)
+    );
+    let msgs = sink.wait_for(4);
+    assert_eq!(msgs.len(), 4);
+    assert_eq!(msgs[3]["rcpt_tos"], serde_json::json!(["u1@example.com"]));
+    let c: i64 = env
+        .app
+        .conn
+        .query_row(
+            "SELECT welcome_count FROM users WHERE email_norm = 'u1@example.com'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(c, 2);
+    assert_eq!(
+        audit_text(&env)
+            .matches("\"event\":\"getting_started\"")
+            .count(),
+        8,
+        "4 queued and 4 sent entries"
+    );
+}
+
+#[test]
+fn approvers_are_asked_and_the_submitter_hears_of_the_approval() {
+    let port = free_port();
+    let sink = Sink::start(port, &tempfile::tempdir().unwrap().keep(), None);
+    let mut env = smtp_env(port);
+    let t = tenant(&env);
+    let file = env.path("new-staff.xlsx");
+    write_add_file(&file, 0..2);
+    assert!(import(&mut env, &t, &file, "ada@example.com").applied);
+    let mut s = db::tenant_settings(&env.app.conn, t.id).unwrap();
+    s.require_approval = true;
+    s.approvers = vec!["boss@example.com".into(), "deputy@example.com".into()];
+    db::set_tenant_settings(&env.app.conn, t.id, &s).unwrap();
+    let deact = env.path("leavers.csv");
+    std::fs::write(&deact, "Email,Reason\nu0@example.com,left\n").unwrap();
+    env.app.actor = "console:alice".into();
+    let stored = service::store_upload(&env.app.data, &deact, "leavers.csv").unwrap();
+    let (_, job) = rollcall::scheduler::submit(
+        &env.app,
+        &t,
+        Operation::Deactivate,
+        &stored,
+        "leavers.csv",
+        &rollcall::scheduler::JobOptions {
+            notify: Some("alice@example.com".into()),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    rollcall::scheduler::send_mail(&env.app);
+    env.app.actor = "console:bob".into();
+    rollcall::scheduler::approve(&env.app, job).unwrap();
+    rollcall::scheduler::send_mail(&env.app);
+    // The import's two messages, two approvers, one approval.
+    let msgs = sink.wait_for(5);
+    assert_eq!(msgs.len(), 5, "{msgs:?}");
+    let asked: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| {
+            m["subject"]
+                .as_str()
+                .unwrap()
+                .contains("waits for your approval")
+        })
+        .collect();
+    assert_eq!(asked.len(), 2, "{msgs:?}");
+    assert_eq!(
+        asked[0]["rcpt_tos"],
+        serde_json::json!(["boss@example.com"])
+    );
+    assert_eq!(
+        asked[1]["rcpt_tos"],
+        serde_json::json!(["deputy@example.com"])
+    );
+    assert_eq!(
+        asked[0]["subject"],
+        format!("Acme: job {job} waits for your approval (deactivate users)")
+    );
+    assert!(text_part(asked[0], "text/plain").contains(&format!("rollcall jobs approve {job}")));
+    let granted = msgs
+        .iter()
+        .find(|m| m["subject"].as_str().unwrap().contains("was approved"))
+        .expect("the submitter hears of the approval");
+    assert_eq!(
+        granted["rcpt_tos"],
+        serde_json::json!(["alice@example.com"])
+    );
+    assert_eq!(
+        granted["subject"],
+        format!("Acme: job {job} was approved by console:bob")
+    );
+}

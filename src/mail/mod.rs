@@ -71,6 +71,42 @@ const BUILT_IN: &[(&str, &str)] = &[
         "job_finished.html",
         include_str!("templates/job_finished.html"),
     ),
+    (
+        "getting_started.subject",
+        include_str!("templates/getting_started.subject"),
+    ),
+    (
+        "getting_started.txt",
+        include_str!("templates/getting_started.txt"),
+    ),
+    (
+        "getting_started.html",
+        include_str!("templates/getting_started.html"),
+    ),
+    (
+        "approval_requested.subject",
+        include_str!("templates/approval_requested.subject"),
+    ),
+    (
+        "approval_requested.txt",
+        include_str!("templates/approval_requested.txt"),
+    ),
+    (
+        "approval_requested.html",
+        include_str!("templates/approval_requested.html"),
+    ),
+    (
+        "approval_granted.subject",
+        include_str!("templates/approval_granted.subject"),
+    ),
+    (
+        "approval_granted.txt",
+        include_str!("templates/approval_granted.txt"),
+    ),
+    (
+        "approval_granted.html",
+        include_str!("templates/approval_granted.html"),
+    ),
     ("test.subject", include_str!("templates/test.subject")),
     ("test.txt", include_str!("templates/test.txt")),
     ("test.html", include_str!("templates/test.html")),
@@ -218,6 +254,84 @@ pub fn queue(
         },
     )?;
     Ok(Some(id))
+}
+
+/// Which users get a Getting Started message.
+pub enum Welcome<'a> {
+    /// The users an add job created.
+    AddedBy(i64),
+    /// These users (emails, any case).
+    Users(&'a [String]),
+    /// Every active user who never got one.
+    NotYetWelcomed,
+}
+
+/// Queues a Getting Started message for each selected active user of a tenant, in the
+/// caller's transaction, each audited; returns how many. One statement for the messages
+/// and one for their audit entries, so an add job of a million users stays one pass.
+pub fn queue_welcomes(
+    conn: &Connection,
+    data: &DataDir,
+    cfg: &MailConfig,
+    actor: &str,
+    tenant: &db::Tenant,
+    which: Welcome<'_>,
+) -> AppResult<u64> {
+    let ctx = serde_json::json!({"tenant": tenant.name, "support_contact": support_contact(cfg)});
+    let subject = header_text(&render(
+        data,
+        Some(&tenant.name),
+        "getting_started.subject",
+        &ctx,
+    )?);
+    let (filter, arg) = match which {
+        Welcome::AddedBy(job) => (
+            "u.id IN (SELECT user_id FROM job_changes WHERE job_id = ?6 AND action = 'create')",
+            Value::from(job),
+        ),
+        Welcome::Users(emails) => (
+            "u.email_norm IN (SELECT value FROM json_each(?6))",
+            Value::String(
+                serde_json::to_string(
+                    &emails
+                        .iter()
+                        .map(|e| e.trim().to_lowercase())
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap_or_default(),
+            ),
+        ),
+        Welcome::NotYetWelcomed => ("u.welcome_count = 0 AND ?6 IS NOT NULL", Value::from(1)),
+    };
+    let before: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM mail_outbox", [], |r| {
+        r.get(0)
+    })?;
+    let now = db::now();
+    let arg_sql: Box<dyn rusqlite::ToSql> = match arg {
+        Value::Number(n) => Box::new(n.as_i64().unwrap_or_default()),
+        Value::String(s) => Box::new(s),
+        _ => Box::new(rusqlite::types::Null),
+    };
+    let n = conn.execute(
+        &format!(
+            "INSERT INTO mail_outbox (tenant, event, recipient, subject, template, context, next_attempt_at, message_id, created_at)
+             SELECT ?1, 'getting_started', u.email, ?2, 'getting_started',
+                    json_object('tenant', ?1, 'email', u.email, 'first_name', u.first_name,
+                                'last_name', u.last_name, 'role', u.role),
+                    ?3, '<gs.' || u.id || '.' || lower(hex(randomblob(8))) || '@rollcall>', ?3
+             FROM users u WHERE u.tenant_id = ?4 AND u.status = 'active' AND ?5 = ?5 AND {filter}
+             ORDER BY u.id"
+        ),
+        params![tenant.name, subject, now, tenant.id, 0, arg_sql],
+    )?;
+    conn.execute(
+        "INSERT INTO audit_outbox (kind, time, actor, tenant, action, target, details)
+         SELECT 'entry', ?1, ?2, tenant, 'mail.queued', recipient,
+                json_object('mail', id, 'event', event, 'subject', subject)
+         FROM mail_outbox WHERE id > ?3 AND event = 'getting_started' ORDER BY id",
+        params![now, actor, before],
+    )?;
+    Ok(n as u64)
 }
 
 /// Where messages go.
@@ -414,6 +528,9 @@ fn build(
     }
     if let Value::Object(o) = &mut ctx {
         o.insert("attachment".into(), info);
+        // As configured now (a corrected contact reaches messages still queued).
+        o.insert("support_contact".into(), support_contact(cfg));
+        o.insert("sign_in_url".into(), Value::String(cfg.sign_in_url.clone()));
     }
     let text = render(data, tenant, &format!("{template}.txt"), &ctx).map_err(|e| e.to_string())?;
     let html =
@@ -554,10 +671,18 @@ pub fn send_due(conn: &Connection, data: &DataDir, cfg: &MailConfig) -> AppResul
         };
         match result {
             Ok(()) => {
+                let now = db::now();
                 tx.execute(
                     "UPDATE mail_outbox SET state = 'sent', sent_at = ?2, last_error = NULL WHERE id = ?1",
-                    params![id, db::now()],
+                    params![id, now],
                 )?;
+                if event == "getting_started" {
+                    tx.execute(
+                        "UPDATE users SET welcome_sent_at = ?1, welcome_count = welcome_count + 1
+                         WHERE email_norm = lower(?2) AND tenant_id = (SELECT id FROM tenants WHERE name = ?3)",
+                        params![now, to, tenant],
+                    )?;
+                }
                 audit::record(
                     &tx,
                     &ev(
