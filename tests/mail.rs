@@ -38,11 +38,17 @@ struct Sink {
 
 impl Sink {
     fn start(port: u16, out: &Path, tls_dir: Option<&Path>) -> Sink {
-        let mut cmd = Command::new(python());
-        cmd.arg(SINK).arg(port.to_string()).arg(out);
+        let mut flags = Vec::new();
         if let Some(d) = tls_dir {
-            cmd.arg("--starttls").arg(d);
+            flags.push("--starttls".to_string());
+            flags.push(d.to_string_lossy().into_owned());
         }
+        Sink::start_with(port, out, &flags)
+    }
+
+    fn start_with(port: u16, out: &Path, flags: &[String]) -> Sink {
+        let mut cmd = Command::new(python());
+        cmd.arg(SINK).arg(port.to_string()).arg(out).args(flags);
         // Its log (e.g. a handshake a test makes fail on purpose) goes beside the messages.
         std::fs::create_dir_all(out).unwrap();
         let log = std::fs::File::create(out.join("server.log")).unwrap();
@@ -756,4 +762,104 @@ fn approvers_are_asked_and_the_submitter_hears_of_the_approval() {
         granted["subject"],
         format!("Acme: job {job} was approved by console:bob")
     );
+}
+
+#[test]
+fn implicit_tls_with_sign_in_and_a_clear_message_for_a_wrong_password() {
+    let certs = tempfile::tempdir().unwrap();
+    let o = Command::new(python())
+        .arg(SINK)
+        .arg("--make-certs")
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let port = free_port();
+    let sink = Sink::start_with(
+        port,
+        &tempfile::tempdir().unwrap().keep(),
+        &[
+            "--tls".into(),
+            certs.path().to_string_lossy().into_owned(),
+            "--auth".into(),
+            "rollcall:s3cret".into(),
+        ],
+    );
+    let ca = certs.path().join("ca.pem");
+    let env_with = |password: &str| {
+        let password = password.to_string();
+        let ca = ca.clone();
+        Env::with(move |c| {
+            c.mail.transport = "smtp".into();
+            c.mail.smtp_host = "localhost".into();
+            c.mail.smtp_port = Some(port);
+            c.mail.smtp_security = "tls".into();
+            c.mail.smtp_username = "rollcall".into();
+            c.mail.smtp_password = password;
+            c.mail.smtp_ca_file = Some(ca);
+            c.mail.smtp_timeout_seconds = 5;
+        })
+    };
+    let bad = env_with("wrong");
+    let e = rollcall::mail::send_test(
+        &bad.app.data,
+        &bad.app.config.mail,
+        "ops@example.com",
+        "test",
+    )
+    .unwrap_err();
+    assert!(e.contains("refused the user name or password"), "{e}");
+    let good = env_with("s3cret");
+    let ok = rollcall::mail::send_test(
+        &good.app.data,
+        &good.app.config.mail,
+        "ops@example.com",
+        "test",
+    )
+    .unwrap();
+    assert!(ok.contains("(TLS) accepted"), "{ok}");
+    let m = sink.wait_for(1);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["tls"], true);
+}
+
+#[test]
+fn a_tenant_can_replace_a_template_and_a_broken_one_falls_back() {
+    let mut env = Env::new();
+    let t = tenant(&env);
+    let dir = env.app.data.rules_dir().join("acme").join("emails");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("job_started.subject"),
+        "[Acme HR] Job {{ job_id }} is running",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("job_started.txt"),
+        "Dear colleague, job {{ job_id }} runs.",
+    )
+    .unwrap();
+    std::fs::write(dir.join("job_started.html"), "{% if %}broken").unwrap();
+    let file = env.path("new-staff.xlsx");
+    write_add_file(&file, 0..1);
+    let r = import(&mut env, &t, &file, "ada@example.com");
+    let eml = env.app.data.outbox_dir().join("000001-job_started.eml");
+    let o = Command::new(python())
+        .arg(SINK)
+        .arg("--parse")
+        .arg(&eml)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        m["subject"],
+        format!("[Acme HR] Job {} is running", r.job_id)
+    );
+    assert_eq!(
+        text_part(&m, "text/plain"),
+        format!("Dear colleague, job {} runs.", r.job_id)
+    );
+    // The broken HTML override is replaced by the built-in one.
+    assert!(text_part(&m, "text/html").contains("You will get another message"));
 }
