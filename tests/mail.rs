@@ -863,3 +863,57 @@ fn a_tenant_can_replace_a_template_and_a_broken_one_falls_back() {
     // The broken HTML override is replaced by the built-in one.
     assert!(text_part(&m, "text/html").contains("You will get another message"));
 }
+
+#[test]
+fn a_refused_recipient_is_said_as_such_and_fails_at_once() {
+    let port = free_port();
+    let _sink = Sink::start(port, &tempfile::tempdir().unwrap().keep(), None);
+    let mut env = smtp_env(port);
+    let e = rollcall::mail::send_test(
+        &env.app.data,
+        &env.app.config.mail,
+        "nobody@example.com",
+        "test",
+    )
+    .unwrap_err();
+    assert!(e.contains("rejected the recipient or sender"), "{e}");
+    assert!(e.contains("No such mailbox here"), "{e}");
+    // Queued, it is failed at the first try (a permanent refusal), not retried.
+    let t = tenant(&env);
+    let file = env.path("new-staff.xlsx");
+    write_add_file(&file, 0..1);
+    import(&mut env, &t, &file, "nobody@example.com");
+    let failed = rollcall::mail::list(&env.app.conn, Some("failed"), 10).unwrap();
+    assert_eq!(failed.len(), 2);
+    assert!(failed.iter().all(|m| m.attempts == 1));
+}
+
+#[test]
+fn a_workbook_above_the_attachment_limit_is_named_not_attached() {
+    let mut env = Env::with(|c| c.mail.attach_max_mib = 0);
+    let t = tenant(&env);
+    let file = env.path("new-staff.xlsx");
+    write_add_file(&file, 0..2);
+    let r = import(&mut env, &t, &file, "ada@example.com");
+    let eml = env.app.data.outbox_dir().join("000002-job_finished.eml");
+    let o = Command::new(python())
+        .arg(SINK)
+        .arg("--parse")
+        .arg(&eml)
+        .output()
+        .unwrap();
+    let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(attachment(&m).is_none());
+    let body = text_part(&m, "text/plain");
+    assert!(
+        body.contains(&format!(
+            "The results workbook \"job-{0}-results.xlsx\" is too large to attach (",
+            r.job_id
+        )),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("download it from rollcall (job {})", r.job_id)),
+        "{body}"
+    );
+}
