@@ -196,6 +196,9 @@ pub enum Command {
     /// Check and read the hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Administrator accounts: the way back in when every password is lost.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// The mail outbox: list messages, send what is due, retry a failed one.
     #[command(subcommand)]
     Mail(MailCmd),
@@ -349,6 +352,47 @@ pub enum InboxCmd {
     /// Take up the files waiting in the drop folders now (the job worker does this by
     /// itself every few seconds). Example: rollcall inbox scan
     Scan,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCmd {
+    /// Create an account; prints its one-time password (to be changed at the first sign-in).
+    ///
+    /// Example: rollcall admin create grace --role tenant-admin --tenant Acme --email grace@example.com
+    Create {
+        username: String,
+        /// operator, tenant-admin or auditor.
+        #[arg(long)]
+        role: crate::admin::Role,
+        /// The tenant of a tenant admin (or of an auditor limited to one tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, value_parser = parse_email)]
+        email: Option<String>,
+    },
+    /// Every account with its role, tenant and state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Example: rollcall admin set-role grace operator
+    SetRole {
+        username: String,
+        role: crate::admin::Role,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Stop an account from signing in (its history stays).
+    Disable {
+        username: String,
+    },
+    Enable {
+        username: String,
+    },
+    /// A new one-time password (also lifts a lock-out); printed once.
+    ResetPassword {
+        username: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1279,6 +1323,94 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         Command::Tasks(TasksCmd::Run { name }) => {
             let done = crate::tasks::run(&app, &name)?;
             writeln!(out, "{name}: {done}").map_err(w)?;
+            Ok(0)
+        }
+        Command::Admin(cmd) => {
+            let tenant_of = |name: &Option<String>| -> AppResult<Option<db::Tenant>> {
+                name.as_deref()
+                    .map(|n| db::tenant(&app.conn, n))
+                    .transpose()
+            };
+            match cmd {
+                AdminCmd::Create {
+                    username,
+                    role,
+                    tenant,
+                    email,
+                } => {
+                    let t = tenant_of(&tenant)?;
+                    let (a, password) = crate::admin::create(
+                        &app.conn,
+                        &app.actor,
+                        &username,
+                        email.as_deref(),
+                        role,
+                        t.as_ref(),
+                    )?;
+                    writeln!(
+                        out,
+                        "Created {} ({}{}). One-time password, shown only now: {password}",
+                        a.username,
+                        a.role,
+                        a.tenant.map(|t| format!(" of {t}")).unwrap_or_default()
+                    )
+                    .map_err(w)?;
+                }
+                AdminCmd::List { json } => {
+                    let all = crate::admin::list(&app.conn)?;
+                    if json {
+                        serde_json::to_writer_pretty(&mut *out, &all)
+                            .map_err(|e| AppError::internal("writing JSON", e))?;
+                        writeln!(out).map_err(w)?;
+                    } else {
+                        for a in all {
+                            writeln!(
+                                out,
+                                "{:<24} {:<13} {:<20} {}{}",
+                                a.username,
+                                a.role.as_str(),
+                                a.tenant.as_deref().unwrap_or("(all tenants)"),
+                                a.email.as_deref().unwrap_or("-"),
+                                if a.disabled {
+                                    "  [disabled]"
+                                } else if a.must_change_password {
+                                    "  [must change password]"
+                                } else {
+                                    ""
+                                }
+                            )
+                            .map_err(w)?;
+                        }
+                    }
+                }
+                AdminCmd::SetRole {
+                    username,
+                    role,
+                    tenant,
+                } => {
+                    let t = tenant_of(&tenant)?;
+                    let a =
+                        crate::admin::set_role(&app.conn, &app.actor, &username, role, t.as_ref())?;
+                    writeln!(out, "{} is now {}.", a.username, a.role).map_err(w)?;
+                }
+                AdminCmd::Disable { username } => {
+                    crate::admin::set_disabled(&app.conn, &app.actor, &username, true)?;
+                    writeln!(out, "{username} is disabled.").map_err(w)?;
+                }
+                AdminCmd::Enable { username } => {
+                    crate::admin::set_disabled(&app.conn, &app.actor, &username, false)?;
+                    writeln!(out, "{username} is enabled.").map_err(w)?;
+                }
+                AdminCmd::ResetPassword { username } => {
+                    let p = crate::admin::reset_password(&app.conn, &app.actor, &username)?;
+                    writeln!(
+                        out,
+                        "New one-time password for {username}, shown only now: {p}"
+                    )
+                    .map_err(w)?;
+                }
+            }
+            service::flush_audit(&app)?;
             Ok(0)
         }
         Command::Mail(MailCmd::List { state, limit, json }) => {

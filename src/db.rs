@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_tasks.sql")),
     (4, include_str!("../migrations/0004_rules.sql")),
     (5, include_str!("../migrations/0005_mail.sql")),
+    (6, include_str!("../migrations/0006_admins.sql")),
 ];
 
 /// Newest schema this binary knows.
@@ -439,7 +440,7 @@ mod tests {
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
         // Make it look like schema 2: without what the later migrations add.
         conn.execute_batch(
-            "DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
+            "ALTER TABLE administrators DROP COLUMN must_change_password; ALTER TABLE administrators DROP COLUMN failed_logins; ALTER TABLE administrators DROP COLUMN locked_until; ALTER TABLE administrators DROP COLUMN password_changed_at; DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
         )
         .unwrap();
         drop(conn);

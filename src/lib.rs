@@ -1,5 +1,6 @@
 //! rollcall: bulk user management on one's own hardware. See docs/ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod audit;
 pub mod bench;
 pub mod bulk;

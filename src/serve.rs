@@ -16,6 +16,14 @@ pub fn run(app: &App) -> AppResult<()> {
             app.config.listen
         ))
     })?;
+    // First start: an operator account, its one-time password shown here only.
+    if let Some((admin, password)) = crate::admin::ensure_first_operator(&app.conn)? {
+        crate::service::flush_audit(app)?;
+        say(&format!(
+            "First start: created the operator account {:?}. Its one-time password, shown only here: {password}\nSign in with it and choose a new password. (Lost? rollcall admin reset-password {})",
+            admin.username, admin.username
+        ));
+    }
     // The job worker runs beside the web server, on its own connection.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker_app = app.reopen()?;
@@ -56,39 +64,35 @@ fn serve_http(app: &App, addr: SocketAddr) -> AppResult<()> {
         let local = listener
             .local_addr()
             .map_err(|e| AppError::internal("reading the listening address", e))?;
-        println!(
+        // The signal handler is in place before anyone can know the address, so a
+        // SIGTERM sent right after startup still stops the server cleanly.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| AppError::internal("setting up the stop signal", e))?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        say(&format!(
             "rollcall is listening on http://{local} (data: {})",
             app.data
-        );
+        ));
         warp::serve(health)
             .incoming(listener)
-            .graceful(shutdown_signal())
+            .graceful(shutdown)
             .run()
             .await;
-        println!("rollcall stopped.");
+        say("rollcall stopped.");
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+/// A line on the console; a closed or broken standard output (a service manager that
+/// dropped it) never stops the server.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }

@@ -308,7 +308,7 @@ fn startup_problems_are_one_sentence() {
 
 #[test]
 fn serve_starts_answers_and_stops_cleanly() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
         .args([
@@ -322,16 +322,13 @@ fn serve_starts_answers_and_stops_cleanly() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    lines.read_line(&mut first).unwrap();
-    let addr = first
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let mut child = KillOnDrop(child);
+    // First start: the operator account's one-time password comes first, then the address.
+    let (addr, first_start, _) = listen_addr(&mut lines);
+    assert!(
+        first_start.contains("First start: created the operator account \"operator\". Its one-time password, shown only here: "),
+        "{first_start}"
+    );
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -342,9 +339,9 @@ fn serve_starts_answers_and_stops_cleanly() {
         "{resp}"
     );
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(child.0.id() as i32, libc::SIGTERM);
     }
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let mut rest = String::new();
     lines.read_to_string(&mut rest).unwrap();

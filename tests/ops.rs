@@ -138,26 +138,17 @@ fn healthcheck_and_version() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let stdout = server.stdout.take().unwrap();
+    let mut server = KillOnDrop(server);
+    // Read the address, and keep the pipe open until the server has stopped.
+    let mut out = std::io::BufReader::new(stdout);
+    let (addr, _, _) = listen_addr(&mut out);
     let o = cli(&data, &["healthcheck", "--addr", &addr]);
     assert!(o.status.success(), "{}", text(&o));
     unsafe {
-        libc::kill(server.id() as i32, libc::SIGTERM);
+        libc::kill(server.0.id() as i32, libc::SIGTERM);
     }
-    assert!(server.wait().unwrap().success());
+    assert!(server.0.wait().unwrap().success());
     let o = Command::new(BIN).arg("--version").output().unwrap();
     let v = String::from_utf8_lossy(&o.stdout);
     assert!(

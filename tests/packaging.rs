@@ -79,24 +79,16 @@ fn the_usb_bundle_starts_from_a_fresh_copy_and_keeps_its_data_beside_the_binary(
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let mut server = common::KillOnDrop(server);
+    let mut out = std::io::BufReader::new(stdout);
+    let (addr, first_start, line) = common::listen_addr(&mut out);
+    // The key's first start makes the operator account and says so on the console.
+    assert!(first_start.contains("one-time password"), "{first_start}");
     assert!(
         line.contains(&key.join("rollcall-data").display().to_string()),
         "{line}"
     );
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
     let hc = Command::new(key.join("rollcall"))
         .args(["healthcheck", "--addr", &addr])
         .output()
@@ -107,9 +99,9 @@ fn the_usb_bundle_starts_from_a_fresh_copy_and_keeps_its_data_beside_the_binary(
         String::from_utf8_lossy(&hc.stderr)
     );
     unsafe {
-        libc::kill(server.id() as i32, libc::SIGTERM);
+        libc::kill(server.0.id() as i32, libc::SIGTERM);
     }
-    assert!(server.wait().unwrap().success());
+    assert!(server.0.wait().unwrap().success());
     assert!(key.join("rollcall-data").join("rollcall.db").exists());
     // A tenant created with the bundled binary lands in the same place.
     let o = Command::new(key.join("rollcall"))

@@ -245,3 +245,31 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// Reads a server's output until the line with its address ("listening on http://ADDR"),
+/// returning the address, the lines before it (a first start prints the operator's
+/// one-time password first) and that line.
+pub fn listen_addr(r: &mut impl std::io::BufRead) -> (String, String, String) {
+    let mut before = String::new();
+    loop {
+        let mut line = String::new();
+        let n = r.read_line(&mut line).unwrap();
+        assert!(n > 0, "the server ended before it listened: {before}");
+        if let Some(rest) = line.split("http://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+            return (addr, before, line);
+        }
+        before.push_str(&line);
+    }
+}
+
+/// A child process killed when the test ends, even by a failed assertion (a server left
+/// running would hold the test's output open).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
