@@ -101,6 +101,22 @@ pub fn now() -> String {
 }
 
 /// Case-insensitive key for names and emails.
+/// How long until an RFC 3339 time, at most `cap` (zero when it has passed; `cap` when it
+/// cannot be read).
+pub fn duration_until(t: &str, cap: std::time::Duration) -> std::time::Duration {
+    match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
+        Ok(at) => {
+            let secs = (at - time::OffsetDateTime::now_utc()).as_seconds_f64();
+            if secs <= 0.0 {
+                std::time::Duration::ZERO
+            } else {
+                std::time::Duration::from_secs_f64(secs).min(cap)
+            }
+        }
+        Err(_) => cap,
+    }
+}
+
 pub fn norm(s: &str) -> String {
     s.trim().to_lowercase()
 }

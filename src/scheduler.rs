@@ -307,20 +307,7 @@ pub fn approve(app: &App, job_id: i64) -> AppResult<()> {
     if let Some((to, tenant, mut ctx)) = job_mail_context(&tx, job_id)? {
         ctx["approved_by"] = serde_json::Value::String(app.actor.clone());
         ctx["not_before"] = serde_json::json!(not_before);
-        crate::mail::queue(
-            &tx,
-            &app.data,
-            &app.config.mail,
-            &app.actor,
-            &crate::mail::Outgoing {
-                event: "approval_granted",
-                tenant: Some(&tenant),
-                to: &to,
-                template: "approval_granted",
-                context: ctx,
-                attachment: None,
-            },
-        )?;
+        service::queue_mail(app, &tx, "approval_granted", &tenant, &to, ctx, None)?;
     }
     tx.commit()?;
     service::flush_audit(app)?;
@@ -422,19 +409,7 @@ fn next_due(conn: &Connection, cap: Duration) -> Duration {
         )
         .ok()
         .flatten();
-    let Some(t) = next else { return cap };
-    let fmt = time::format_description::well_known::Rfc3339;
-    match time::OffsetDateTime::parse(&t, &fmt) {
-        Ok(at) => {
-            let secs = (at - time::OffsetDateTime::now_utc()).as_seconds_f64();
-            if secs <= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(secs).min(cap)
-            }
-        }
-        Err(_) => cap,
-    }
+    next.map_or(cap, |t| db::duration_until(&t, cap))
 }
 
 /// What running one job did.
@@ -1095,27 +1070,23 @@ pub fn notify_if_awaiting(app: &App, conn: &Connection, job_id: i64) -> AppResul
         .parse::<Operation>()
         .map(|o| format!("{} users", o.title().to_lowercase()))
         .unwrap_or(op);
+    let ctx = serde_json::json!({
+        "tenant": tenant,
+        "job_id": job_id,
+        "operation": operation,
+        "file_name": file_name.unwrap_or_default(),
+        "rows": rows.filter(|r| *r > 0),
+        "submitted_by": submitted_by,
+    });
     for to in &settings.approvers {
-        crate::mail::queue(
+        service::queue_mail(
+            app,
             conn,
-            &app.data,
-            &app.config.mail,
-            &app.actor,
-            &crate::mail::Outgoing {
-                event: "approval_requested",
-                tenant: Some(&tenant),
-                to,
-                template: "approval_requested",
-                context: serde_json::json!({
-                    "tenant": tenant,
-                    "job_id": job_id,
-                    "operation": operation,
-                    "file_name": file_name.clone().unwrap_or_default(),
-                    "rows": rows.filter(|r| *r > 0),
-                    "submitted_by": submitted_by,
-                }),
-                attachment: None,
-            },
+            "approval_requested",
+            &tenant,
+            to,
+            ctx.clone(),
+            None,
         )?;
     }
     Ok(())
@@ -1126,20 +1097,7 @@ fn notify_started(app: &App, conn: &Connection, job_id: i64, started: &str) -> A
         return Ok(());
     };
     ctx["started_at"] = serde_json::Value::String(started.to_string());
-    crate::mail::queue(
-        conn,
-        &app.data,
-        &app.config.mail,
-        &app.actor,
-        &crate::mail::Outgoing {
-            event: "job_started",
-            tenant: Some(&tenant),
-            to: &to,
-            template: "job_started",
-            context: ctx,
-            attachment: None,
-        },
-    )?;
+    service::queue_mail(app, conn, "job_started", &tenant, &to, ctx, None)?;
     Ok(())
 }
 
@@ -1169,20 +1127,7 @@ fn notify_finished(
     if let Some(f) = failure {
         ctx["reason"] = serde_json::Value::String(f.to_string());
     }
-    crate::mail::queue(
-        conn,
-        &app.data,
-        &app.config.mail,
-        &app.actor,
-        &crate::mail::Outgoing {
-            event: "job_finished",
-            tenant: Some(&tenant),
-            to: &to,
-            template: "job_finished",
-            context: ctx,
-            attachment,
-        },
-    )?;
+    service::queue_mail(app, conn, "job_finished", &tenant, &to, ctx, attachment)?;
     Ok(())
 }
 

@@ -90,6 +90,33 @@ pub fn active_rules(app: &App, tenant: &Tenant) -> AppResult<Option<crate::rules
     crate::rules::active(&app.conn, &app.data, &app.reader, tenant, &app.actor)
 }
 
+/// Queues a message of `template` (also its event name) in the caller's transaction.
+pub fn queue_mail(
+    app: &App,
+    conn: &Connection,
+    template: &'static str,
+    tenant: &str,
+    to: &str,
+    context: serde_json::Value,
+    attachment: Option<(PathBuf, String)>,
+) -> AppResult<()> {
+    crate::mail::queue(
+        conn,
+        &app.data,
+        &app.config.mail,
+        &app.actor,
+        &crate::mail::Outgoing {
+            event: template,
+            tenant: Some(tenant),
+            to,
+            template,
+            context,
+            attachment,
+        },
+    )?;
+    Ok(())
+}
+
 /// What a pass needs to run `rules`.
 pub fn rules_input<'a>(
     app: &'a App,
@@ -340,30 +367,25 @@ pub fn upload(
         && !outcome.is_valid()
     {
         let (problems, more) = crate::mail::problem_lines(&outcome, 10);
-        crate::mail::queue(
+        queue_mail(
+            app,
             &tx,
-            &app.data,
-            &app.config.mail,
-            &app.actor,
-            &crate::mail::Outgoing {
-                event: "upload_rejected",
-                tenant: Some(&tenant.name),
-                to,
-                template: "upload_rejected",
-                context: serde_json::json!({
-                    "upload_id": upload_id,
-                    "file_name": file_name,
-                    "operation": format!("{} users", op.title().to_lowercase()),
-                    "errors": outcome.errors,
-                    "summary": crate::mail::summary(&outcome),
-                    "problems": problems,
-                    "more_problems": more,
-                }),
-                attachment: Some((
-                    app.data.error_report(upload_id),
-                    format!("{}-errors.xlsx", scheduler::file_stem(file_name)),
-                )),
-            },
+            "upload_rejected",
+            &tenant.name,
+            to,
+            serde_json::json!({
+                "upload_id": upload_id,
+                "file_name": file_name,
+                "operation": format!("{} users", op.title().to_lowercase()),
+                "errors": outcome.errors,
+                "summary": crate::mail::summary(&outcome),
+                "problems": problems,
+                "more_problems": more,
+            }),
+            Some((
+                app.data.error_report(upload_id),
+                format!("{}-errors.xlsx", scheduler::file_stem(file_name)),
+            )),
         )?;
     }
     tx.commit()?;

@@ -104,6 +104,19 @@ impl Drop for Sink {
     }
 }
 
+/// A CA and a certificate for localhost it signed (made with openssl by the fixture).
+fn make_certs() -> tempfile::TempDir {
+    let certs = tempfile::tempdir().unwrap();
+    let o = Command::new(python())
+        .arg(SINK)
+        .arg("--make-certs")
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    certs
+}
+
 fn smtp_env(port: u16) -> Env {
     Env::with(|c| {
         c.mail.transport = "smtp".into();
@@ -375,14 +388,7 @@ fn a_server_that_is_down_gets_the_message_once_it_is_up_and_never_twice() {
 
 #[test]
 fn starttls_with_the_organisations_ca_and_clear_errors_from_send_test_email() {
-    let certs = tempfile::tempdir().unwrap();
-    let o = Command::new(python())
-        .arg(SINK)
-        .arg("--make-certs")
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let certs = make_certs();
     let port = free_port();
     let sink = Sink::start(
         port,
@@ -766,14 +772,7 @@ fn approvers_are_asked_and_the_submitter_hears_of_the_approval() {
 
 #[test]
 fn implicit_tls_with_sign_in_and_a_clear_message_for_a_wrong_password() {
-    let certs = tempfile::tempdir().unwrap();
-    let o = Command::new(python())
-        .arg(SINK)
-        .arg("--make-certs")
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let certs = make_certs();
     let port = free_port();
     let sink = Sink::start_with(
         port,

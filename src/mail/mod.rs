@@ -729,18 +729,7 @@ pub fn next_due(conn: &Connection, cap: Duration) -> Duration {
         )
         .ok()
         .flatten();
-    let Some(t) = next else { return cap };
-    match time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339) {
-        Ok(at) => {
-            let secs = (at - time::OffsetDateTime::now_utc()).as_seconds_f64();
-            if secs <= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(secs).min(cap)
-            }
-        }
-        Err(_) => cap,
-    }
+    next.map_or(cap, |t| db::duration_until(&t, cap))
 }
 
 /// A failed message queued again (its attempts start over); false when there is none.
