@@ -1,7 +1,8 @@
 //! Housekeeping as named tasks with a last run, a next run and a last error, run by the job
 //! worker when due (between jobs) and at once by `rollcall tasks run NAME`.
 //!
-//! - `purge_files`: uploaded files and reports older than `[jobs] file_retention_days`.
+//! - `purge_files`: uploaded files, reports, outbox .eml files and sent or failed messages
+//!   older than `[jobs] file_retention_days`.
 //! - `purge_undo_data`: before/after images of jobs finished more than `[jobs] undo_days` ago
 //!   (the personal data of deleted users goes with them; see docs/RETENTION.md).
 //! - `rotate_audit`: closes the current audit file and starts the next (the chain continues).
@@ -151,8 +152,30 @@ fn purge_files(app: &App) -> AppResult<String> {
     for id in jobs {
         files += usize::from(remove(&app.data.results_report(id)));
     }
+    // Messages: the .eml files of the outbox folder, and the queue's rows that are done
+    // (they hold names, addresses and problems quoted from files).
+    let keep_after = std::time::SystemTime::now()
+        .checked_sub(std::time::Duration::from_secs(
+            u64::from(app.config.jobs.file_retention_days) * 86_400,
+        ))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    if let Ok(dir) = std::fs::read_dir(app.data.outbox_dir()) {
+        for e in dir.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t <= keep_after);
+            if old && e.path().extension().is_some_and(|x| x == "eml") {
+                files += usize::from(remove(&e.path()));
+            }
+        }
+    }
+    let messages = app.conn.execute(
+        "DELETE FROM mail_outbox WHERE state IN ('sent', 'failed') AND created_at <= ?1",
+        [&cutoff],
+    )?;
     Ok(format!(
-        "{files} files deleted ({} uploads past {} days)",
+        "{files} files deleted ({} uploads past {} days), {messages} sent or failed messages removed",
         old.len(),
         app.config.jobs.file_retention_days
     ))

@@ -916,3 +916,33 @@ fn a_workbook_above_the_attachment_limit_is_named_not_attached() {
         "{body}"
     );
 }
+
+#[test]
+fn sent_messages_and_eml_files_are_purged_after_the_retention_period() {
+    let mut env = Env::with(|c| c.jobs.file_retention_days = 0);
+    let t = tenant(&env);
+    let file = env.path("new-staff.xlsx");
+    write_add_file(&file, 0..1);
+    import(&mut env, &t, &file, "ada@example.com");
+    let outbox = env.app.data.outbox_dir();
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 2);
+    // A message still waiting is kept whatever its age.
+    env.app
+        .conn
+        .execute("UPDATE mail_outbox SET state = 'queued' WHERE id = 2", [])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let r = rollcall::tasks::run(&env.app, "purge_files").unwrap();
+    assert!(r.contains("1 sent or failed messages removed"), "{r}");
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 0);
+    let left: Vec<String> = env
+        .app
+        .conn
+        .prepare("SELECT state FROM mail_outbox")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(left, vec!["queued"]);
+}
