@@ -342,54 +342,40 @@ fn register_api(lua: &Lua, reg: &Rc<RefCell<Registry>>) -> mlua::Result<()> {
             Ok(())
         })?,
     )?;
-    let r = reg.clone();
-    api.set(
-        "check",
-        lua.create_function(move |lua, (column, func): (String, Function)| {
-            let mut reg = r.borrow_mut();
-            let rule = Rule {
-                script: reg.script.clone(),
-                line: line_of(&func).or(caller_line(lua)),
-                col: None,
-                column_name: Some(column.clone()),
-                func,
-            };
-            reg.checks.push((column, rule));
-            Ok(())
-        })?,
-    )?;
-    let r = reg.clone();
-    api.set(
-        "check_row",
-        lua.create_function(move |lua, func: Function| {
-            let mut reg = r.borrow_mut();
-            let rule = Rule {
-                script: reg.script.clone(),
-                line: line_of(&func).or(caller_line(lua)),
-                col: None,
-                column_name: None,
-                func,
-            };
-            reg.row_checks.push(rule);
-            Ok(())
-        })?,
-    )?;
-    let r = reg.clone();
-    api.set(
-        "normalise",
-        lua.create_function(move |lua, (column, func): (String, Function)| {
-            let mut reg = r.borrow_mut();
-            let rule = Rule {
-                script: reg.script.clone(),
-                line: line_of(&func).or(caller_line(lua)),
-                col: None,
-                column_name: Some(column.clone()),
-                func,
-            };
-            reg.normalisers.push((column, rule));
-            Ok(())
-        })?,
-    )?;
+    // rollcall.check(column, fn), rollcall.check_row(fn), rollcall.normalise(column, fn).
+    for kind in [Kind::Check, Kind::Row, Kind::Normaliser] {
+        let r = reg.clone();
+        let name = match kind {
+            Kind::Check => "check",
+            Kind::Row => "check_row",
+            Kind::Normaliser => "normalise",
+        };
+        api.set(
+            name,
+            lua.create_function(move |lua, args: mlua::MultiValue| {
+                let (column, func): (Option<String>, Function) = if matches!(kind, Kind::Row) {
+                    (None, lua.unpack_multi(args)?)
+                } else {
+                    let (c, f): (String, Function) = lua.unpack_multi(args)?;
+                    (Some(c), f)
+                };
+                let mut reg = r.borrow_mut();
+                let rule = Rule {
+                    script: reg.script.clone(),
+                    line: line_of(&func).or(caller_line(lua)),
+                    col: None,
+                    column_name: column.clone(),
+                    func,
+                };
+                match (kind, column) {
+                    (Kind::Check, Some(c)) => reg.checks.push((c, rule)),
+                    (Kind::Normaliser, Some(c)) => reg.normalisers.push((c, rule)),
+                    _ => reg.row_checks.push(rule),
+                }
+                Ok(())
+            })?,
+        )?;
+    }
     api.set(
         "warning",
         lua.create_function(|lua, message: String| {
