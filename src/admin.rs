@@ -443,7 +443,7 @@ pub fn sign_in(
             },
         )
     };
-    let Some((id, stored, failures, locked_until)) = row else {
+    let Some((id, stored, _, locked_until)) = row else {
         // Spend the same time as a real check, so timing does not tell names apart.
         let _ = Argon2::default().verify_password(
             password.as_bytes(),
@@ -470,12 +470,19 @@ pub fn sign_in(
         .verify_password(password.as_bytes(), stored.as_str())
         .is_ok();
     if !ok {
-        let failures = failures + 1;
-        let lock = (failures >= MAX_FAILURES).then(|| minutes_from_now(LOCK_MINUTES));
-        conn.execute(
-            "UPDATE administrators SET failed_logins = ?2, locked_until = ?3 WHERE id = ?1",
-            params![id, if lock.is_some() { 0 } else { failures }, lock],
+        // Counted in the database itself, so attempts made at the same time all count.
+        let failures: i64 = conn.query_row(
+            "UPDATE administrators SET failed_logins = failed_logins + 1 WHERE id = ?1 RETURNING failed_logins",
+            [id],
+            |r| r.get(0),
         )?;
+        let lock = (failures >= MAX_FAILURES).then(|| minutes_from_now(LOCK_MINUTES));
+        if let Some(until) = &lock {
+            conn.execute(
+                "UPDATE administrators SET failed_logins = 0, locked_until = ?2 WHERE id = ?1",
+                params![id, until],
+            )?;
+        }
         record(
             if lock.is_some() {
                 "admin.locked"

@@ -135,6 +135,22 @@ pub fn create_tenant(conn: &Connection, name: &str) -> AppResult<Tenant> {
             "a tenant named {name:?} exists already"
         )));
     }
+    let folder = crate::model::folder_name(name);
+    if folder.is_empty() {
+        return Err(AppError::Usage(format!(
+            "a tenant name needs a letter or digit ({name:?} has none)"
+        )));
+    }
+    // Two tenants may not share the folder of their rules and email templates.
+    if let Some(other) = list_tenants(conn)?
+        .into_iter()
+        .find(|t| crate::model::folder_name(&t.name) == folder)
+    {
+        return Err(AppError::Usage(format!(
+            "{name:?} is too close to the existing tenant {:?} (both would use the folder rules/{folder}); choose another name",
+            other.name
+        )));
+    }
     conn.execute(
         "INSERT INTO tenants (name, name_norm, created_at) VALUES (?1, ?2, ?3)",
         params![name, norm(name), now()],

@@ -589,6 +589,21 @@ pub struct PoolForecast {
     pub free_after: i64,
 }
 
+/// The folder of a tenant's own files (rules, email templates): its name in lower case,
+/// with every run of other characters than letters and digits made one hyphen ("Example
+/// Corp" -> "example-corp"). Tenants are created only when theirs is non-empty and unique.
+pub fn folder_name(tenant: &str) -> String {
+    let mut out = String::new();
+    for ch in tenant.trim().chars() {
+        if ch.is_alphanumeric() {
+            out.extend(ch.to_lowercase());
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,5 +623,13 @@ mod tests {
         let a = column_hash(Operation::Deactivate, &columns(Operation::Deactivate));
         let d = column_hash(Operation::Delete, &columns(Operation::Delete));
         assert_ne!(a, d);
+    }
+
+    #[test]
+    fn folder_names_are_lower_case_with_hyphens() {
+        assert_eq!(folder_name("Example Corp"), "example-corp");
+        assert_eq!(folder_name("  Smith & Sons Ltd. "), "smith-sons-ltd");
+        assert_eq!(folder_name("Ärzte Köln"), "ärzte-köln");
+        assert_eq!(folder_name("!!!"), "");
     }
 }

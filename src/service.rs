@@ -388,8 +388,8 @@ pub fn upload(
             )),
         )?;
     }
-    tx.commit()?;
-    flush_audit(app)?;
+    // The workbook is written before the commit: a worker may send the rejection message
+    // (which attaches it) as soon as the commit is done.
     let error_report = if outcome.is_valid() && outcome.warnings == 0 {
         None
     } else {
@@ -406,6 +406,8 @@ pub fn upload(
         )?;
         Some(path)
     };
+    tx.commit()?;
+    flush_audit(app)?;
     Ok(Uploaded {
         upload_id,
         outcome,

@@ -623,3 +623,17 @@ fn required_custom_columns_bind_add_files_only_and_rules_see_corrected_spellings
     let o = validate(&env, &t, Operation::Update, &file);
     assert!(codes(&o).contains(&"cannot_clear"), "{}", messages(&o));
 }
+
+#[test]
+fn tenants_cannot_share_a_rules_folder() {
+    let env = Env::new();
+    db::create_tenant(&env.app.conn, "Acme Corp").unwrap();
+    let e = db::create_tenant(&env.app.conn, "ACME-corp!").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("both would use the folder rules/acme-corp"),
+        "{e}"
+    );
+    let e = db::create_tenant(&env.app.conn, "!!!").unwrap_err();
+    assert!(e.to_string().contains("needs a letter or digit"), "{e}");
+}

@@ -163,6 +163,8 @@ fn render(data: &DataDir, tenant: Option<&str>, file: &str, ctx: &Value) -> AppR
 
 fn render_source(name: &str, source: &str, ctx: &Value) -> Result<String, String> {
     let mut env = minijinja::Environment::new();
+    // A tenant's template runs in the job worker: a bounded amount of work, whatever it says.
+    env.set_fuel(Some(200_000));
     // HTML templates escape what they insert (names, file names, problems).
     env.set_auto_escape_callback(|n| {
         if n.ends_with(".html") {
@@ -301,7 +303,13 @@ pub fn queue_welcomes(
                 .unwrap_or_default(),
             ),
         ),
-        Welcome::NotYetWelcomed => ("u.welcome_count = 0 AND ?6 IS NOT NULL", Value::from(1)),
+        // Not those whose first one still waits in the queue.
+        Welcome::NotYetWelcomed => (
+            "u.welcome_count = 0 AND ?6 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mail_outbox m
+                 WHERE m.event = 'getting_started' AND m.state IN ('queued', 'sending')
+                   AND m.tenant = ?1 AND m.recipient = u.email)",
+            Value::from(1),
+        ),
     };
     let before: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM mail_outbox", [], |r| {
         r.get(0)
@@ -443,7 +451,13 @@ fn describe_smtp(e: &lettre::transport::smtp::Error, what: &str) -> SendError {
     } else if lower.contains("connection refused") {
         format!("nothing accepts connections at {what} (connection refused)")
     } else if e.is_timeout() || lower.contains("timed out") {
-        format!("{what} did not answer in time: {all}")
+        // It may have stopped answering after taking the message: not retried by itself.
+        return SendError {
+            message: format!(
+                "{what} did not answer in time ({all}); the message may or may not have been delivered (retry it with rollcall mail retry to send it again)"
+            ),
+            permanent: true,
+        };
     } else if e.is_tls() || lower.contains("certificate") || lower.contains("tls") {
         format!("the TLS connection to {what} failed: {all}")
     } else if matches!(
@@ -655,9 +669,11 @@ pub fn send_due(conn: &Connection, data: &DataDir, cfg: &MailConfig) -> AppResul
                 attachment,
                 &mid,
             )
+            // A message that cannot be built now (a setting such as mail.from, a
+            // template) may be buildable after a fix: retried like a transport error.
             .map_err(|m| SendError {
                 message: m,
-                permanent: true,
+                permanent: false,
             })
             .and_then(|msg| deliver(t, &msg, &format!("{id:06}-{event}"))),
         };
@@ -679,8 +695,8 @@ pub fn send_due(conn: &Connection, data: &DataDir, cfg: &MailConfig) -> AppResul
                 if event == "getting_started" {
                     tx.execute(
                         "UPDATE users SET welcome_sent_at = ?1, welcome_count = welcome_count + 1
-                         WHERE email_norm = lower(?2) AND tenant_id = (SELECT id FROM tenants WHERE name = ?3)",
-                        params![now, to, tenant],
+                         WHERE email_norm = ?2 AND tenant_id = (SELECT id FROM tenants WHERE name = ?3)",
+                        params![now, db::norm(&to), tenant],
                     )?;
                 }
                 audit::record(

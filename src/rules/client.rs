@@ -42,9 +42,12 @@ pub struct RulesProcess {
     input: BufWriter<ChildStdin>,
     output: BufReader<ChildStdout>,
     stderr: Option<std::thread::JoinHandle<String>>,
-    stop_watchdog: Option<mpsc::Sender<()>>,
+    stop_watchdog: Option<mpsc::Sender<Watch>>,
     timed_out: Arc<AtomicBool>,
     run_seconds: u64,
+    /// Time spent waiting for the worker so far (the budget is for the rules' own time,
+    /// not for the pass, which may be held up by slow writes).
+    waited: Duration,
     memory_mib: u64,
     buf: Vec<u8>,
     batch: Vec<u8>,
@@ -58,6 +61,14 @@ pub enum StartError {
     /// The scripts do not load.
     Problems(Vec<LoadProblem>),
     Failed(RuleFailure),
+}
+
+/// What the parent tells its watchdog thread.
+enum Watch {
+    /// Waiting for the worker: end it if no `Done` comes within this time.
+    Wait(Duration),
+    Done,
+    Stop,
 }
 
 fn internal(message: impl Into<String>) -> RuleFailure {
@@ -143,17 +154,27 @@ impl RulesProcess {
             String::from_utf8_lossy(&buf).into_owned()
         });
         let timed_out = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<Watch>();
         let pid = child.id() as libc::pid_t;
         let flag = timed_out.clone();
         std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) =
-                rx.recv_timeout(Duration::from_secs(run_seconds))
-            {
-                flag.store(true, Ordering::SeqCst);
-                // SAFETY: plain syscall on the pid of our own child, which we have not reaped.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
+            loop {
+                match rx.recv() {
+                    Ok(Watch::Wait(d)) => match rx.recv_timeout(d) {
+                        Ok(Watch::Done) => {}
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            flag.store(true, Ordering::SeqCst);
+                            // SAFETY: plain syscall on the pid of our own child, which is
+                            // not reaped while the parent waits for it.
+                            unsafe {
+                                libc::kill(pid, libc::SIGKILL);
+                            }
+                            return;
+                        }
+                        _ => return,
+                    },
+                    Ok(Watch::Done) => {}
+                    _ => return,
                 }
             }
         });
@@ -165,6 +186,7 @@ impl RulesProcess {
             stop_watchdog: Some(tx),
             timed_out,
             run_seconds,
+            waited: Duration::ZERO,
             memory_mib: limits.memory_mib,
             buf: Vec::new(),
             batch: Vec::with_capacity(1 << 18),
@@ -184,7 +206,8 @@ impl RulesProcess {
         {
             return Err(StartError::Failed(p.diagnose()));
         }
-        match worker::read_frame(&mut p.output, &mut p.buf) {
+        let loaded = p.wait_for_frame();
+        match loaded {
             Ok(Some(TAG_LOADED)) => {
                 let loaded: Loaded = serde_json::from_slice(&p.buf).map_err(|e| {
                     StartError::Failed(internal(format!("bad answer from the rules process: {e}")))
@@ -223,9 +246,28 @@ impl RulesProcess {
         r.map_err(|_| self.diagnose())
     }
 
+    /// Reads the worker's next frame under the time left of the run's budget.
+    fn wait_for_frame(&mut self) -> std::io::Result<Option<u8>> {
+        let left = Duration::from_secs(self.run_seconds).saturating_sub(self.waited);
+        if left.is_zero() {
+            self.timed_out.store(true, Ordering::SeqCst);
+            return Err(std::io::Error::other("out of time"));
+        }
+        let start = std::time::Instant::now();
+        if let Some(w) = &self.stop_watchdog {
+            let _ = w.send(Watch::Wait(left));
+        }
+        let r = worker::read_frame(&mut self.output, &mut self.buf);
+        if let Some(w) = &self.stop_watchdog {
+            let _ = w.send(Watch::Done);
+        }
+        self.waited += start.elapsed();
+        r
+    }
+
     /// The findings of the oldest batch sent and not yet answered.
     pub fn receive(&mut self) -> Result<Vec<(u32, Finding, String)>, RuleFailure> {
-        match worker::read_frame(&mut self.output, &mut self.buf) {
+        match self.wait_for_frame() {
             Ok(Some(TAG_REPLY)) => worker::decode_reply(&self.buf)
                 .ok_or_else(|| internal("the rules process sent a damaged answer")),
             Ok(Some(TAG_FAILED)) => Err(self.failure_frame()),
@@ -244,7 +286,7 @@ impl RulesProcess {
     pub fn finish(mut self) {
         let _ = worker::write_frame(&mut self.input, TAG_END, &[]);
         let _ = self.input.flush();
-        if let Ok(Some(worker::TAG_STATS)) = worker::read_frame(&mut self.output, &mut self.buf)
+        if let Ok(Some(worker::TAG_STATS)) = self.wait_for_frame()
             && let Ok(st) = serde_json::from_slice::<worker::Stats>(&self.buf)
         {
             RULES_WORKER_CPU_MS.fetch_add(st.cpu_ms, Ordering::Relaxed);
@@ -259,7 +301,7 @@ impl RulesProcess {
         }
         self.finished = true;
         if let Some(tx) = self.stop_watchdog.take() {
-            let _ = tx.send(());
+            let _ = tx.send(Watch::Stop);
         }
         // Give a worker that was told to end a moment, then make sure.
         for _ in 0..50 {
@@ -274,12 +316,13 @@ impl RulesProcess {
 
     /// Why the worker stopped answering.
     fn diagnose(&mut self) -> RuleFailure {
+        // The watchdog first, so it can never signal a pid reused after the reaping below.
+        if let Some(tx) = self.stop_watchdog.take() {
+            let _ = tx.send(Watch::Stop);
+        }
         let _ = self.child.kill();
         let status = self.child.wait().ok();
         self.finished = true;
-        if let Some(tx) = self.stop_watchdog.take() {
-            let _ = tx.send(());
-        }
         let stderr = self
             .stderr
             .take()
@@ -287,7 +330,7 @@ impl RulesProcess {
             .unwrap_or_default();
         if self.timed_out.load(Ordering::SeqCst) {
             return internal(format!(
-                "the rules took longer than the limit of {} s for one file and were stopped",
+                "the rules took longer than the limit of {} s for one file (rules_seconds) and were stopped",
                 self.run_seconds
             ));
         }

@@ -169,19 +169,7 @@ pub struct ActiveRules {
 #[include = "*/*.lua"]
 struct BuiltIn;
 
-/// The folder name of a tenant's rules: its name in lower case, with every run of other
-/// characters than letters and digits made one hyphen ("Example Corp" -> "example-corp").
-pub fn folder_name(tenant: &str) -> String {
-    let mut out = String::new();
-    for ch in tenant.trim().chars() {
-        if ch.is_alphanumeric() {
-            out.extend(ch.to_lowercase());
-        } else if !out.ends_with('-') && !out.is_empty() {
-            out.push('-');
-        }
-    }
-    out.trim_end_matches('-').to_string()
-}
+pub use crate::model::folder_name;
 
 /// Largest script accepted, and most scripts per tenant.
 const MAX_SCRIPT_BYTES: u64 = 1024 * 1024;
