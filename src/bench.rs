@@ -360,39 +360,23 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             rows = rows.saturating_sub(1);
             secs = start.elapsed().as_secs_f64();
         }
-        "validate" => {
+        "validate" | "validate_columns" | "validate_rowrule" | "validate_rules" => {
             let app = prepare(&a.data_dir, a.rows)?;
             let t = db::tenant(&app.conn, TENANT)?;
-            let start = Instant::now();
-            let o = service::validate(
-                &app,
-                &t,
-                op,
-                &a.file,
-                file_name,
-                &mut |_, _, _| {},
-                &mut |_| {},
-            )?;
-            secs = start.elapsed().as_secs_f64();
-            check_valid(&o)?;
-            rows = o.rows;
-        }
-        "validate_columns" | "validate_rowrule" | "validate_rules" => {
-            let app = prepare(&a.data_dir, a.rows)?;
-            let t = db::tenant(&app.conn, TENANT)?;
-            let dir = app.data.rules_dir().join(crate::rules::folder_name(TENANT));
-            std::fs::create_dir_all(&dir).map_err(|e| AppError::internal("bench rules", e))?;
-            std::fs::write(
-                dir.join("bench.lua"),
-                bench_rules(match a.stage.as_str() {
-                    "validate_columns" => BenchRules::Declared,
-                    "validate_rowrule" => BenchRules::RowRule,
-                    _ => BenchRules::Full,
-                }),
-            )
-            .map_err(|e| AppError::internal("bench rules", e))?;
-            // Load (and audit) the rules before timing, as a running server would have.
-            service::active_rules(&app, &t)?;
+            let rules = match a.stage.as_str() {
+                "validate" => None,
+                "validate_columns" => Some(BenchRules::Declared),
+                "validate_rowrule" => Some(BenchRules::RowRule),
+                _ => Some(BenchRules::Full),
+            };
+            if let Some(kind) = rules {
+                let dir = app.data.rules_dir().join(crate::rules::folder_name(TENANT));
+                std::fs::create_dir_all(&dir).map_err(|e| AppError::internal("bench rules", e))?;
+                std::fs::write(dir.join("bench.lua"), bench_rules(kind))
+                    .map_err(|e| AppError::internal("bench rules", e))?;
+                // Load (and audit) the rules before timing, as a running server would have.
+                service::active_rules(&app, &t)?;
+            }
             let start = Instant::now();
             let o = service::validate(
                 &app,
