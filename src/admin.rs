@@ -275,6 +275,7 @@ pub fn set_role(
         "UPDATE administrators SET role = ?2, tenant_id = ?3 WHERE id = ?1",
         params![before.id, role.as_str(), tenant.map(|t| t.id)],
     )?;
+    end_sessions(&tx, before.id)?;
     let after = get(&tx, username)?;
     audit_change(
         &tx,
@@ -305,6 +306,9 @@ pub fn set_disabled(
         "UPDATE administrators SET disabled = ?2, failed_logins = 0, locked_until = NULL WHERE id = ?1",
         params![before.id, disabled as i64],
     )?;
+    if disabled {
+        end_sessions(&tx, before.id)?;
+    }
     let after = get(&tx, username)?;
     audit_change(
         &tx,
@@ -321,6 +325,12 @@ pub fn set_disabled(
     Ok(after)
 }
 
+/// Signs an administrator out of every browser (after a role, password or state change).
+fn end_sessions(conn: &Connection, admin_id: i64) -> AppResult<()> {
+    conn.execute("DELETE FROM web_sessions WHERE admin_id = ?1", [admin_id])?;
+    Ok(())
+}
+
 /// A new one-time password (returned, shown once); also lifts a lock-out.
 pub fn reset_password(conn: &Connection, actor: &str, username: &str) -> AppResult<String> {
     let a = get(conn, username)?;
@@ -330,6 +340,7 @@ pub fn reset_password(conn: &Connection, actor: &str, username: &str) -> AppResu
         "UPDATE administrators SET password_hash = ?2, must_change_password = 1, failed_logins = 0, locked_until = NULL, password_changed_at = ?3 WHERE id = ?1",
         params![a.id, hash(&password)?, db::now()],
     )?;
+    end_sessions(&tx, a.id)?;
     audit_change(
         &tx,
         actor,
@@ -343,11 +354,13 @@ pub fn reset_password(conn: &Connection, actor: &str, username: &str) -> AppResu
 
 /// An administrator's own password change: the current one must be right, the new one
 /// long enough and different.
+/// `keep_session` is the web session making the change (it stays signed in).
 pub fn change_password(
     conn: &Connection,
     username: &str,
     current: &str,
     new: &str,
+    keep_session: Option<&str>,
 ) -> AppResult<()> {
     let a = get(conn, username)?;
     let stored: String = conn.query_row(
@@ -377,6 +390,11 @@ pub fn change_password(
     tx.execute(
         "UPDATE administrators SET password_hash = ?2, must_change_password = 0, password_changed_at = ?3 WHERE id = ?1",
         params![a.id, hash(new)?, db::now()],
+    )?;
+    // Other browsers signed in as this administrator sign in again with the new password.
+    tx.execute(
+        "DELETE FROM web_sessions WHERE admin_id = ?1 AND token_hash IS NOT ?2",
+        params![a.id, keep_session],
     )?;
     audit_change(
         &tx,

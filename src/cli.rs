@@ -46,7 +46,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Start the server (for now it answers /api/v1/health; the web UI comes later).
+    /// Start the web UI, the HTTP API (/api/v1) and the job worker.
     ///
     /// Example: rollcall serve --listen 127.0.0.1:8080
     Serve {

@@ -177,6 +177,31 @@ impl Default for MailConfig {
     }
 }
 
+/// The web server: sessions and request limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// A session not used for this long ends (the administrator signs in again).
+    pub session_idle_minutes: u64,
+    /// A session ends this long after sign-in, used or not.
+    pub session_max_hours: u64,
+    /// Sign-in attempts one client address may make per minute (more get "try later").
+    pub sign_in_per_minute: u32,
+    /// Largest JSON request body, in KiB (uploads are limited by `[limits] max_file_bytes`).
+    pub json_max_kib: u64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            session_idle_minutes: 30,
+            session_max_hours: 12,
+            sign_in_per_minute: 10,
+            json_max_kib: 256,
+        }
+    }
+}
+
 /// The whole configuration after all layers were applied.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -190,6 +215,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub jobs: JobsConfig,
     pub mail: MailConfig,
+    pub web: WebConfig,
 }
 
 impl Default for Config {
@@ -202,6 +228,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             jobs: JobsConfig::default(),
             mail: MailConfig::default(),
+            web: WebConfig::default(),
         }
     }
 }
@@ -251,6 +278,10 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_MAIL_SMTP_TIMEOUT_SECONDS",
     "ROLLCALL_MAIL_ATTACH_MAX_MIB",
     "ROLLCALL_MAIL_MAX_ATTEMPTS",
+    "ROLLCALL_WEB_SESSION_IDLE_MINUTES",
+    "ROLLCALL_WEB_SESSION_MAX_HOURS",
+    "ROLLCALL_WEB_SIGN_IN_PER_MINUTE",
+    "ROLLCALL_WEB_JSON_MAX_KIB",
 ];
 
 /// A loaded configuration together with where it came from.
@@ -465,6 +496,19 @@ impl Config {
         );
         env_num!("ROLLCALL_MAIL_ATTACH_MAX_MIB", config.mail.attach_max_mib);
         env_num!("ROLLCALL_MAIL_MAX_ATTEMPTS", config.mail.max_attempts);
+        env_num!(
+            "ROLLCALL_WEB_SESSION_IDLE_MINUTES",
+            config.web.session_idle_minutes
+        );
+        env_num!(
+            "ROLLCALL_WEB_SESSION_MAX_HOURS",
+            config.web.session_max_hours
+        );
+        env_num!(
+            "ROLLCALL_WEB_SIGN_IN_PER_MINUTE",
+            config.web.sign_in_per_minute
+        );
+        env_num!("ROLLCALL_WEB_JSON_MAX_KIB", config.web.json_max_kib);
 
         // Flags.
         if let Some(d) = &overrides.data_dir {

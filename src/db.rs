@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_rules.sql")),
     (5, include_str!("../migrations/0005_mail.sql")),
     (6, include_str!("../migrations/0006_admins.sql")),
+    (7, include_str!("../migrations/0007_web.sql")),
 ];
 
 /// Newest schema this binary knows.
@@ -96,6 +97,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StartupError> {
 /// Current UTC time in RFC 3339 with seconds.
 pub fn now() -> String {
     let t = time::OffsetDateTime::now_utc();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// The time `d` from now, in the form of `now`.
+pub fn now_plus(d: time::Duration) -> String {
+    let t = time::OffsetDateTime::now_utc() + d;
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
@@ -238,6 +246,8 @@ pub struct TenantSettings {
     pub drop_folder_submit: bool,
     /// Email addresses told when a job waits for a second administrator's approval.
     pub approvers: Vec<String>,
+    /// Tenant admins may change their pools' seats (else only operators).
+    pub tenant_admins_edit_seats: bool,
 }
 
 impl Default for TenantSettings {
@@ -248,6 +258,7 @@ impl Default for TenantSettings {
             require_approval: false,
             drop_folder_submit: false,
             approvers: Vec::new(),
+            tenant_admins_edit_seats: false,
         }
     }
 }
@@ -472,7 +483,7 @@ mod tests {
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
         // Make it look like schema 2: without what the later migrations add.
         conn.execute_batch(
-            "ALTER TABLE administrators DROP COLUMN must_change_password; ALTER TABLE administrators DROP COLUMN failed_logins; ALTER TABLE administrators DROP COLUMN locked_until; ALTER TABLE administrators DROP COLUMN password_changed_at; DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
+            "DROP TABLE web_sessions; DROP TABLE api_tokens; DROP INDEX users_tenant_name; DROP INDEX users_tenant_first; ALTER TABLE administrators DROP COLUMN must_change_password; ALTER TABLE administrators DROP COLUMN failed_logins; ALTER TABLE administrators DROP COLUMN locked_until; ALTER TABLE administrators DROP COLUMN password_changed_at; DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
         )
         .unwrap();
         drop(conn);

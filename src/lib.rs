@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! rollcall: bulk user management on one's own hardware. See docs/ARCHITECTURE.md for the map.
 
 pub mod admin;
@@ -19,3 +20,4 @@ pub mod service;
 pub mod sheet;
 pub mod tasks;
 pub mod undo;
+pub mod web;

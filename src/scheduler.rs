@@ -826,7 +826,7 @@ fn run_started(
 }
 
 /// For a deactivation or deletion above the tenant's threshold: the phrase to type and why.
-fn large_change_phrase(
+pub fn large_change_phrase(
     conn: &Connection,
     tenant: &db::Tenant,
     op: Operation,

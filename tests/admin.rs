@@ -158,10 +158,12 @@ fn sign_in_counts_failures_locks_and_is_audited() {
             .is_ok()
     );
     // The password change: current one right, long enough, different; then no more "must change".
-    assert!(admin::change_password(&env.app.conn, "grace", "wrong", "a much longer one").is_err());
-    let e = admin::change_password(&env.app.conn, "grace", &pw2, "short").unwrap_err();
+    assert!(
+        admin::change_password(&env.app.conn, "grace", "wrong", "a much longer one", None).is_err()
+    );
+    let e = admin::change_password(&env.app.conn, "grace", &pw2, "short", None).unwrap_err();
     assert!(e.to_string().contains("at least 12 characters"), "{e}");
-    admin::change_password(&env.app.conn, "grace", &pw2, "correct horse battery").unwrap();
+    admin::change_password(&env.app.conn, "grace", &pw2, "correct horse battery", None).unwrap();
     let a = admin::find(&env.app.conn, "grace").unwrap().unwrap();
     assert!(!a.must_change_password);
     assert!(

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use rollcall::config::{Config, Loaded, Overrides};
 use rollcall::service::App;
 
+pub mod web;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_rollcall");
 
 pub struct Env {
