@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need beyond cargo on a Debian machine when it is
 # missing (dpkg-deb, ldd, sha256sum, python3 for the packaging tests and the SBOM; openssl
-# and Python's aiosmtpd for the real SMTP server of the mail tests), then runs every test.
+# and Python's aiosmtpd for the real SMTP server of the mail tests; chromium and
+# chromedriver for the browser test), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo=""
@@ -12,6 +13,9 @@ command -v ldd >/dev/null || missing+=(libc-bin)
 command -v sha256sum >/dev/null || missing+=(coreutils)
 command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
+# The browser of tests/browser.rs: Debian's chromium driven by its chromedriver.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi

@@ -2050,7 +2050,15 @@ async fn job_events(
                     .ok()?;
                 let text = v.to_string();
                 let state = v["job"]["state"].as_str().unwrap_or("").to_string();
-                let finished = matches!(state.as_str(), "succeeded" | "failed" | "cancelled");
+                // A succeeded job's results workbook is written just after its commit: the
+                // last event waits for it (a few seconds at most).
+                let finished = matches!(state.as_str(), "failed" | "cancelled")
+                    || (state == "succeeded" && (v["results_workbook"] == true || waited >= 10));
+                if state == "succeeded" && !finished {
+                    waited += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
+                }
                 if text != last || waited >= 30 {
                     let ev = warp::sse::Event::default().event("job").data(text.clone());
                     return Some((

@@ -10,6 +10,7 @@ use rollcall::config::{Config, Loaded, Overrides};
 use rollcall::service::App;
 
 pub mod web;
+pub mod webdriver;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rollcall");
 
