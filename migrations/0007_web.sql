@@ -30,6 +30,11 @@ CREATE TABLE api_tokens (
     CHECK (role <> 'tenant_admin' OR tenant_id IS NOT NULL)
 );
 
--- Users page: sorted by name, searched by name prefix (ASCII case-insensitive).
+-- Users page (keyset pages on an index, so page 1000 is as quick as page 1): sorted by
+-- name, searched by last- or first-name prefix (ASCII case-insensitive), a team's users
+-- and the few deactivated users found without walking everyone else.
 CREATE INDEX users_tenant_name ON users (tenant_id, lower(last_name), lower(first_name), id);
-CREATE INDEX users_tenant_first ON users (tenant_id, lower(first_name));
+CREATE INDEX users_tenant_first ON users (tenant_id, lower(first_name), lower(last_name), id);
+CREATE INDEX users_team_email ON users (team_id, email_norm) WHERE team_id IS NOT NULL;
+CREATE INDEX users_deactivated_email ON users (tenant_id, email_norm) WHERE status = 'deactivated';
+CREATE INDEX users_deactivated_name ON users (tenant_id, lower(last_name), lower(first_name), id) WHERE status = 'deactivated';

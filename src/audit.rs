@@ -827,6 +827,34 @@ pub fn show(dir: &Path, filter: &Filter, csv_out: bool, out: &mut dyn Write) -> 
     Ok(n)
 }
 
+/// The newest `limit` entries that pass the filter and whose action starts with
+/// `action_prefix`, newest first, and how many passed in all. Memory holds only `limit`
+/// entries however long the log is.
+pub fn newest(
+    dir: &Path,
+    filter: &Filter,
+    action_prefix: Option<&str>,
+    limit: usize,
+) -> AppResult<(Vec<Value>, u64)> {
+    let mut ring: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
+    let mut total = 0u64;
+    each_entry(dir, filter, |v, _| {
+        let action = v.get("action").and_then(Value::as_str).unwrap_or("");
+        if action_prefix.is_some_and(|a| !action.starts_with(a)) {
+            return Ok(());
+        }
+        total += 1;
+        if ring.len() == limit {
+            ring.pop_front();
+        }
+        if limit > 0 {
+            ring.push_back(v.clone());
+        }
+        Ok(())
+    })?;
+    Ok((ring.into_iter().rev().collect(), total))
+}
+
 /// Calls `f` with every entry (parsed, and its line) that passes the filter.
 fn each_entry(
     dir: &Path,

@@ -199,6 +199,9 @@ pub enum Command {
     /// Administrator accounts: the way back in when every password is lost.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// API tokens for scripts (Authorization: Bearer TOKEN), as in the web UI's Settings.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// The mail outbox: list messages, send what is due, retry a failed one.
     #[command(subcommand)]
     Mail(MailCmd),
@@ -393,6 +396,24 @@ pub enum AdminCmd {
     ResetPassword {
         username: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token; prints its secret once. Example: rollcall token create hr-sync --role tenant-admin --tenant Acme
+    Create {
+        name: String,
+        /// operator, tenant-admin or auditor.
+        #[arg(long)]
+        role: crate::admin::Role,
+        /// The tenant it is limited to (required for tenant-admin).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Every token (never its secret).
+    List,
+    /// Example: rollcall token revoke 3
+    Revoke { id: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1221,10 +1242,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             Ok(0)
         }
         Command::Jobs(JobsCmd::Show { id }) => {
-            let Some(j) = scheduler::list(&app.conn, None, i64::MAX)?
-                .into_iter()
-                .find(|j| j.id == id)
-            else {
+            let Some(j) = scheduler::get(&app.conn, None, id)? else {
                 return Err(AppError::Usage(format!("there is no job {id}")));
             };
             let progress = scheduler::progress(&app.data, id);
@@ -1413,6 +1431,53 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             service::flush_audit(&app)?;
             Ok(0)
         }
+        Command::Token(TokenCmd::Create { name, role, tenant }) => {
+            let t = tenant
+                .as_deref()
+                .map(|n| db::tenant(&app.conn, n))
+                .transpose()?;
+            let (id, secret) =
+                crate::web::auth::create_token(&app.conn, &app.actor, &name, role, t.as_ref())?;
+            service::flush_audit(&app)?;
+            writeln!(
+                out,
+                "Created API token {id} ({name}). Its secret, shown only now:\n{secret}"
+            )
+            .map_err(w)?;
+            Ok(0)
+        }
+        Command::Token(TokenCmd::List) => {
+            writeln!(
+                out,
+                "{:>4}  {:<20} {:<13} {:<12} {:<26} STATE",
+                "ID", "NAME", "ROLE", "TENANT", "LAST USED"
+            )
+            .map_err(w)?;
+            for k in crate::web::auth::list_tokens(&app.conn)? {
+                writeln!(
+                    out,
+                    "{:>4}  {:<20} {:<13} {:<12} {:<26} {}",
+                    k.id,
+                    k.name,
+                    k.role,
+                    k.tenant.as_deref().unwrap_or("(all)"),
+                    k.last_used_at.as_deref().unwrap_or("never"),
+                    k.revoked_at
+                        .map(|r| format!("revoked {r}"))
+                        .unwrap_or_else(|| "live".into())
+                )
+                .map_err(w)?;
+            }
+            Ok(0)
+        }
+        Command::Token(TokenCmd::Revoke { id }) => {
+            if !crate::web::auth::revoke_token(&app.conn, &app.actor, id)? {
+                return Err(AppError::Usage(format!("there is no live API token {id}")));
+            }
+            service::flush_audit(&app)?;
+            writeln!(out, "Revoked API token {id}.").map_err(w)?;
+            Ok(0)
+        }
         Command::Mail(MailCmd::List { state, limit, json }) => {
             let rows = crate::mail::list(&app.conn, state.as_deref(), limit)?;
             if json {
@@ -1521,28 +1586,18 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             json,
         }) => {
             let t = db::tenant(&app.conn, &tenant)?;
-            let files = crate::rules::find_files(&app.data, &t.name)?;
-            let ctx = crate::rules::context(&app.conn, &t)?;
-            let active = if files.scripts.is_empty() {
-                None
-            } else {
-                match crate::rules::describe(&app.reader, &files, &ctx) {
-                    Ok(description) => Some(crate::rules::ActiveRules {
-                        folder: files.folder.clone(),
-                        origin: files.origin.clone(),
-                        hash: files.hash(),
-                        scripts: files.scripts.clone(),
-                        description,
-                        loaded_at: db::now(),
-                        notes: vec![],
-                    }),
-                    Err(problems) => {
-                        writeln!(out, "The rules in {} do not load:", files.origin).map_err(w)?;
-                        for p in &problems {
-                            writeln!(out, "  {p}").map_err(w)?;
-                        }
-                        return Ok(1);
+            let name = file_name(&file);
+            let mut effects = Effects::new(json);
+            let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
+            let tested = service::test_rules(&app, &t, op, &file, &name, &mut sink)?;
+            let (active, outcome) = match tested {
+                Ok(done) => done,
+                Err((origin, problems)) => {
+                    writeln!(out, "The rules in {origin} do not load:").map_err(w)?;
+                    for p in &problems {
+                        writeln!(out, "  {p}").map_err(w)?;
                     }
+                    return Ok(1);
                 }
             };
             if !json {
@@ -1559,26 +1614,6 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 }
                 .map_err(w)?;
             }
-            let name = file_name(&file);
-            let db_path = app.data.database();
-            let mut effects = Effects::new(json);
-            let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
-            let outcome = crate::bulk::process(
-                &app.conn,
-                &app.reader,
-                &crate::bulk::Request {
-                    tenant: &t,
-                    op,
-                    path: &file,
-                    file_name: &name,
-                    file_sha256: None,
-                    mode: crate::bulk::Mode::DryRun,
-                    estimate: None,
-                    rules: service::rules_input(&app, active.as_ref(), &db_path),
-                },
-                &mut sink,
-                &mut |_| {},
-            )?;
             if json {
                 print_json(out, &outcome, &effects.rows, None, None)?;
             } else {

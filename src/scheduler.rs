@@ -1305,13 +1305,27 @@ pub struct JobInfo {
 
 /// Jobs, newest first (optionally of one tenant).
 pub fn list(conn: &Connection, tenant_id: Option<i64>, limit: i64) -> AppResult<Vec<JobInfo>> {
-    let mut st = conn.prepare(
+    select_jobs(conn, tenant_id, None, limit)
+}
+
+/// One job, if it exists (and belongs to the tenant, when one is given).
+pub fn get(conn: &Connection, tenant_id: Option<i64>, job_id: i64) -> AppResult<Option<JobInfo>> {
+    Ok(select_jobs(conn, tenant_id, Some(job_id), 1)?.pop())
+}
+
+fn select_jobs(
+    conn: &Connection,
+    tenant_id: Option<i64>,
+    job_id: Option<i64>,
+    limit: i64,
+) -> AppResult<Vec<JobInfo>> {
+    let mut st = conn.prepare_cached(
         "SELECT j.id, t.name, j.operation, j.state, coalesce(u.file_name, 'undo of job ' || j.undo_of), j.submitted_by, j.submitted_at, j.not_before, j.started_at, j.finished_at, j.rows_total, j.error
          FROM jobs j JOIN tenants t ON t.id = j.tenant_id LEFT JOIN uploads u ON u.id = j.upload_id
-         WHERE ?1 IS NULL OR j.tenant_id = ?1 ORDER BY j.id DESC LIMIT ?2",
+         WHERE (?1 IS NULL OR j.tenant_id = ?1) AND (?3 IS NULL OR j.id = ?3) ORDER BY j.id DESC LIMIT ?2",
     )?;
     let mut jobs: Vec<JobInfo> = st
-        .query_map(params![tenant_id, limit], |r| {
+        .query_map(params![tenant_id, limit, job_id], |r| {
             Ok(JobInfo {
                 id: r.get(0)?,
                 tenant: r.get(1)?,

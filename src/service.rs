@@ -295,6 +295,61 @@ pub fn validate(
     Ok(outcome)
 }
 
+/// The outcome of trying a file against the tenant's rules as they are on disk now (not
+/// necessarily the version in use), storing nothing: `Err((origin, problems))` when the
+/// scripts do not load.
+#[allow(clippy::type_complexity)]
+pub fn test_rules(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    file: &Path,
+    file_name: &str,
+    on_effect: &mut EffectSink<'_>,
+) -> AppResult<Result<(Option<crate::rules::ActiveRules>, Outcome), (String, Vec<String>)>> {
+    let files = crate::rules::find_files(&app.data, &tenant.name)?;
+    let ctx = crate::rules::context(&app.conn, tenant)?;
+    let active = if files.scripts.is_empty() {
+        None
+    } else {
+        match crate::rules::describe(&app.reader, &files, &ctx) {
+            Ok(description) => Some(crate::rules::ActiveRules {
+                folder: files.folder.clone(),
+                origin: files.origin.clone(),
+                hash: files.hash(),
+                scripts: files.scripts.clone(),
+                description,
+                loaded_at: db::now(),
+                notes: vec![],
+            }),
+            Err(problems) => {
+                return Ok(Err((
+                    files.origin.clone(),
+                    problems.iter().map(|p| p.to_string()).collect(),
+                )));
+            }
+        }
+    };
+    let db_path = app.data.database();
+    let outcome = bulk::process(
+        &app.conn,
+        &app.reader,
+        &Request {
+            tenant,
+            op,
+            path: file,
+            file_name,
+            file_sha256: None,
+            mode: Mode::DryRun,
+            estimate: None,
+            rules: rules_input(app, active.as_ref(), &db_path),
+        },
+        on_effect,
+        &mut |_| {},
+    )?;
+    Ok(Ok((active, outcome)))
+}
+
 /// What an upload (store and validate, no job yet) found.
 #[derive(Debug)]
 pub struct Uploaded {

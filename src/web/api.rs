@@ -81,6 +81,7 @@ pub enum Op {
     AuditAll,
     AuditVerify,
     Rules,
+    RulesTest,
     Admins,
     CreateAdmin,
     UpdateAdmin,
@@ -1123,9 +1124,10 @@ async fn call(
         }
         Op::AuditVerify => {
             web.blocking(&actor, move |app| {
-                if p.role == Role::TenantAdmin {
+                // The chain covers every tenant: operators and auditors of all tenants.
+                if !(p.is_operator() || (p.role == Role::Auditor && p.tenant_id.is_none())) {
                     return Err(ApiError::forbidden(
-                        "Operators and auditors verify the audit log.",
+                        "Operators and auditors of all tenants verify the audit log.",
                     ));
                 }
                 let v = crate::audit::verify(&app.conn, &app.data.audit_dir())?;
@@ -1146,13 +1148,20 @@ async fn call(
                     Ok(None) => ("none", Value::Null),
                     Err(e) => ("broken", json!({"problem": e.to_string()})),
                 };
+                // Where the scripts live on the server is the operator's business.
+                let origin = if p.is_operator() || files.origin == "built in" {
+                    files.origin.clone()
+                } else {
+                    "the tenant's rules folder".into()
+                };
                 Ok(reply(json!({
-                    "folder": files.folder, "origin": files.origin, "hash": files.hash(),
+                    "folder": files.folder, "origin": origin, "hash": files.hash(),
                     "scripts": files.scripts, "status": status, "active": active,
                 })))
             })
             .await
         }
+        Op::RulesTest => rules_test(web, &mut req, p, tenant).await,
         Op::Admins => {
             web.blocking(&actor, move |app| {
                 Ok(reply(json!({"admins": admin::list(&app.conn)?})))
@@ -1336,7 +1345,7 @@ async fn sign_in(web: &Arc<Web>, req: &mut Request) -> ApiResult<warp::reply::Re
     let body = read_json(web, req).await?;
     let username = need_field(&body, "username")?.to_string();
     let password = field(&body, "password").unwrap_or("").to_string();
-    if !web.allow_attempt(req.remote.map(|a| a.ip())) {
+    if !web.allow_attempt(req.remote.map(|a| a.ip()), &username) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
@@ -1412,8 +1421,46 @@ fn prefix_end(prefix: &str) -> String {
     format!("{prefix}\u{10FFFF}")
 }
 
-/// A page of users. Keyset pagination (`after`, a cursor from the previous page) on an
-/// index, so the hundredth page is as quick as the first with a million users.
+/// The orders the users page reads in, each along an index.
+#[derive(Clone, Copy, PartialEq)]
+enum Order {
+    Email,
+    /// Last name, first name, id.
+    Name,
+    /// First name, last name, id.
+    First,
+}
+
+impl Order {
+    fn key_sql(self) -> &'static str {
+        match self {
+            Order::Email => "u.email_norm",
+            Order::Name => "lower(u.last_name), lower(u.first_name), u.id",
+            Order::First => "lower(u.first_name), lower(u.last_name), u.id",
+        }
+    }
+    fn key(self, u: &db::User) -> Value {
+        match self {
+            Order::Email => json!([db::norm(&u.email)]),
+            Order::Name => json!([
+                u.last_name.to_ascii_lowercase(),
+                u.first_name.to_ascii_lowercase(),
+                u.id
+            ]),
+            Order::First => json!([
+                u.first_name.to_ascii_lowercase(),
+                u.last_name.to_ascii_lowercase(),
+                u.id
+            ]),
+        }
+    }
+}
+
+/// A page of users. Every query walks one index range in its order with a LIMIT, so the
+/// hundredth page is as quick as the first with a million users. A search (`q`, the start
+/// of an email, last name or first name) lists email matches in email order, then
+/// last-name matches by name, then first-name matches; the cursor (`after`, from the
+/// previous page's `next`) says which of these and where.
 fn users_page(
     conn: &rusqlite::Connection,
     t: &Tenant,
@@ -1421,113 +1468,168 @@ fn users_page(
 ) -> ApiResult<Value> {
     use rusqlite::types::Value as Sql;
     let get = |k: &str| q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
-    let limit: i64 = get("limit")
+    let limit: usize = get("limit")
         .and_then(|s| s.parse().ok())
         .unwrap_or(50)
         .clamp(1, 500);
-    let sort = get("sort").unwrap_or("email");
-    if sort != "email" && sort != "name" {
-        return Err(ApiError::bad_request("sort is email or name"));
+    let sort = match get("sort").unwrap_or("email") {
+        "email" => Order::Email,
+        "name" => Order::Name,
+        _ => return Err(ApiError::bad_request("sort is email or name")),
+    };
+    // Filters shared by every phase. Status is written as a constant so that SQLite can use
+    // the small deactivated-users indexes.
+    let mut filter = String::new();
+    let mut filter_args: Vec<Sql> = Vec::new();
+    match get("status") {
+        None => {}
+        Some("active") => filter.push_str(" AND u.status = 'active'"),
+        Some("deactivated") => filter.push_str(" AND u.status = 'deactivated'"),
+        Some(_) => return Err(ApiError::bad_request("status is active or deactivated")),
     }
-    let mut sql = format!(
-        "SELECT {} FROM {} WHERE u.tenant_id = ?",
-        db::USER_COLUMNS,
-        db::USER_FROM
-    );
-    let mut args: Vec<Sql> = vec![Sql::Integer(t.id)];
-    if let Some(s) = get("status") {
-        if s != "active" && s != "deactivated" {
-            return Err(ApiError::bad_request("status is active or deactivated"));
-        }
-        sql.push_str(" AND u.status = ?");
-        args.push(Sql::Text(s.into()));
-    }
+    // Names to ids with one indexed look-up each (listing the pools would count their
+    // seats, a walk over every user). The pool term is written `+u.pool_id` so that SQLite
+    // keeps walking the order's index instead of sorting a whole pool; a team has its own
+    // index (team, email), preferred over the tenant's (`+u.tenant_id`). An unknown name
+    // matches nobody.
+    let id_of = |sql: &str, name: &str| -> ApiResult<i64> {
+        use rusqlite::OptionalExtension;
+        Ok(conn
+            .query_row(sql, rusqlite::params![t.id, db::norm(name)], |r| r.get(0))
+            .optional()?
+            .unwrap_or(-1))
+    };
+    let mut by_team = false;
+    let mut unknown = false;
     if let Some(team) = get("team") {
-        let id = db::list_teams(conn, t.id)?
-            .into_iter()
-            .find(|x| db::norm(&x.name) == db::norm(team))
-            .map(|x| x.id)
-            .unwrap_or(-1);
-        sql.push_str(" AND u.team_id = ?");
-        args.push(Sql::Integer(id));
+        let id = id_of(
+            "SELECT id FROM teams WHERE tenant_id = ?1 AND name_norm = ?2",
+            team,
+        )?;
+        unknown |= id < 0;
+        filter.push_str(" AND u.team_id = ?");
+        filter_args.push(Sql::Integer(id));
+        by_team = true;
     }
     if let Some(pool) = get("pool") {
-        let id = db::list_pools(conn, t.id)?
-            .into_iter()
-            .find(|x| db::norm(&x.name) == db::norm(pool))
-            .map(|x| x.id)
-            .unwrap_or(-1);
-        sql.push_str(" AND u.pool_id = ?");
-        args.push(Sql::Integer(id));
+        let id = id_of(
+            "SELECT id FROM licence_pools WHERE tenant_id = ?1 AND name_norm = ?2",
+            pool,
+        )?;
+        unknown |= id < 0;
+        filter.push_str(" AND +u.pool_id = ?");
+        filter_args.push(Sql::Integer(id));
     }
-    if let Some(search) = get("q") {
-        let email = db::norm(search);
-        let name = search.to_ascii_lowercase();
-        sql.push_str(
-            " AND ((u.email_norm >= ? AND u.email_norm < ?) OR (lower(u.last_name) >= ? AND lower(u.last_name) < ?) OR (lower(u.first_name) >= ? AND lower(u.first_name) < ?))",
-        );
-        args.push(Sql::Text(prefix_end(&email)));
-        args.insert(args.len() - 1, Sql::Text(email));
-        for _ in 0..2 {
-            args.push(Sql::Text(name.clone()));
-            args.push(Sql::Text(prefix_end(&name)));
+    let search = get("q").map(|s| (db::norm(s), s.to_ascii_lowercase()));
+    // The phases of this listing: (order, the range condition, its arguments).
+    let mut phases: Vec<(Order, String, Vec<Sql>)> = Vec::new();
+    match &search {
+        None => phases.push((sort, String::new(), Vec::new())),
+        Some((email, name)) => {
+            let email_range = "u.email_norm >= ? AND u.email_norm < ?";
+            let last_range = "lower(u.last_name) >= ? AND lower(u.last_name) < ?";
+            let first_range = "lower(u.first_name) >= ? AND lower(u.first_name) < ?";
+            let e = || vec![Sql::Text(email.clone()), Sql::Text(prefix_end(email))];
+            let n = || vec![Sql::Text(name.clone()), Sql::Text(prefix_end(name))];
+            phases.push((Order::Email, format!(" AND {email_range}"), e()));
+            phases.push((
+                Order::Name,
+                format!(" AND {last_range} AND NOT ({email_range})"),
+                [n(), e()].concat(),
+            ));
+            phases.push((
+                Order::First,
+                format!(" AND {first_range} AND NOT ({email_range}) AND NOT ({last_range})"),
+                [n(), e(), n()].concat(),
+            ));
         }
     }
-    let after: Option<Vec<Value>> = match get("after") {
-        Some(c) => Some(
-            hex::decode(c)
+    let bad_cursor = || ApiError::bad_request("after is not a cursor of this API");
+    let (mut phase, mut after): (usize, Option<Vec<Value>>) = match get("after") {
+        Some(c) => {
+            let v: Value = hex::decode(c)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| ApiError::bad_request("after is not a cursor of this API"))?,
-        ),
-        None => None,
+                .ok_or_else(bad_cursor)?;
+            let p = v.get("p").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let k = v
+                .get("k")
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(bad_cursor)?;
+            if p >= phases.len() {
+                return Err(bad_cursor());
+            }
+            (p, Some(k))
+        }
+        None => (0, None),
     };
-    if sort == "email" {
-        if let Some(a) = &after {
-            sql.push_str(" AND u.email_norm > ?");
-            args.push(Sql::Text(
-                a.first().and_then(Value::as_str).unwrap_or("").into(),
-            ));
-        }
-        sql.push_str(" ORDER BY u.email_norm");
-    } else {
-        if let Some(a) = &after {
-            sql.push_str(" AND (lower(u.last_name), lower(u.first_name), u.id) > (?, ?, ?)");
-            args.push(Sql::Text(
-                a.first().and_then(Value::as_str).unwrap_or("").into(),
-            ));
-            args.push(Sql::Text(
-                a.get(1).and_then(Value::as_str).unwrap_or("").into(),
-            ));
-            args.push(Sql::Integer(a.get(2).and_then(Value::as_i64).unwrap_or(0)));
-        }
-        sql.push_str(" ORDER BY lower(u.last_name), lower(u.first_name), u.id");
+    let mut users: Vec<(usize, db::User)> = Vec::new();
+    if unknown {
+        phase = phases.len();
     }
-    sql.push_str(" LIMIT ?");
-    args.push(Sql::Integer(limit + 1));
-    let mut st = conn.prepare_cached(&sql)?;
-    let mut users: Vec<db::User> = st
-        .query_map(rusqlite::params_from_iter(args), db::user_from_row)?
-        .collect::<Result<_, _>>()?;
-    let more = users.len() as i64 > limit;
-    users.truncate(limit as usize);
+    let tenant_term = if by_team {
+        "+u.tenant_id"
+    } else {
+        "u.tenant_id"
+    };
+    while phase < phases.len() && users.len() <= limit {
+        let (order, range, range_args) = &phases[phase];
+        let mut sql = format!(
+            "SELECT {} FROM {} WHERE {tenant_term} = ?{range}{filter}",
+            db::USER_COLUMNS,
+            db::USER_FROM
+        );
+        let mut args: Vec<Sql> = vec![Sql::Integer(t.id)];
+        args.extend(range_args.iter().cloned());
+        args.extend(filter_args.iter().cloned());
+        if let Some(k) = after.take() {
+            let text = |i: usize| Sql::Text(k.get(i).and_then(Value::as_str).unwrap_or("").into());
+            match order {
+                Order::Email => {
+                    sql.push_str(" AND u.email_norm > ?");
+                    args.push(text(0));
+                }
+                Order::Name | Order::First => {
+                    // The first term bounds the index range; the row value is exact.
+                    let lead = if *order == Order::Name {
+                        "lower(u.last_name)"
+                    } else {
+                        "lower(u.first_name)"
+                    };
+                    sql.push_str(&format!(
+                        " AND {lead} >= ? AND ({}) > (?, ?, ?)",
+                        order.key_sql()
+                    ));
+                    args.extend([
+                        text(0),
+                        text(0),
+                        text(1),
+                        Sql::Integer(k.get(2).and_then(Value::as_i64).unwrap_or(0)),
+                    ]);
+                }
+            }
+        }
+        sql.push_str(&format!(" ORDER BY {} LIMIT ?", order.key_sql()));
+        args.push(Sql::Integer((limit + 1 - users.len()) as i64));
+        let mut st = conn.prepare_cached(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), db::user_from_row)?;
+        for r in rows {
+            users.push((phase, r?));
+        }
+        phase += 1;
+    }
+    let more = users.len() > limit;
+    users.truncate(limit);
     let next = match users.last() {
-        Some(u) if more => {
-            let key = if sort == "email" {
-                json!([db::norm(&u.email)])
-            } else {
-                json!([
-                    u.last_name.to_ascii_lowercase(),
-                    u.first_name.to_ascii_lowercase(),
-                    u.id
-                ])
-            };
-            Some(hex::encode(key.to_string()))
+        Some((p, u)) if more => {
+            let order = phases[*p].0;
+            Some(hex::encode(json!({"p": p, "k": order.key(u)}).to_string()))
         }
         _ => None,
     };
     Ok(json!({
-        "users": users.iter().map(user_to_json).collect::<Vec<_>>(),
+        "users": users.iter().map(|(_, u)| user_to_json(u)).collect::<Vec<_>>(),
         "next": next,
     }))
 }
@@ -1670,9 +1772,16 @@ fn user_action(
         getting_started: false,
     };
     let (_, job) = scheduler::submit(app, t, op, &stored, &name, &opts, None)?;
-    // The worker runs it at once unless a large job is ahead: wait a little for the result.
+    // The worker runs it at once unless a large job is ahead: wait a little for the result
+    // (not for an approval or a queue that is busy for long).
     let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !scheduler::is_finished(&app.conn, job)? && std::time::Instant::now() < until {
+    while std::time::Instant::now() < until {
+        let state: String =
+            app.conn
+                .query_row("SELECT state FROM jobs WHERE id = ?1", [job], |r| r.get(0))?;
+        if state != "queued" && state != "running" {
+            break;
+        }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let v = job_json(app, t, job)?;
@@ -1694,6 +1803,20 @@ fn user_action(
         _ => StatusCode::ACCEPTED,
     };
     let _ = p;
+    let mut v = v;
+    v["message"] = json!(match state.as_str() {
+        "succeeded" => format!(
+            "Done: {} is {}.",
+            u.email,
+            match op {
+                Operation::Deactivate => "deactivated",
+                Operation::Reactivate => "active again",
+                _ => "deleted",
+            }
+        ),
+        "awaiting_approval" => format!("Job {job} waits for a second administrator's approval."),
+        _ => format!("Job {job} is in the queue; it runs after the jobs ahead of it."),
+    });
     Ok(json_response(status, &v))
 }
 
@@ -1839,17 +1962,7 @@ fn upload_json(app: &App, t: &Tenant, id: i64, preview: Option<Vec<Value>>) -> A
 }
 
 fn job_json(app: &App, t: &Tenant, id: i64) -> ApiResult<Value> {
-    let belongs: i64 = app.conn.query_row(
-        "SELECT count(*) FROM jobs WHERE id = ?1 AND tenant_id = ?2",
-        rusqlite::params![id, t.id],
-        |r| r.get(0),
-    )?;
-    if belongs == 0 {
-        return Err(ApiError::not_found(format!("There is no job {id}.")));
-    }
-    let j = scheduler::list(&app.conn, Some(t.id), i64::MAX)?
-        .into_iter()
-        .find(|j| j.id == id)
+    let j = scheduler::get(&app.conn, Some(t.id), id)?
         .ok_or_else(|| ApiError::not_found(format!("There is no job {id}.")))?;
     let (result, upload, undo_of, undone_by, done): (
         Option<String>,
@@ -1897,6 +2010,80 @@ async fn upload(
     p: Principal,
     tenant: String,
 ) -> ApiResult<warp::reply::Response> {
+    let (op, file_name) = upload_query(req)?;
+    // Who may upload is checked before the body is read.
+    {
+        let p = p.clone();
+        let tenant = tenant.clone();
+        web.blocking(&p.actor.clone(), move |app| {
+            p.tenant(&app.conn, &tenant, true).map(|_| ())
+        })
+        .await?;
+    }
+    let limit = web.config.limits.max_file_bytes;
+    if let Some(len) = req
+        .header("content-length")
+        .and_then(|s| s.parse::<u64>().ok())
+        && len > limit
+    {
+        return Err(too_large(limit));
+    }
+    let tmp = TempFile::new(&web.data);
+    receive(req, &tmp.0, limit).await?;
+    let actor = p.actor.clone();
+    let result = web
+        .blocking(&actor, move |app| {
+            let tmp = tmp;
+            let t = p.tenant(&app.conn, &tenant, true)?;
+            let mut preview: Vec<Value> = Vec::new();
+            let mut sink = |row: u32, email: &str, e: &Effect| {
+                if preview.len() < 200 {
+                    preview.push(json!({"row": row, "email": email, "effect": e}));
+                }
+            };
+            let up = service::upload(
+                app,
+                &t,
+                op,
+                &tmp.0,
+                &file_name,
+                p.email.as_deref(),
+                &mut sink,
+                &mut |_| {},
+            )?;
+            // The preview is kept with the upload, for the page to show after a reload.
+            app.conn.execute(
+                "UPDATE uploads SET result = json_set(coalesce(result, '{}'), '$.preview', json(?2)) WHERE id = ?1",
+                rusqlite::params![up.upload_id, Value::Array(preview.clone()).to_string()],
+            )?;
+            scheduler::wake(&app.data);
+            upload_json(app, &t, up.upload_id, Some(preview))
+        })
+        .await?;
+    Ok(json_response(StatusCode::CREATED, &result))
+}
+
+/// A received file in the data directory's tmp/, removed when dropped (whatever happens to
+/// the request: a refusal, an error, the client going away).
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(data: &crate::config::DataDir) -> TempFile {
+        TempFile(data.tmp_dir().join(format!(
+            "web-upload-{}.partial",
+            time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+        )))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The upload's operation and file name from the query.
+fn upload_query(req: &Request) -> ApiResult<(Operation, String)> {
     if req
         .header("content-type")
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("multipart/"))
@@ -1918,64 +2105,48 @@ async fn upload(
         })
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| "upload.xlsx".into());
-    // Who may upload is checked before the body is read.
-    {
-        let p = p.clone();
-        let tenant = tenant.clone();
-        web.blocking(&p.actor.clone(), move |app| {
-            p.tenant(&app.conn, &tenant, true).map(|_| ())
-        })
-        .await?;
-    }
+    Ok((op, file_name))
+}
+
+/// Receives a file to try against the rules on disk (operators), like `rollcall rules test`.
+async fn rules_test(
+    web: &Arc<Web>,
+    req: &mut Request,
+    p: Principal,
+    tenant: String,
+) -> ApiResult<warp::reply::Response> {
+    let (op, file_name) = upload_query(req)?;
     let limit = web.config.limits.max_file_bytes;
-    if let Some(len) = req
-        .header("content-length")
-        .and_then(|s| s.parse::<u64>().ok())
-        && len > limit
-    {
-        return Err(too_large(limit));
-    }
-    let tmp = web.data.tmp_dir().join(format!(
-        "web-upload-{}.partial",
-        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
-    ));
-    let received = receive(req, &tmp, limit).await;
-    if let Err(e) = received {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
-    let actor = p.actor.clone();
-    let result = web
-        .blocking(&actor, move |app| {
-            let t = p.tenant(&app.conn, &tenant, true)?;
-            let mut preview: Vec<Value> = Vec::new();
-            let mut sink = |row: u32, email: &str, e: &Effect| {
-                if preview.len() < 200 {
-                    preview.push(json!({"row": row, "email": email, "effect": e}));
-                }
-            };
-            let up = service::upload(
-                app,
-                &t,
-                op,
-                &tmp,
-                &file_name,
-                p.email.as_deref(),
-                &mut sink,
-                &mut |_| {},
-            );
-            let _ = std::fs::remove_file(&tmp);
-            let up = up?;
-            // The preview is kept with the upload, for the page to show after a reload.
-            app.conn.execute(
-                "UPDATE uploads SET result = json_set(coalesce(result, '{}'), '$.preview', json(?2)) WHERE id = ?1",
-                rusqlite::params![up.upload_id, Value::Array(preview.clone()).to_string()],
-            )?;
-            scheduler::wake(&app.data);
-            upload_json(app, &t, up.upload_id, Some(preview))
-        })
-        .await?;
-    Ok(json_response(StatusCode::CREATED, &result))
+    let tmp = TempFile::new(&web.data);
+    receive(req, &tmp.0, limit).await?;
+    web.blocking(&p.actor.clone(), move |app| {
+        let tmp = tmp;
+        let t = p.tenant(&app.conn, &tenant, false)?;
+        let mut preview: Vec<Value> = Vec::new();
+        let mut sink = |row: u32, email: &str, e: &Effect| {
+            if preview.len() < 50 {
+                preview.push(json!({"row": row, "email": email, "effect": e}));
+            }
+        };
+        let tested = service::test_rules(app, &t, op, &tmp.0, &file_name, &mut sink)?;
+        let v = match tested {
+            Err((_, problems)) => json!({"loaded": false, "load_problems": problems}),
+            Ok((active, outcome)) => json!({
+                "loaded": true,
+                "rules": active.map(|a| json!({"hash": a.hash, "scripts": a.scripts.len(), "columns": a.description.columns.len()})),
+                "valid": outcome.is_valid(),
+                "rows": outcome.rows,
+                "errors": outcome.errors,
+                "warnings": outcome.warnings,
+                "message": if outcome.is_valid() { outcome.success_message() } else { format!("{} errors", outcome.errors) },
+                "problems": outcome.problems.iter().take(200).collect::<Vec<_>>(),
+                "normalisations": outcome.normalisations,
+                "preview": preview,
+            }),
+        };
+        Ok(reply(v))
+    })
+    .await
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -2035,39 +2206,51 @@ async fn job_events(
     };
     let web = web.clone();
     let actor = p.actor.clone();
+    let p = p.clone();
     let stream = futures_util::stream::unfold(
         (web, t, actor, String::new(), false),
-        move |(web, t, actor, last, done)| async move {
-            if done {
-                return None;
-            }
-            let mut waited = 0u32;
-            loop {
-                let t2 = t.clone();
-                let v = web
-                    .blocking(&actor, move |app| job_json(app, &t2, id))
-                    .await
-                    .ok()?;
-                let text = v.to_string();
-                let state = v["job"]["state"].as_str().unwrap_or("").to_string();
-                // A succeeded job's results workbook is written just after its commit: the
-                // last event waits for it (a few seconds at most).
-                let finished = matches!(state.as_str(), "failed" | "cancelled")
-                    || (state == "succeeded" && (v["results_workbook"] == true || waited >= 10));
-                if state == "succeeded" && !finished {
+        move |(web, t, actor, last, done)| {
+            let p = p.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let mut waited = 0u32;
+                loop {
+                    let t2 = t.clone();
+                    let p2 = p.clone();
+                    let v = web
+                        .blocking(&actor, move |app| {
+                            // The stream ends with the session or token it was opened with.
+                            if !auth::still_valid(&app.conn, &p2)? {
+                                return Err(unauthenticated());
+                            }
+                            job_json(app, &t2, id)
+                        })
+                        .await
+                        .ok()?;
+                    let text = v.to_string();
+                    let state = v["job"]["state"].as_str().unwrap_or("").to_string();
+                    // A succeeded job's results workbook is written just after its commit: the
+                    // last event waits for it (a few seconds at most).
+                    let finished = matches!(state.as_str(), "failed" | "cancelled")
+                        || (state == "succeeded"
+                            && (v["results_workbook"] == true || waited >= 10));
+                    if state == "succeeded" && !finished {
+                        waited += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    if text != last || waited >= 30 {
+                        let ev = warp::sse::Event::default().event("job").data(text.clone());
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(ev),
+                            (web, t, actor, text, finished),
+                        ));
+                    }
                     waited += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    continue;
                 }
-                if text != last || waited >= 30 {
-                    let ev = warp::sse::Event::default().event("job").data(text.clone());
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(ev),
-                        (web, t, actor, text, finished),
-                    ));
-                }
-                waited += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         },
     );
@@ -2112,27 +2295,15 @@ fn audit_page(
             "rollcall-audit.csv",
         ));
     }
-    let action = get("action");
     let limit: usize = get("limit")
         .and_then(|s| s.parse().ok())
         .unwrap_or(200)
         .clamp(1, 5000);
-    let mut out = Vec::new();
-    crate::audit::show(&app.data.audit_dir(), &filter, false, &mut out)?;
-    let mut entries: Vec<Value> = out
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .filter(|v| {
-            action.as_ref().is_none_or(|a| {
-                v.get("action")
-                    .and_then(Value::as_str)
-                    .is_some_and(|x| x.starts_with(a.as_str()))
-            })
-        })
-        .collect();
-    let total = entries.len();
-    entries.reverse();
-    entries.truncate(limit);
+    let (entries, total) = crate::audit::newest(
+        &app.data.audit_dir(),
+        &filter,
+        get("action").as_deref(),
+        limit,
+    )?;
     Ok(reply(json!({"entries": entries, "total": total})))
 }

@@ -169,7 +169,8 @@ pub fn session(conn: &Connection, token: &str, cfg: &WebConfig) -> AppResult<Opt
             .map(|t| t + time::Duration::seconds(30) < time::OffsetDateTime::now_utc())
             .unwrap_or(true);
     if stale {
-        conn.execute(
+        touch(
+            conn,
             "UPDATE web_sessions SET last_seen_at = ?2 WHERE token_hash = ?1",
             params![hash, now],
         )?;
@@ -187,6 +188,27 @@ pub fn session(conn: &Connection, token: &str, cfg: &WebConfig) -> AppResult<Opt
     }))
 }
 
+/// A bookkeeping write (when a session or token was last used) that never waits: while a
+/// job holds the database's write lock it is skipped, so reading pages stays quick.
+fn touch(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> AppResult<()> {
+    let before: i64 = conn.query_row("PRAGMA busy_timeout", [], |r| r.get(0))?;
+    conn.busy_timeout(std::time::Duration::ZERO)?;
+    let done = conn.execute(sql, args);
+    conn.busy_timeout(std::time::Duration::from_millis(before.max(0) as u64))?;
+    match done {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn admin_by_id(conn: &Connection, id: i64) -> AppResult<Option<Admin>> {
     let name: Option<String> = conn
         .query_row(
@@ -201,6 +223,41 @@ fn admin_by_id(conn: &Connection, id: i64) -> AppResult<Option<Admin>> {
     }
 }
 
+/// Whether the session or token a principal came with still holds (for long-lived
+/// answers such as the job event stream, which otherwise outlive a sign-out). A session
+/// watching a job counts as used.
+pub fn still_valid(conn: &Connection, p: &Principal) -> AppResult<bool> {
+    let now = db::now();
+    if let Some((_, hash)) = &p.session {
+        let live: Option<String> = conn
+            .query_row(
+                "SELECT s.last_seen_at FROM web_sessions s JOIN administrators a ON a.id = s.admin_id
+                 WHERE s.token_hash = ?1 AND s.expires_at > ?2 AND a.disabled = 0",
+                params![hash, now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(last_seen) = live else {
+            return Ok(false);
+        };
+        if last_seen < db::now_plus(time::Duration::seconds(-30)) {
+            touch(
+                conn,
+                "UPDATE web_sessions SET last_seen_at = ?2 WHERE token_hash = ?1",
+                params![hash, now],
+            )?;
+        }
+        return Ok(true);
+    }
+    let name = p.actor.strip_prefix("token:").unwrap_or("");
+    let live: i64 = conn.query_row(
+        "SELECT count(*) FROM api_tokens WHERE name = ?1 AND revoked_at IS NULL",
+        [name],
+        |r| r.get(0),
+    )?;
+    Ok(live > 0)
+}
+
 pub fn end_session(conn: &Connection, hash: &str) -> AppResult<()> {
     conn.execute("DELETE FROM web_sessions WHERE token_hash = ?1", [hash])?;
     Ok(())
@@ -208,22 +265,35 @@ pub fn end_session(conn: &Connection, hash: &str) -> AppResult<()> {
 
 /// The principal of a bearer token, if it exists and is not revoked.
 pub fn bearer(conn: &Connection, token: &str) -> AppResult<Option<Principal>> {
-    type Row = (i64, String, String, Option<i64>, Option<String>);
+    type Row = (
+        i64,
+        String,
+        String,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
     let row: Option<Row> = conn
         .query_row(
-            "SELECT k.id, k.name, k.role, k.tenant_id, t.name FROM api_tokens k LEFT JOIN tenants t ON t.id = k.tenant_id
+            "SELECT k.id, k.name, k.role, k.tenant_id, t.name, k.last_used_at FROM api_tokens k LEFT JOIN tenants t ON t.id = k.tenant_id
              WHERE k.token_hash = ?1 AND k.revoked_at IS NULL",
             [token_hash(token)],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .optional()?;
-    let Some((id, name, role, tenant_id, tenant)) = row else {
+    let Some((id, name, role, tenant_id, tenant, last_used)) = row else {
         return Ok(None);
     };
-    conn.execute(
-        "UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1",
-        params![id, db::now()],
-    )?;
+    // Marked used at most once a minute.
+    let now = db::now();
+    let minute_ago = db::now_plus(time::Duration::minutes(-1));
+    if last_used.is_none_or(|t| t < minute_ago) {
+        touch(
+            conn,
+            "UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )?;
+    }
     Ok(Some(Principal {
         actor: format!("token:{name}"),
         name,

@@ -127,8 +127,8 @@ pub struct Web {
     seed: Mutex<App>,
     pub config: crate::config::Config,
     pub data: crate::config::DataDir,
-    /// Recent sign-in attempts per client address.
-    attempts: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    /// Recent sign-in attempts per client address and user name.
+    attempts: Mutex<HashMap<(IpAddr, String), VecDeque<Instant>>>,
     /// Cookies get `Secure` when the server is reached over TLS (a reverse proxy that says so).
     pub secure_cookies: bool,
 }
@@ -136,6 +136,13 @@ pub struct Web {
 impl Web {
     pub fn new(app: &App) -> AppResult<Arc<Web>> {
         let seed = app.reopen()?;
+        // Fresh statistics for the query planner (cheap: sampled, and only where stale).
+        if let Err(e) = seed
+            .conn
+            .execute_batch("PRAGMA analysis_limit = 400; PRAGMA optimize = 0x10002;")
+        {
+            eprintln!("rollcall: could not refresh the database statistics: {e}");
+        }
         Ok(Arc::new(Web {
             config: app.config.clone(),
             data: app.data.clone(),
@@ -191,8 +198,11 @@ impl Web {
         }
     }
 
-    /// Counts a sign-in attempt from `ip`; false when it is over the per-minute limit.
-    pub fn allow_attempt(&self, ip: Option<IpAddr>) -> bool {
+    /// Counts a sign-in attempt from `ip` for `username`; false when it is over the
+    /// per-minute limit. Keyed on both, so that behind a reverse proxy (one address for
+    /// everyone) one script cannot keep everybody else out; each account also locks itself
+    /// after repeated failures (`admin::sign_in`).
+    pub fn allow_attempt(&self, ip: Option<IpAddr>, username: &str) -> bool {
         let Some(ip) = ip else { return true };
         let Ok(mut map) = self.attempts.lock() else {
             return true;
@@ -201,7 +211,7 @@ impl Web {
         if map.len() > 10_000 {
             map.retain(|_, q| q.back().is_some_and(|t| now - *t < Duration::from_secs(60)));
         }
-        let q = map.entry(ip).or_default();
+        let q = map.entry((ip, crate::db::norm(username))).or_default();
         while q
             .front()
             .is_some_and(|t| now - *t >= Duration::from_secs(60))

@@ -117,7 +117,12 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 let body = self.page_text();
-                panic!("no {css} with {text:?} on the page; it shows:\n{body}");
+                let url = self.cmd("GET", "/url", None);
+                let shot = self.failure_shot();
+                panic!(
+                    "no {css} with {text:?} on {url} after 30 s (screenshot {}); the page shows:\n{body}",
+                    shot.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -189,6 +194,17 @@ impl Browser {
             "/execute/sync",
             Some(&json!({"script": script, "args": []})),
         )
+    }
+
+    fn failure_shot(&self) -> PathBuf {
+        use base64::Engine;
+        let v = self.cmd("GET", "/screenshot", None);
+        let path = self.shots.join("FAILED.png");
+        if let Ok(png) = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or(""))
+        {
+            let _ = std::fs::write(&path, png);
+        }
+        path
     }
 
     /// Saves a PNG of the page as the next numbered step.
