@@ -180,6 +180,23 @@ fn administrator_day() {
     b.wait("td", "Nothing to show.");
     b.shot("users-after-undo");
 
+    // The other pages draw without an error.
+    for (page, heading, text) in [
+        ("pools", "h1", "Licence pools of Acme"),
+        ("audit", "td", "job.submitted"),
+        ("rules", "h1", "Rules of Acme"),
+        ("settings", "h2", "Administrators"),
+    ] {
+        b.goto(&format!("{base}#/{page}"));
+        b.wait(heading, text);
+        assert!(
+            b.all("#banner:not([hidden])").is_empty(),
+            "{page}: {}",
+            b.page_text()
+        );
+        b.shot(page);
+    }
+
     // Keyboard and zoom: the sign-out control is reachable, the page reflows at 200%.
     b.run_js("document.body.style.zoom = '200%'");
     b.shot("users-200-percent");

@@ -271,6 +271,58 @@ fn roles_and_tenant_isolation() {
     );
     assert_eq!(r.status, 400);
 
+    // Trying a file against the rules on disk: operators only, stores nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let file = add_file(dir.path(), "try.xlsx", 0..3);
+    let path = "/api/v1/tenants/Acme/rules/test?operation=add&file_name=try.xlsx";
+    let headers = [("Content-Type", "application/octet-stream")];
+    let r = acme_admin.request("POST", path, &headers, Some(&file));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = op.request("POST", path, &headers, Some(&file));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["loaded"], true);
+    assert_eq!(r.json()["valid"], true);
+    assert_eq!(r.json()["rows"], 3);
+    assert_eq!(
+        op.get("/api/v1/tenants/Acme/uploads").json()["uploads"],
+        json!([])
+    );
+
+    // A token made at the console works like one made in Settings.
+    let o = cli(
+        &server.data,
+        &[
+            "token",
+            "create",
+            "reporting",
+            "--role",
+            "auditor",
+            "--tenant",
+            "Acme",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let mut reader = server.client();
+    reader.bearer = Some(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_string(),
+    );
+    assert_eq!(reader.get("/api/v1/tenants/Acme/users").status, 200);
+    assert_eq!(
+        reader
+            .send_json(
+                "PUT",
+                "/api/v1/tenants/Acme/pools/Standard",
+                &json!({"seats": 1})
+            )
+            .status,
+        403
+    );
+    assert!(text(&cli(&server.data, &["token", "list"])).contains("reporting"));
+
     // API tokens: scoped to a tenant and role, stored hashed, revocable.
     let r = op.post(
         "/api/v1/tokens",

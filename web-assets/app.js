@@ -164,7 +164,9 @@ async function route() {
   }
   top.hidden = false;
   drawHeader();
-  const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  const parts = location.hash.replace(/^#\/?/, '').split('/').map((x) => {
+    try { return decodeURIComponent(x); } catch (e) { return x; }
+  });
   const page = pages.find((p) => p.path === parts[0]) || pages[0];
   drawNav(page.path);
   if (parts[0] === 'password') { main.replaceChildren(passwordPage(false)); focusMain(); return; }
@@ -290,7 +292,7 @@ async function userPage(email) {
   const act = async (action, body) => {
     const r = await attempt(() => api('POST', t(`/users/${encodeURIComponent(u.email)}/${action}`), body || {}));
     if (r) {
-      notice(r.message || (r.job ? `Done (job ${r.job.id}, ${r.job.state}).` : 'Done.'));
+      notice(r.message || 'Done.');
       if (action === 'delete') location.hash = '#/users'; else route();
     }
   };
@@ -564,7 +566,18 @@ async function jobPage(id) {
       draw(v);
       if (['succeeded', 'failed', 'cancelled'].includes(v.job.state)) es.close();
     });
-    es.onerror = () => es.close();
+    // The browser reconnects by itself after a dropped connection; when the server refuses
+    // (signed out, restarted without the job), fall back to asking every few seconds.
+    es.onerror = () => {
+      if (es.readyState !== EventSource.CLOSED) return;
+      const timer = setInterval(async () => {
+        const v = await api('GET', t(`/jobs/${encodeURIComponent(id)}`)).catch(() => null);
+        if (!v) return;
+        draw(v);
+        if (['succeeded', 'failed', 'cancelled'].includes(v.job.state)) clearInterval(timer);
+      }, 3000);
+      state.timers.push(timer);
+    };
     state.streams.push(es);
   }
   return [h('p', {}, h('a', { href: '#/jobs' }, '← All jobs')), h('h1', {}, `Job ${id}`), holder];
@@ -596,6 +609,11 @@ async function auditPage(args) {
     since: h('input', { type: 'datetime-local' }), until: h('input', { type: 'datetime-local' }) };
   const results = h('div', {});
   const verify = h('div', {});
+  // Operators and auditors of all tenants can also read what belongs to no tenant
+  // (sign-ins, administrators, tokens) and every tenant at once.
+  const everything = state.me.role === 'operator' || (state.me.role === 'auditor' && !state.me.tenant);
+  const scope = h('select', {}, h('option', { value: 'tenant' }, `${state.tenant} only`), h('option', { value: 'all' }, 'Everything (all tenants, sign-ins, administrators)'));
+  const base = () => (scope.value === 'all' ? '/audit' : t('/audit'));
   const query = () => {
     const p = new URLSearchParams();
     for (const [k, el] of Object.entries(fields)) {
@@ -608,8 +626,8 @@ async function auditPage(args) {
   async function load() {
     const p = query();
     const e = new URLSearchParams(p); e.set('format', 'csv');
-    exportLink.href = apiUrl(t(`/audit?${e}`));
-    const r = await attempt(() => api('GET', t(`/audit?${p}`)));
+    exportLink.href = apiUrl(`${base()}?${e}`);
+    const r = await attempt(() => api('GET', `${base()}?${p}`));
     if (!r) return;
     results.replaceChildren(h('p', { class: 'muted' }, `${r.total} entries${r.total > r.entries.length ? `; the newest ${r.entries.length} shown` : ''}.`),
       table(['#', 'Time', 'Who', 'Action', 'Target', 'Details'], r.entries.map((x) => h('tr', {},
@@ -618,16 +636,16 @@ async function auditPage(args) {
   }
   load();
   const controls = [h('button', { type: 'submit' }, 'Search'), exportLink];
-  if (state.me.role !== 'tenant_admin') {
+  if (everything) {
     controls.push(h('button', { type: 'button', class: 'secondary', onclick: async () => {
       const v = await attempt(() => api('GET', '/audit/verify'));
       if (v) verify.replaceChildren(h('p', { class: `panel ${v.problem ? 'error-text' : 'ok-text'}` },
         v.problem ? `BROKEN: ${v.problem} (${v.entries} entries checked in ${v.files} files).` : `The chain is whole: ${v.entries} entries in ${v.files} files verified.`));
     } }, 'Verify the chain'));
   }
-  return [h('h1', {}, `Audit log of ${state.tenant}`),
+  return [h('h1', {}, 'Audit log'),
     h('form', { class: 'panel', role: 'search', onsubmit: (e) => { e.preventDefault(); load(); } },
-      h('div', { class: 'row' }, field('User (email)', fields.user), field('Job', fields.job), field('Who', fields.actor),
+      h('div', { class: 'row' }, everything ? field('Scope', scope) : null, field('User (email)', fields.user), field('Job', fields.job), field('Who', fields.actor),
         field('Action starts with', fields.action), field('Since', fields.since), field('Until', fields.until)),
       h('div', { class: 'row' }, controls)),
     verify, results];
@@ -650,8 +668,32 @@ async function rulesPage() {
     parts.push(h('h2', {}, 'Custom columns'), table(['Column', 'Required', 'Allowed values', 'Help', 'Script'], r.active.columns.map((c) => h('tr', {},
       h('td', {}, c.name), h('td', {}, c.required ? 'yes (add)' : 'no'), h('td', {}, (c.choices || []).join(', ')), h('td', {}, c.help), h('td', {}, `${c.script}:${c.line ?? ''}`)))));
   }
+  if (isOperator()) parts.push(rulesTestPanel());
   for (const s of r.scripts) parts.push(h('h2', {}, s.name), h('pre', { class: 'code', tabindex: 0 }, s.source));
   return parts;
+}
+
+/** Operators: try a file against the scripts as they are on disk now (stores nothing). */
+function rulesTestPanel() {
+  const op = h('select', {}, OPERATIONS.map(([v, label]) => h('option', { value: v }, label)));
+  const file = h('input', { type: 'file', accept: '.xlsx,.xls,.ods,.csv' });
+  const out = h('div', { 'aria-live': 'polite' });
+  const button = h('button', { type: 'submit' }, 'Test the file');
+  return h('div', { class: 'panel' }, h('h2', {}, 'Test a file against these rules'),
+    h('p', { class: 'muted' }, 'Uses the scripts as they are on the server now, even before they are in use. Nothing is stored or changed.'),
+    h('form', { class: 'row', onsubmit: async (e) => {
+      e.preventDefault();
+      if (!file.files.length) { showError('Choose a file first.'); return; }
+      const f = file.files[0];
+      button.disabled = true;
+      const r = await attempt(() => api('POST', t(`/rules/test?operation=${op.value}&file_name=${encodeURIComponent(f.name)}`), f));
+      button.disabled = false;
+      if (!r) return;
+      if (!r.loaded) { out.replaceChildren(h('p', { class: 'error-text' }, 'The scripts do not load:'), h('ul', {}, r.load_problems.map((x) => h('li', {}, x)))); return; }
+      out.replaceChildren(h('p', { class: r.valid ? 'ok-text' : 'error-text' }, r.message),
+        r.problems.length ? problemsTable(r.problems) : null);
+    } }, field('Operation', op), field('File', file), button),
+    out);
 }
 
 // ---------- settings (operators) ----------
