@@ -189,6 +189,13 @@ pub struct WebConfig {
     pub sign_in_per_minute: u32,
     /// Largest JSON request body, in KiB (uploads are limited by `[limits] max_file_bytes`).
     pub json_max_kib: u64,
+    /// Serve HTTPS with this certificate chain (PEM) and key, for sites without a reverse
+    /// proxy. Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Mark the session cookie Secure (always so with `tls_cert`; set it when a reverse
+    /// proxy serves HTTPS in front of rollcall).
+    pub secure_cookies: bool,
 }
 
 impl Default for WebConfig {
@@ -198,6 +205,9 @@ impl Default for WebConfig {
             session_max_hours: 12,
             sign_in_per_minute: 10,
             json_max_kib: 256,
+            tls_cert: None,
+            tls_key: None,
+            secure_cookies: false,
         }
     }
 }
@@ -282,6 +292,9 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_WEB_SESSION_MAX_HOURS",
     "ROLLCALL_WEB_SIGN_IN_PER_MINUTE",
     "ROLLCALL_WEB_JSON_MAX_KIB",
+    "ROLLCALL_WEB_TLS_CERT",
+    "ROLLCALL_WEB_TLS_KEY",
+    "ROLLCALL_WEB_SECURE_COOKIES",
 ];
 
 /// A loaded configuration together with where it came from.
@@ -365,6 +378,14 @@ impl Config {
                         && let Some(parent) = path.parent()
                     {
                         config.data_dir = Some(parent.join(d));
+                    }
+                    // So are the TLS files'.
+                    if let Some(parent) = path.parent() {
+                        for p in [&mut config.web.tls_cert, &mut config.web.tls_key] {
+                            if let Some(rel) = p.as_ref().filter(|p| p.is_relative()) {
+                                *p = Some(parent.join(rel));
+                            }
+                        }
                     }
                     file = Some(path);
                     break;
@@ -509,6 +530,13 @@ impl Config {
             config.web.sign_in_per_minute
         );
         env_num!("ROLLCALL_WEB_JSON_MAX_KIB", config.web.json_max_kib);
+        env_num!("ROLLCALL_WEB_SECURE_COOKIES", config.web.secure_cookies);
+        if let Some(v) = env_get("ROLLCALL_WEB_TLS_CERT") {
+            config.web.tls_cert = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env_get("ROLLCALL_WEB_TLS_KEY") {
+            config.web.tls_key = Some(PathBuf::from(v));
+        }
 
         // Flags.
         if let Some(d) = &overrides.data_dir {

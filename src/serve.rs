@@ -13,6 +13,8 @@ pub fn run(app: &App) -> AppResult<()> {
             app.config.listen
         ))
     })?;
+    // A TLS setting that cannot work stops the start before anything else happens.
+    crate::web::tls_config(&app.config.web)?;
     // First start: an operator account, its one-time password shown here only.
     if let Some((admin, password)) = crate::admin::ensure_first_operator(&app.conn)? {
         crate::service::flush_audit(app)?;
@@ -29,9 +31,9 @@ pub fn run(app: &App) -> AppResult<()> {
         .name("job-worker".into())
         .spawn(move || crate::scheduler::serve(worker_app, worker_stop))
         .map_err(|e| AppError::internal("starting the job worker", e))?;
-    let served = crate::web::serve_http(app, addr, |local| {
+    let served = crate::web::serve_http(app, addr, |local, scheme| {
         say(&format!(
-            "rollcall is listening on http://{local} (data: {})",
+            "rollcall is listening on {scheme}://{local} (data: {})",
             app.data
         ))
     });

@@ -762,3 +762,81 @@ fn every_documented_route_is_answered() {
     // And nothing answers that is not documented: a near miss is a 404.
     assert_eq!(anonymous.get("/api/v1/tenant").status, 404);
 }
+
+#[test]
+fn https_with_a_given_certificate_and_secure_cookies() {
+    let certs = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/smtp_sink.py"
+        ))
+        .arg("--make-certs")
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let cert = certs.path().join("server.pem");
+    let key = certs.path().join("server.key");
+    let server = Server::start(
+        setup,
+        &[
+            ("ROLLCALL_WEB_TLS_CERT", cert.to_str().unwrap()),
+            ("ROLLCALL_WEB_TLS_KEY", key.to_str().unwrap()),
+        ],
+    );
+    // A real TLS client that trusts only the test CA: health, then a sign-in whose cookie
+    // is marked Secure.
+    let port = server.addr.rsplit(':').next().unwrap().to_string();
+    let script = r#"
+import http.client, json, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+c = http.client.HTTPSConnection("localhost", int(sys.argv[2]), context=ctx, timeout=10)
+c.request("GET", "/api/v1/health")
+r = c.getresponse()
+print(r.status, r.read().decode())
+c.request("POST", "/api/v1/session", body=json.dumps({"username": "operator", "password": sys.argv[3]}),
+          headers={"Content-Type": "application/json"})
+r = c.getresponse()
+r.read()
+print(r.status, r.getheader("Set-Cookie"))
+"#;
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(certs.path().join("ca.pem"))
+        .arg(&port)
+        .arg(&server.operator_password)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("200 {\"status\":\"ok\""), "{out}");
+    assert!(
+        out.contains("HttpOnly") && out.contains("; Secure"),
+        "{out}"
+    );
+    // Plain HTTP to the HTTPS port gets no page.
+    let mut s = std::net::TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(!String::from_utf8_lossy(&buf).contains("\"status\":\"ok\""));
+    // A key without its certificate is refused at start, with what to do.
+    let o = std::process::Command::new(common::BIN)
+        .arg("--data-dir")
+        .arg(certs.path().join("other-data"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ROLLCALL_WEB_TLS_KEY", &key)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("tls_cert and tls_key go together"),
+        "{}",
+        text(&o)
+    );
+}

@@ -559,7 +559,10 @@ async function jobPage(id) {
   }
   const first = await api('GET', t(`/jobs/${encodeURIComponent(id)}`));
   draw(first);
-  if (!['succeeded', 'failed', 'cancelled'].includes(first.job.state)) {
+  // Live until it ends; a job that has just succeeded gets its results workbook a moment
+  // after its commit, which the stream also waits for.
+  const ended = ['succeeded', 'failed', 'cancelled'].includes(first.job.state);
+  if (!ended || (first.job.state === 'succeeded' && !first.results_workbook)) {
     const es = new EventSource(apiUrl(t(`/jobs/${encodeURIComponent(id)}/events`)));
     es.addEventListener('job', (e) => {
       const v = JSON.parse(e.data);

@@ -149,7 +149,7 @@ impl Web {
             apps: Mutex::new(Vec::new()),
             seed: Mutex::new(seed),
             attempts: Mutex::new(HashMap::new()),
-            secure_cookies: false,
+            secure_cookies: app.config.web.secure_cookies || app.config.web.tls_cert.is_some(),
         }))
     }
 
@@ -304,12 +304,14 @@ fn parse_query(raw: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// Serves until Ctrl-C or SIGTERM; `on_listening` gets the bound address.
+/// Serves until Ctrl-C or SIGTERM (HTTPS when `[web] tls_cert` is set); `on_listening`
+/// gets the bound address and the scheme.
 pub fn serve_http(
     app: &App,
     addr: SocketAddr,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, &str),
 ) -> AppResult<()> {
+    let tls = tls_config(&app.config.web)?;
     let web = Web::new(app)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -335,14 +337,107 @@ pub fn serve_http(
                 _ = term.recv() => {},
             }
         };
-        on_listening(local);
-        warp::serve(routes(web))
-            .incoming(listener)
-            .graceful(shutdown)
-            .run()
-            .await;
+        match tls {
+            None => {
+                on_listening(local, "http");
+                warp::serve(routes(web))
+                    .incoming(listener)
+                    .graceful(shutdown)
+                    .run()
+                    .await;
+            }
+            Some(tls) => {
+                on_listening(local, "https");
+                serve_tls(web, listener, tls, shutdown).await;
+            }
+        }
         Ok(())
     })
+}
+
+/// The client address of a request served over TLS (warp's own is private to its server).
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+/// Reads the certificate chain and key of `[web] tls_cert` / `tls_key`.
+pub fn tls_config(cfg: &crate::config::WebConfig) -> AppResult<Option<Arc<rustls::ServerConfig>>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        _ => {
+            return Err(AppError::Usage(
+                "[web] tls_cert and tls_key go together: give both (PEM files) or neither".into(),
+            ));
+        }
+    };
+    let bad = |what: &str, p: &std::path::Path, e: String| {
+        AppError::Usage(format!("cannot use the TLS {what} {}: {e}", p.display()))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("certificate", cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("certificate", cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("certificate", cert, "no certificate in it".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("key", key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AppError::internal("setting up TLS", e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate and key", cert, e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+/// HTTPS: each connection's TLS handshake (with a time limit), then HTTP/1.1 into the same
+/// filter as plain HTTP. Stops accepting at `shutdown`.
+async fn serve_tls(
+    web: Arc<Web>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let service = warp::service(routes(web));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => {
+                    // Out of file descriptors and the like: wait a moment, go on.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(Peer(peer));
+                    let mut service = service.clone();
+                    async move { tower_service::Service::call(&mut service, req).await }
+                },
+            );
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
 }
 
 /// The one filter: method, path, query, headers, client address and the body stream, all
@@ -355,6 +450,7 @@ pub fn routes(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::addr::remote())
+        .and(warp::ext::optional::<Peer>())
         .and(warp::body::stream())
         .then(
             move |method: Method,
@@ -362,6 +458,7 @@ pub fn routes(
                   query: String,
                   headers: HeaderMap,
                   remote: Option<SocketAddr>,
+                  peer: Option<Peer>,
                   body| {
                 let web = web.clone();
                 let body = boxed_body(body);
@@ -371,7 +468,7 @@ pub fn routes(
                         path: path.as_str().to_string(),
                         query: parse_query(&query),
                         headers,
-                        remote,
+                        remote: remote.or(peer.map(|p| p.0)),
                         body: Some(body),
                     };
                     handle(web, req).await

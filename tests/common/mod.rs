@@ -258,7 +258,11 @@ pub fn listen_addr(r: &mut impl std::io::BufRead) -> (String, String, String) {
         let mut line = String::new();
         let n = r.read_line(&mut line).unwrap();
         assert!(n > 0, "the server ended before it listened: {before}");
-        if let Some(rest) = line.split("http://").nth(1) {
+        if let Some(rest) = line
+            .split("://")
+            .nth(1)
+            .filter(|_| line.contains("listening on"))
+        {
             let addr = rest.split_whitespace().next().unwrap_or("").to_string();
             return (addr, before, line);
         }
