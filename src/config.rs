@@ -139,6 +139,9 @@ pub struct MailConfig {
     pub support_contact: String,
     /// Where users sign in (shown in Getting Started messages), e.g. https://learn.example.com.
     pub sign_in_url: String,
+    /// Where administrators open rollcall's web UI, e.g. https://rollcall.example.com:
+    /// messages to them link to the upload or job (a workbook too large to attach).
+    pub web_url: String,
     pub smtp_host: String,
     /// Default: 587 with STARTTLS, 465 with implicit TLS, 25 without TLS.
     pub smtp_port: Option<u16>,
@@ -164,6 +167,7 @@ impl Default for MailConfig {
             from: "rollcall <rollcall@localhost>".into(),
             support_contact: String::new(),
             sign_in_url: String::new(),
+            web_url: String::new(),
             smtp_host: String::new(),
             smtp_port: None,
             smtp_security: "starttls".into(),
@@ -279,6 +283,7 @@ const ENV_KEYS: &[&str] = &[
     "ROLLCALL_MAIL_FROM",
     "ROLLCALL_MAIL_SUPPORT_CONTACT",
     "ROLLCALL_MAIL_SIGN_IN_URL",
+    "ROLLCALL_MAIL_WEB_URL",
     "ROLLCALL_MAIL_SMTP_HOST",
     "ROLLCALL_MAIL_SMTP_PORT",
     "ROLLCALL_MAIL_SMTP_SECURITY",
@@ -484,6 +489,7 @@ impl Config {
                 &mut config.mail.support_contact,
             ),
             ("ROLLCALL_MAIL_SIGN_IN_URL", &mut config.mail.sign_in_url),
+            ("ROLLCALL_MAIL_WEB_URL", &mut config.mail.web_url),
             ("ROLLCALL_MAIL_SMTP_HOST", &mut config.mail.smtp_host),
             (
                 "ROLLCALL_MAIL_SMTP_SECURITY",

@@ -179,6 +179,9 @@ fn administrator_day() {
     b.goto(&format!("{base}#/users"));
     b.wait("td", "Nothing to show.");
     b.shot("users-after-undo");
+    // The link a message gives (it names the tenant) opens the job.
+    b.goto(&format!("{base}#/t/Acme/jobs/1"));
+    b.wait("dt", "Undone by");
 
     // The other pages draw without an error.
     for (page, heading, text) in [

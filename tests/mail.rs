@@ -889,7 +889,10 @@ fn a_refused_recipient_is_said_as_such_and_fails_at_once() {
 
 #[test]
 fn a_workbook_above_the_attachment_limit_is_named_not_attached() {
-    let mut env = Env::with(|c| c.mail.attach_max_mib = 0);
+    let mut env = Env::with(|c| {
+        c.mail.attach_max_mib = 0;
+        c.mail.web_url = "https://rollcall.example.com/".into();
+    });
     let t = tenant(&env);
     let file = env.path("new-staff.xlsx");
     write_add_file(&file, 0..2);
@@ -911,9 +914,23 @@ fn a_workbook_above_the_attachment_limit_is_named_not_attached() {
         )),
         "{body}"
     );
+    // A link to the job's page in the web UI (which names the tenant).
     assert!(
-        body.contains(&format!("download it from rollcall (job {})", r.job_id)),
+        body.contains(&format!(
+            "download it from rollcall: https://rollcall.example.com/#/t/{}/jobs/{}.",
+            t.name, r.job_id
+        )),
         "{body}"
+    );
+    let html = text_part(&m, "text/html");
+    // (The HTML escapes the slashes of the address; browsers read it the same.)
+    assert!(
+        html.contains("<a href=\"https:&#x2f;&#x2f;rollcall.example.com/#/t/")
+            && html.contains(&format!(
+                "/#/t/{}/jobs/{}\">download it from rollcall</a>",
+                t.name, r.job_id
+            )),
+        "{html}"
     );
 }
 

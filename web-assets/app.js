@@ -167,6 +167,11 @@ async function route() {
   const parts = location.hash.replace(/^#\/?/, '').split('/').map((x) => {
     try { return decodeURIComponent(x); } catch (e) { return x; }
   });
+  // Links in messages name the tenant: #/t/TENANT/jobs/12.
+  if (parts[0] === 't' && parts.length > 2) {
+    if (state.tenants.includes(parts[1])) { state.tenant = parts[1]; sessionStorage.setItem('tenant', parts[1]); drawHeader(); }
+    parts.splice(0, 2);
+  }
   const page = pages.find((p) => p.path === parts[0]) || pages[0];
   drawNav(page.path);
   if (parts[0] === 'password') { main.replaceChildren(passwordPage(false)); focusMain(); return; }

@@ -545,6 +545,10 @@ fn build(
         // As configured now (a corrected contact reaches messages still queued).
         o.insert("support_contact".into(), support_contact(cfg));
         o.insert("sign_in_url".into(), Value::String(cfg.sign_in_url.clone()));
+        o.insert(
+            "web_url".into(),
+            Value::String(cfg.web_url.trim().trim_end_matches('/').to_string()),
+        );
     }
     let text = render(data, tenant, &format!("{template}.txt"), &ctx).map_err(|e| e.to_string())?;
     let html =
