@@ -840,3 +840,144 @@ print(r.status, r.getheader("Set-Cookie"))
         text(&o)
     );
 }
+
+/// Every route, called by every kind of tenant-bound principal on the other tenant (or on
+/// operator routes): never a success. Auditors never change anything anywhere.
+#[test]
+fn no_route_reaches_another_tenant_or_lets_an_auditor_write() {
+    let server = Server::start(setup, &[]);
+    let op = server.operator();
+    // Something to find in Beta: a user, an upload, a job.
+    let dir = tempfile::tempdir().unwrap();
+    let file = add_file(dir.path(), "beta.xlsx", 0..2);
+    let r = upload(&op, "Beta", "add", "beta.xlsx", &file);
+    let up = r.json()["id"].as_i64().unwrap();
+    let r = op.post(
+        &format!("/api/v1/tenants/Beta/uploads/{up}/submit"),
+        &json!({}),
+    );
+    let job = r.json()["job"]["id"].as_i64().unwrap();
+    op.wait_job("Beta", job);
+    let acme_admin = server.admin("ada", "tenant-admin", Some("Acme"));
+    let acme_auditor = server.admin("audrey", "auditor", Some("Acme"));
+    let global_auditor = server.admin("gus", "auditor", None);
+    let o = cli(
+        &server.data,
+        &[
+            "token",
+            "create",
+            "acme-bot",
+            "--role",
+            "tenant-admin",
+            "--tenant",
+            "Acme",
+        ],
+    );
+    let mut bot = server.client();
+    bot.bearer = Some(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_string(),
+    );
+    let doc = op.get("/api/v1/openapi.json").json();
+    let mut checked = 0;
+    for (path, methods) in doc["paths"].as_object().unwrap() {
+        for (method, spec) in methods.as_object().unwrap() {
+            // Routes of no tenant that answer with the caller's own (session, tenant list)
+            // are not about another tenant.
+            let scoped = path.contains("{tenant}")
+                || path.starts_with("/api/v1/audit")
+                || spec["description"] == "Operators only.";
+            if spec["security"] == json!([]) || !scoped {
+                continue;
+            }
+            for action in [
+                "cancel",
+                "undo",
+                "approve",
+                "welcome",
+                "deactivate",
+                "reactivate",
+                "delete",
+            ] {
+                if !path.contains("{action}") && action != "cancel" {
+                    continue;
+                }
+                let concrete = path
+                    .replace("{tenant}", "Beta")
+                    .replace("{email}", "u0@example.com")
+                    .replace("{action}", action)
+                    .replace(
+                        "{id}",
+                        &if path.contains("/uploads/") { up } else { job }.to_string(),
+                    )
+                    .replace("{operation}", "add")
+                    .replace("{pool}", "Standard")
+                    .replace("{username}", "operator");
+                let body: &[u8] = if spec["requestBody"]["content"]["application/octet-stream"]
+                    .is_object()
+                {
+                    &file
+                } else {
+                    b"{\"seats\": 1, \"confirm\": \"u0@example.com\", \"name\": \"x\", \"role\": \"operator\", \"username\": \"x\", \"to\": \"a@example.com\"}"
+                };
+                let ct = if body == file.as_slice() {
+                    "application/octet-stream"
+                } else {
+                    "application/json"
+                };
+                let m = method.to_uppercase();
+                let write = m != "GET";
+                for (who, c) in [
+                    ("tenant admin", &acme_admin),
+                    ("tenant auditor", &acme_auditor),
+                    ("token", &bot),
+                ] {
+                    let r = c.request(
+                        &m,
+                        &format!("{concrete}?operation=add"),
+                        &[("Content-Type", ct)],
+                        Some(body),
+                    );
+                    assert!(
+                        r.status == 403 || r.status == 404,
+                        "{who} {m} {concrete}: {} {}",
+                        r.status,
+                        r.text()
+                    );
+                    checked += 1;
+                }
+                if write && path.contains("{tenant}") {
+                    let own = concrete.replace("/Beta", "/Acme");
+                    for (who, c) in [
+                        ("tenant auditor", &acme_auditor),
+                        ("global auditor", &global_auditor),
+                    ] {
+                        let r = c.request(
+                            &m,
+                            &format!("{own}?operation=add"),
+                            &[("Content-Type", ct)],
+                            Some(body),
+                        );
+                        assert!(
+                            r.status == 403 || r.status == 404,
+                            "{who} {m} {own}: {} {}",
+                            r.status,
+                            r.text()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "{checked}");
+    // And Beta is as it was.
+    let users = op.get("/api/v1/tenants/Beta/users").json();
+    assert_eq!(users["users"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        op.get("/api/v1/tenants/Beta/pools").json()["pools"][0]["seats"],
+        10
+    );
+}
