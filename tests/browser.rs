@@ -12,6 +12,17 @@ use common::webdriver::Browser;
 use common::{cli, data_sheet, text, write_add_file, write_xlsx};
 use rollcall::model::Operation;
 
+/// The controls of the page that no label names (by `for`, wrapping or aria-label).
+fn unlabelled(b: &Browser) -> serde_json::Value {
+    b.run_js(
+        "return [...document.querySelectorAll('input, select, textarea, button')]
+            .filter((e) => e.offsetParent !== null || e.type === 'file')
+            .filter((e) => e.tagName === 'BUTTON' ? !e.textContent.trim() && !e.getAttribute('aria-label')
+                : !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+            .map((e) => e.outerHTML.slice(0, 120));",
+    )
+}
+
 fn fetch(server: &Server, cookie: &str, href: &str) -> Vec<u8> {
     let path = href
         .split_once(&server.addr)
@@ -51,8 +62,8 @@ fn administrator_day() {
     b.wait("h1", "Sign in to rollcall");
     b.shot("sign-in");
     b.type_into(&b.labelled("User name"), "operator");
-    b.type_into(&b.labelled("Password"), "wrong password");
-    b.click(&b.wait("button", "Sign in"));
+    // From the keyboard: Enter in the password field signs in.
+    b.type_into(&b.labelled("Password"), "wrong password\u{E007}");
     b.wait("#banner", "not right");
     b.shot("wrong-password");
     let pw = b.labelled("Password");
@@ -75,6 +86,7 @@ fn administrator_day() {
     let href = b.attr(&link, "href").unwrap();
     let template = fetch(&server, &cookie, &href);
     assert!(template.starts_with(b"PK"));
+    assert_eq!(unlabelled(&b), serde_json::json!([]), "bulk options");
     b.shot("bulk-options");
 
     // A file with errors: every problem on screen, and the error workbook.
@@ -146,6 +158,7 @@ fn administrator_day() {
     b.wait("h2", "30 users ready to add");
     b.wait("h2", "Preview of the changes");
     assert!(b.page_text().contains("u29@example.com"));
+    assert_eq!(unlabelled(&b), serde_json::json!([]), "the submit form");
     b.shot("preview");
     let submit = b.wait("button", "Add 30 users");
     b.click(&submit);
@@ -158,6 +171,7 @@ fn administrator_day() {
     // The users list shows them; search narrows it.
     b.goto(&format!("{base}#/users"));
     b.wait("td a", "u0@example.com");
+    assert_eq!(unlabelled(&b), serde_json::json!([]), "users");
     b.shot("users");
     b.type_into(&b.labelled("Search"), "u2");
     // u2 and u20-u29, once the search has run.
