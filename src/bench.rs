@@ -455,6 +455,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             )?;
             let job_id = tx.last_insert_rowid();
             let req = Request {
+                default_pool: None,
                 rules: None,
                 tenant: &t,
                 op,

@@ -143,6 +143,9 @@ pub struct Request<'a> {
     pub estimate: Option<&'a std::cell::Cell<u64>>,
     /// The tenant's rules, when it has any.
     pub rules: Option<RulesInput<'a>>,
+    /// The licence pool chosen for the whole file (add, reactivate): rows whose Licence
+    /// Pool cell is empty take it.
+    pub default_pool: Option<&'a str>,
 }
 
 /// What a pass needs to run the tenant's rules.
@@ -270,6 +273,25 @@ pub fn process_rows(
     // and no lock taken and released per looked-up row. (Apply runs in the caller's.)
     let _snapshot = ReadSnapshot::begin(conn, req.mode)?;
     let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
+    if let Some(name) = req.default_pool
+        && v.default_pool.is_none()
+    {
+        let names: Vec<&str> = v.pools.iter().map(|p| p.name.as_str()).collect();
+        refuse(
+            &mut out,
+            "unknown_pool",
+            format!(
+                "There is no licence pool \"{name}\" in {} (its pools: {}); choose one of them for the file.",
+                req.tenant.name,
+                if names.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        );
+        return Ok(out);
+    }
     if let Some(sha) = req.file_sha256 {
         v.check_already_applied(sha)?;
     }
@@ -827,6 +849,8 @@ struct Checker {
     teams: HashMap<String, (i64, String)>,
     pools: Vec<PoolState>,
     pool_index: HashMap<String, usize>,
+    /// The pool rows with an empty Licence Pool cell take (index into `pools`).
+    default_pool: Option<usize>,
     /// Emails claimed by a row of the file (Email, and New Email in updates):
     /// lowercased email -> (row, whether that row was flagged as duplicate already).
     seen: HashMap<Box<str>, (u32, bool)>,
@@ -1030,6 +1054,17 @@ impl Checker {
             let v = raw.as_str();
             let mut canon: Option<String> = None;
             let clear = v.eq_ignore_ascii_case(CLEAR_TOKEN);
+            if v.is_empty()
+                && col.field == Field::Pool
+                && matches!(self.op, Operation::Add | Operation::Reactivate)
+                && let Some(i) = self.default_pool
+            {
+                rv.pool = Some(self.pools[i].id);
+                let name = self.pools[i].name.clone();
+                self.note(c, "licence pool chosen for the file", row, || name);
+                self.values[c] = raw;
+                continue;
+            }
             if v.is_empty() {
                 if col.required {
                     self.problem(
@@ -1503,6 +1538,8 @@ struct Validator<'c> {
     teams: HashMap<String, (i64, String)>,
     pools: Vec<PoolState>,
     pool_index: HashMap<String, usize>,
+    /// The pool chosen for the file (index into `pools`), when one was and it exists.
+    default_pool: Option<usize>,
     find_user: Statement<'c>,
     writer: Option<Writer<'c>>,
     out: Outcome,
@@ -1581,6 +1618,9 @@ impl<'c> Validator<'c> {
         };
         let mut out = Outcome::new(req.op);
         out.sheet = sheet;
+        let default_pool = req
+            .default_pool
+            .and_then(|name| pool_index.get(&db::norm(name)).copied());
         Ok(Validator {
             conn,
             op: req.op,
@@ -1591,6 +1631,7 @@ impl<'c> Validator<'c> {
             teams,
             pools,
             pool_index,
+            default_pool,
             find_user,
             writer,
             out,
@@ -1634,6 +1675,7 @@ impl<'c> Validator<'c> {
                 })
                 .collect(),
             pool_index: self.pool_index.clone(),
+            default_pool: self.default_pool,
             seen: HashMap::new(),
             out,
             norms: BTreeMap::new(),

@@ -251,6 +251,9 @@ pub struct FileArgs {
     pub op: Operation,
     /// The .xlsx, .xls, .ods or .csv file.
     pub file: PathBuf,
+    /// The licence pool for rows whose Licence Pool cell is empty (add, reactivate).
+    #[arg(long)]
+    pub pool: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -981,10 +984,16 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             let mut effects = Effects::new(json || preview);
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
-            let outcome =
-                service::validate(&app, &t, file.op, &file.file, &name, &mut sink, &mut |n| {
-                    bar.tick(n)
-                })?;
+            let outcome = service::validate_with(
+                &app,
+                &t,
+                file.op,
+                &file.file,
+                &name,
+                file.pool.as_deref(),
+                &mut sink,
+                &mut |n| bar.tick(n),
+            )?;
             bar.done();
             let mut report_path = None;
             if let Some(path) = report
@@ -1033,6 +1042,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     confirm: confirm.clone(),
                     notify: email.clone(),
                     getting_started,
+                    default_pool: file.pool.clone(),
                 };
                 let (_, job) = scheduler::submit(
                     &app,
@@ -1071,6 +1081,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     confirm: confirm.clone(),
                     notify: email.clone(),
                     getting_started,
+                    default_pool: file.pool.clone(),
                     ..service::ImportOptions::new(yes)
                 },
                 &mut sink,
@@ -1137,13 +1148,14 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             let mut effects = Effects::new(json);
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
-            let up = service::upload(
+            let up = service::upload_with(
                 &app,
                 &t,
                 file.op,
                 &file.file,
                 &name,
                 email.as_deref(),
+                file.pool.as_deref(),
                 &mut sink,
                 &mut |n| bar.tick(n),
             )?;
@@ -1201,6 +1213,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 confirm,
                 notify: email,
                 getting_started,
+                default_pool: None,
             };
             let job = scheduler::submit_upload(&app, upload, &opts, not_before.as_deref())?;
             if no_wait || not_before.is_some() {

@@ -369,6 +369,17 @@ pub fn set_pool(conn: &Connection, tenant_id: i64, name: &str, seats: i64) -> Ap
     })
 }
 
+/// The name of a tenant's pool as it is spelt, found in any case (without counting seats).
+pub fn pool_name(conn: &Connection, tenant_id: i64, name: &str) -> AppResult<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT name FROM licence_pools WHERE tenant_id = ?1 AND name_norm = ?2",
+            params![tenant_id, norm(name)],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 pub fn list_pools(conn: &Connection, tenant_id: i64) -> AppResult<Vec<Pool>> {
     let mut st = conn.prepare(
         "SELECT p.id, p.name, p.seats,

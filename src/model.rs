@@ -293,7 +293,7 @@ pub fn columns(op: Operation) -> Vec<Column> {
             Column::new(
                 Pool,
                 true,
-                "The licence pool whose seat the user takes (see the drop-down).",
+                "The licence pool whose seat the user takes (see the drop-down). Required, unless a pool is chosen for the whole file when it is uploaded (then an empty cell takes that pool).",
                 "Standard",
             ),
         ],
@@ -349,7 +349,7 @@ pub fn columns(op: Operation) -> Vec<Column> {
             Column::new(
                 Pool,
                 false,
-                "Licence pool to reactivate into; empty means the pool the user had.",
+                "Licence pool to reactivate into; empty means the pool the user had (or the pool chosen for the whole file when it is uploaded).",
                 "Standard",
             ),
         ],

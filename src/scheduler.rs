@@ -92,6 +92,9 @@ pub struct JobOptions {
     /// Send each user an add job creates a Getting Started message.
     #[serde(default)]
     pub getting_started: bool,
+    /// The licence pool of rows whose Licence Pool cell is empty (add, reactivate).
+    #[serde(default)]
+    pub default_pool: Option<String>,
 }
 
 /// Queues a job for a stored upload; returns (upload id, job id).
@@ -247,6 +250,16 @@ pub fn submit_upload(
         id: tenant_id,
         name: tenant_name,
     };
+    // The pool chosen when the file was checked goes with it into the job.
+    let mut opts = opts.clone();
+    if opts.default_pool.is_none() {
+        opts.default_pool = tx.query_row(
+            "SELECT json_extract(result, '$.default_pool') FROM uploads WHERE id = ?1",
+            [upload_id],
+            |r| r.get(0),
+        )?;
+    }
+    let opts = &opts;
     let job = queue_job(&tx, &app.actor, &tenant, op, upload_id, opts, not_before)?;
     notify_if_awaiting(app, &tx, job)?;
     tx.commit()?;
@@ -626,6 +639,7 @@ fn run_started(
             mode: Mode::Apply { job_id },
             estimate: Some(&estimate),
             rules: service::rules_input(app, rules.as_ref(), &db_path),
+            default_pool: opts.default_pool.as_deref(),
         },
         on_effect,
         &mut |rows| {

@@ -259,6 +259,21 @@ pub fn validate(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
+    validate_with(app, tenant, op, file, file_name, None, on_effect, progress)
+}
+
+/// `validate` with a licence pool for rows that leave theirs empty.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_with(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    file: &Path,
+    file_name: &str,
+    default_pool: Option<&str>,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Outcome> {
     let sha = store_hash(file)?;
     let rules = active_rules(app, tenant)?;
     let db_path = app.data.database();
@@ -274,6 +289,7 @@ pub fn validate(
             mode: Mode::DryRun,
             estimate: None,
             rules: rules_input(app, rules.as_ref(), &db_path),
+            default_pool,
         },
         on_effect,
         progress,
@@ -343,6 +359,7 @@ pub fn test_rules(
             mode: Mode::DryRun,
             estimate: None,
             rules: rules_input(app, active.as_ref(), &db_path),
+            default_pool: None,
         },
         on_effect,
         &mut |_| {},
@@ -371,9 +388,36 @@ pub fn upload(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Uploaded> {
+    upload_with(
+        app, tenant, op, file, file_name, notify, None, on_effect, progress,
+    )
+}
+
+/// `upload` with a licence pool for rows that leave theirs empty (kept with the upload,
+/// and used by its job).
+#[allow(clippy::too_many_arguments)]
+pub fn upload_with(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    file: &Path,
+    file_name: &str,
+    notify: Option<&str>,
+    default_pool: Option<&str>,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Uploaded> {
     let stored = store_upload(&app.data, file, file_name)?;
     let rules = active_rules(app, tenant)?;
     let db_path = app.data.database();
+    // Kept as the pool is spelt (any case finds it).
+    let canonical: Option<String> = match default_pool {
+        Some(name) => {
+            Some(db::pool_name(&app.conn, tenant.id, name)?.unwrap_or_else(|| name.to_string()))
+        }
+        None => None,
+    };
+    let default_pool = canonical.as_deref();
     let outcome = bulk::process(
         &app.conn,
         &app.reader,
@@ -386,6 +430,7 @@ pub fn upload(
             mode: Mode::DryRun,
             estimate: None,
             rules: rules_input(app, rules.as_ref(), &db_path),
+            default_pool,
         },
         on_effect,
         progress,
@@ -398,6 +443,7 @@ pub fn upload(
     let result = serde_json::json!({
         "totals": outcome.totals, "forecast": outcome.forecast,
         "normalisations": outcome.normalisations, "notes": outcome.notes,
+        "default_pool": default_pool,
     })
     .to_string();
     let tx = app.conn.unchecked_transaction()?;
@@ -522,6 +568,8 @@ pub struct ImportOptions {
     pub notify: Option<String>,
     /// Send each added user a Getting Started message.
     pub getting_started: bool,
+    /// The licence pool of rows whose Licence Pool cell is empty (add, reactivate).
+    pub default_pool: Option<String>,
 }
 
 impl ImportOptions {
@@ -533,6 +581,7 @@ impl ImportOptions {
             flush_audit: true,
             notify: None,
             getting_started: false,
+            default_pool: None,
         }
     }
 }
@@ -558,6 +607,7 @@ pub fn import(
         confirm: opts.confirm.clone(),
         notify: opts.notify.clone(),
         getting_started: opts.getting_started,
+        default_pool: opts.default_pool.clone(),
     };
     let (upload_id, job_id) =
         scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;

@@ -981,3 +981,113 @@ fn no_route_reaches_another_tenant_or_lets_an_auditor_write() {
         10
     );
 }
+
+#[test]
+fn a_licence_pool_chosen_for_the_whole_file() {
+    let server = Server::start(
+        |data| {
+            setup(data);
+            let o = cli(data, &["pool", "set", "--tenant", "Acme", "Premium", "5"]);
+            assert!(o.status.success(), "{}", text(&o));
+        },
+        &[],
+    );
+    let op = server.operator();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.xlsx");
+    write_xlsx(
+        &path,
+        &[common::data_sheet(
+            Operation::Add,
+            &[
+                vec!["p1@example.com", "A", "B", "", "", "Learner", "", ""],
+                vec!["p2@example.com", "A", "B", "", "", "Learner", "", ""],
+                vec![
+                    "s1@example.com",
+                    "A",
+                    "B",
+                    "",
+                    "",
+                    "Learner",
+                    "",
+                    "Standard",
+                ],
+            ],
+        )],
+    );
+    let file = std::fs::read(&path).unwrap();
+    // Without a choice the empty cells are errors.
+    let v = upload(&op, "Acme", "add", "mixed.xlsx", &file).json();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["problems"][0]["code"], "required_missing");
+    // An unknown pool refuses the file, naming the pools there are.
+    let v = upload(&op, "Acme", "add&default_pool=Gold", "mixed.xlsx", &file).json();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["problems"][0]["code"], "unknown_pool", "{v}");
+    assert!(
+        v["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Premium")
+    );
+    // Chosen (in any case): empty cells take it, a named pool wins; the forecast counts it.
+    let v = upload(&op, "Acme", "add&default_pool=premium", "mixed.xlsx", &file).json();
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["default_pool"], "Premium");
+    let premium = v["forecast"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["pool"] == "Premium")
+        .unwrap();
+    assert_eq!(premium["needed"], 2);
+    let n = &v["normalisations"][0];
+    assert_eq!(
+        (n["kind"].as_str(), n["count"].as_u64()),
+        (Some("licence pool chosen for the file"), Some(2))
+    );
+    // The job applies it (the choice goes with the upload).
+    let id = v["id"].as_i64().unwrap();
+    let r = op.post(
+        &format!("/api/v1/tenants/Acme/uploads/{id}/submit"),
+        &json!({}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let j = op.wait_job("Acme", r.json()["job"]["id"].as_i64().unwrap());
+    assert_eq!(j["job"]["state"], "succeeded", "{j}");
+    assert_eq!(
+        op.get("/api/v1/tenants/Acme/users/p1@example.com").json()["pool"],
+        "Premium"
+    );
+    assert_eq!(
+        op.get("/api/v1/tenants/Acme/users/s1@example.com").json()["pool"],
+        "Standard"
+    );
+    // The same from the console: import --pool.
+    let path2 = dir.path().join("more.xlsx");
+    write_xlsx(
+        &path2,
+        &[common::data_sheet(
+            Operation::Add,
+            &[vec!["p3@example.com", "A", "B", "", "", "Learner", "", ""]],
+        )],
+    );
+    let o = cli(
+        &server.data,
+        &[
+            "import",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            "--pool",
+            "Premium",
+            path2.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        op.get("/api/v1/tenants/Acme/users/p3@example.com").json()["pool"],
+        "Premium"
+    );
+}

@@ -334,11 +334,18 @@ async function bulkPage(args) {
     return [h('p', {}, h('a', { href: '#/bulk' }, '← Bulk options')), h('h1', {}, `Upload ${up.id}: ${up.file_name}`), uploadResult(up)];
   }
   let op = sessionStorage.getItem('operation') || 'add';
+  const info = await api('GET', t(''));
   const templateLink = h('a', { class: 'button secondary', download: '' });
+  // Add and reactivate: one licence pool for every row that leaves its cell empty.
+  const poolChoice = h('select', {}, h('option', { value: '' }, 'Each row names its pool'),
+    info.pools.map((p) => h('option', { value: p.name }, `${p.name} (${p.free} of ${p.seats} seats free)`)));
+  const poolPanel = h('div', { class: 'panel' }, h('h2', {}, 'Licence pool'),
+    field('Pool for rows whose Licence Pool cell is empty', poolChoice, 'A pool named in a row wins over this choice.'));
   const setOp = (v) => {
     op = v; sessionStorage.setItem('operation', v);
     templateLink.href = apiUrl(t(`/templates/${v}`));
     templateLink.textContent = `Download the ${v} template`;
+    poolPanel.hidden = !(v === 'add' || v === 'reactivate');
   };
   const radios = OPERATIONS.map(([v, label]) => {
     const r = h('input', { type: 'radio', name: 'operation', id: `op-${v}`, value: v, checked: v === op, onchange: () => setOp(v) });
@@ -364,7 +371,8 @@ async function bulkPage(args) {
     progress.hidden = false; progress.value = 0;
     status.textContent = `Sending ${file.name}…`;
     const xhr = new XMLHttpRequest();
-    xhr.open('POST', apiUrl(t(`/uploads?operation=${op}&file_name=${encodeURIComponent(file.name)}`)));
+    const pool = !poolPanel.hidden && poolChoice.value ? `&default_pool=${encodeURIComponent(poolChoice.value)}` : '';
+    xhr.open('POST', apiUrl(t(`/uploads?operation=${op}&file_name=${encodeURIComponent(file.name)}${pool}`)));
     xhr.setRequestHeader('X-CSRF-Token', state.me.csrf_token);
     xhr.setRequestHeader('Content-Type', 'application/octet-stream');
     xhr.upload.onprogress = (e) => {
@@ -394,6 +402,7 @@ async function bulkPage(args) {
     h('div', { class: 'panel' }, h('fieldset', { class: 'ops' }, h('legend', {}, '1. Choose the operation'), radios)),
     h('div', { class: 'panel' }, h('h2', {}, '2. Download its template and fill it in'),
       h('p', { class: 'muted' }, 'The Read Me First sheet explains every column. Do not add, remove or move columns.'), templateLink),
+    poolPanel,
     h('div', { class: 'panel' }, h('h2', {}, '3. Upload it'), drop, progress, status),
     result];
 }
@@ -422,7 +431,8 @@ function uploadResult(up) {
       up.error_workbook ? h('a', { class: 'button', href: apiUrl(t(`/uploads/${up.id}/error-workbook`)), download: '' }, 'Download the error workbook') : null));
   } else {
     parts.push(h('div', { class: 'panel' }, h('h2', { class: 'ok-text' }, up.message),
-      h('p', { class: 'muted' }, `${plural(up.rows, 'row', 'rows')} read from ${up.file_name}.`)));
+      h('p', { class: 'muted' }, `${plural(up.rows, 'row', 'rows')} read from ${up.file_name}.`,
+        up.default_pool ? ` Rows without a licence pool go to ${up.default_pool}.` : '')));
   }
   if (up.applied_before) {
     parts.push(h('p', { class: 'warn-text panel' }, `This same file was applied before: job ${up.applied_before.job} by ${up.applied_before.by} at ${fmtTime(up.applied_before.at)}.`));

@@ -681,6 +681,7 @@ async fn call(
                     confirm: field(&body, "confirm").map(str::to_string),
                     notify: p.email.clone(),
                     getting_started: flag(&body, "getting_started"),
+                    default_pool: None,
                 };
                 let job = scheduler::submit_upload(app, id, &opts, not_before.as_deref())
                     .map_err(|e| match e {
@@ -1428,6 +1429,7 @@ fn user_action(
         confirm: None,
         notify: None,
         getting_started: false,
+        default_pool: None,
     };
     let (_, job) = scheduler::submit(app, t, op, &stored, &name, &opts, None)?;
     // The worker runs it at once unless a large job is ahead: wait a little for the result
@@ -1604,8 +1606,9 @@ fn upload_json(app: &App, t: &Tenant, id: i64, preview: Option<Vec<Value>>) -> A
         "message": if valid { outcome.success_message() } else { format!("{} errors: nothing can be submitted until they are fixed.", outcome.errors) },
         "totals": outcome.totals,
         "forecast": outcome.forecast,
-        "normalisations": outcome.normalisations,
-        "notes": outcome.notes,
+        // As recorded with the upload (the outcome read back keeps counts and forecast).
+        "normalisations": stored.get("normalisations").cloned().unwrap_or_else(|| json!([])),
+        "notes": stored.get("notes").cloned().unwrap_or_else(|| json!([])),
         "problems": problems,
         "problems_total": total_problems,
         "preview": preview,
@@ -1616,6 +1619,7 @@ fn upload_json(app: &App, t: &Tenant, id: i64, preview: Option<Vec<Value>>) -> A
         "needs_delete_confirmation": op == Operation::Delete,
         "job": job.map(|(id, state)| json!({"id": id, "state": state})),
         "applied_before": applied_before.map(|(job, by, at)| json!({"job": job, "by": by, "at": at})),
+        "default_pool": stored.get("default_pool").cloned().unwrap_or(Value::Null),
     }))
 }
 
@@ -1669,6 +1673,7 @@ async fn upload(
     tenant: String,
 ) -> ApiResult<warp::reply::Response> {
     let (op, file_name) = upload_query(req)?;
+    let default_pool = req.q("default_pool").map(str::to_string);
     // Who may upload is checked before the body is read.
     {
         let p = p.clone();
@@ -1699,13 +1704,14 @@ async fn upload(
                     preview.push(json!({"row": row, "email": email, "effect": e}));
                 }
             };
-            let up = service::upload(
+            let up = service::upload_with(
                 app,
                 &t,
                 op,
                 &tmp.0,
                 &file_name,
                 p.email.as_deref(),
+                default_pool.as_deref(),
                 &mut sink,
                 &mut |_| {},
             )?;

@@ -54,7 +54,8 @@ fn schemas() -> Value {
             "problems": {"type": "array", "items": {"$ref": "#/components/schemas/Problem"}}, "problems_total": i,
             "preview": {"type": "array", "items": any_obj}, "error_workbook": b, "submit_label": s,
             "needs_acknowledgement": b, "needs_confirmation": {"type": ["object", "null"]},
-            "needs_delete_confirmation": b, "job": {"type": ["object", "null"]}, "applied_before": {"type": ["object", "null"]}}),
+            "needs_delete_confirmation": b, "job": {"type": ["object", "null"]}, "applied_before": {"type": ["object", "null"]},
+            "default_pool": s_null}),
             &["id", "status", "valid", "rows", "errors", "warnings", "problems"]),
         "UploadList": list_of("uploads", any_obj.clone()),
         "ProblemPage": obj(json!({"problems": {"type": "array", "items": {"$ref": "#/components/schemas/Problem"}}, "total": i, "offset": i}), &["problems", "total"]),
@@ -111,6 +112,10 @@ pub fn document() -> Value {
                 "schema": {"enum": ["add", "update", "deactivate", "reactivate", "delete"]}}));
             parameters.push(json!({"name": "file_name", "in": "query", "required": false,
                 "schema": {"type": "string"}, "description": "The file's name (its extension tells the format)"}));
+            if r.path.ends_with("/uploads") {
+                parameters.push(json!({"name": "default_pool", "in": "query", "required": false,
+                    "schema": {"type": "string"}, "description": "Add and reactivate: the licence pool of rows whose Licence Pool cell is empty"}));
+            }
         }
         if !parameters.is_empty() {
             op.insert("parameters".into(), Value::Array(parameters));
