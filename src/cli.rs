@@ -1533,7 +1533,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 writeln!(out, "The job worker of this data directory (rollcall serve or jobs work) is running and sends the mail itself.").map_err(w)?;
                 return Ok(0);
             };
-            let s = crate::mail::send_due(&app.conn, &app.data, &app.config.mail)?;
+            let s = crate::mail::send_due(&app.conn, &app.data, &service::mail_config(&app)?)?;
             drop(lock);
             service::flush_audit(&app)?;
             writeln!(
@@ -1556,7 +1556,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             }
         }
         Command::SendTestEmail { to } => {
-            match crate::mail::send_test(&app.data, &app.config.mail, &to, &app.actor) {
+            match crate::mail::send_test(&app.data, &service::mail_config(&app)?, &to, &app.actor) {
                 Ok(msg) => {
                     writeln!(out, "{msg}").map_err(w)?;
                     Ok(0)
@@ -1742,7 +1742,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             let n = crate::mail::queue_welcomes(
                 &tx,
                 &app.data,
-                &app.config.mail,
+                &service::mail_config(&app)?,
                 &app.actor,
                 &t,
                 which,

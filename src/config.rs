@@ -107,7 +107,7 @@ impl Default for AuditConfig {
 }
 
 /// Jobs, undo and retention.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobsConfig {
     /// A succeeded job can be undone this many days after it finished; its before/after
@@ -127,7 +127,7 @@ impl Default for JobsConfig {
 }
 
 /// Email: where messages go and how they are sent.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MailConfig {
     /// `outbox` (the default: every message is written as an .eml file in the data

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_mail.sql")),
     (6, include_str!("../migrations/0006_admins.sql")),
     (7, include_str!("../migrations/0007_web.sql")),
+    (8, include_str!("../migrations/0008_settings.sql")),
 ];
 
 /// Newest schema this binary knows.
@@ -494,7 +495,7 @@ mod tests {
         let conn = open(&path, &DatabaseConfig::default()).unwrap();
         // Make it look like schema 2: without what the later migrations add.
         conn.execute_batch(
-            "DROP TABLE web_sessions; DROP TABLE api_tokens; DROP INDEX users_tenant_name; DROP INDEX users_tenant_first; DROP INDEX users_deactivated_email; DROP INDEX users_team_email; DROP INDEX users_deactivated_name; ALTER TABLE administrators DROP COLUMN must_change_password; ALTER TABLE administrators DROP COLUMN failed_logins; ALTER TABLE administrators DROP COLUMN locked_until; ALTER TABLE administrators DROP COLUMN password_changed_at; DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
+            "DROP TABLE settings; DROP TABLE web_sessions; DROP TABLE api_tokens; DROP INDEX users_tenant_name; DROP INDEX users_tenant_first; DROP INDEX users_deactivated_email; DROP INDEX users_team_email; DROP INDEX users_deactivated_name; ALTER TABLE administrators DROP COLUMN must_change_password; ALTER TABLE administrators DROP COLUMN failed_logins; ALTER TABLE administrators DROP COLUMN locked_until; ALTER TABLE administrators DROP COLUMN password_changed_at; DROP TABLE mail_outbox; ALTER TABLE users DROP COLUMN welcome_sent_at; ALTER TABLE users DROP COLUMN welcome_count; DROP TABLE rule_sets; DROP TABLE inbox_claims; DROP TABLE tasks; PRAGMA user_version = 2;",
         )
         .unwrap();
         drop(conn);

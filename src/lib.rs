@@ -17,6 +17,7 @@ pub mod rules;
 pub mod scheduler;
 pub mod serve;
 pub mod service;
+pub mod settings;
 pub mod sheet;
 pub mod tasks;
 pub mod undo;

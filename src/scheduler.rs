@@ -697,7 +697,7 @@ fn run_started(
             crate::mail::queue_welcomes(
                 &tx,
                 &app.data,
-                &app.config.mail,
+                &service::mail_config(app)?,
                 &actor,
                 &tenant,
                 crate::mail::Welcome::AddedBy(job_id),
@@ -1238,7 +1238,14 @@ pub fn work(
 /// Sends the mail that is due (the worker's duty); a failure is logged, not fatal: the
 /// messages stay queued and the jobs go on.
 pub fn send_mail(app: &App) {
-    match crate::mail::send_due(&app.conn, &app.data, &app.config.mail) {
+    let cfg = match service::mail_config(app) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rollcall: reading the mail settings: {e}");
+            return;
+        }
+    };
+    match crate::mail::send_due(&app.conn, &app.data, &cfg) {
         Ok(s) if s.sent + s.failed > 0 => {
             let _ = service::flush_audit(app);
         }

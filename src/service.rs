@@ -90,6 +90,16 @@ pub fn active_rules(app: &App, tenant: &Tenant) -> AppResult<Option<crate::rules
     crate::rules::active(&app.conn, &app.data, &app.reader, tenant, &app.actor)
 }
 
+/// The mail settings in effect (the configuration with the web UI's changes).
+pub fn mail_config(app: &App) -> AppResult<crate::config::MailConfig> {
+    crate::settings::mail(&app.conn, &app.config.mail)
+}
+
+/// The jobs and retention settings in effect.
+pub fn jobs_config(app: &App) -> AppResult<crate::config::JobsConfig> {
+    crate::settings::jobs(&app.conn, &app.config.jobs)
+}
+
 /// Queues a message of `template` (also its event name) in the caller's transaction.
 pub fn queue_mail(
     app: &App,
@@ -103,7 +113,7 @@ pub fn queue_mail(
     crate::mail::queue(
         conn,
         &app.data,
-        &app.config.mail,
+        &mail_config(app)?,
         &app.actor,
         &crate::mail::Outgoing {
             event: template,

@@ -123,7 +123,8 @@ fn remove(path: &Path) -> bool {
 }
 
 fn purge_files(app: &App) -> AppResult<String> {
-    let cutoff = days_ago(app.config.jobs.file_retention_days);
+    let retention = crate::service::jobs_config(app)?;
+    let cutoff = days_ago(retention.file_retention_days);
     // Files of uploads past retention, unless a job still waits to read them or a newer
     // upload has the same content.
     let mut st = app.conn.prepare(
@@ -156,7 +157,7 @@ fn purge_files(app: &App) -> AppResult<String> {
     // (they hold names, addresses and problems quoted from files).
     let keep_after = std::time::SystemTime::now()
         .checked_sub(std::time::Duration::from_secs(
-            u64::from(app.config.jobs.file_retention_days) * 86_400,
+            u64::from(retention.file_retention_days) * 86_400,
         ))
         .unwrap_or(std::time::UNIX_EPOCH);
     if let Ok(dir) = std::fs::read_dir(app.data.outbox_dir()) {
@@ -177,12 +178,12 @@ fn purge_files(app: &App) -> AppResult<String> {
     Ok(format!(
         "{files} files deleted ({} uploads past {} days), {messages} sent or failed messages removed",
         old.len(),
-        app.config.jobs.file_retention_days
+        retention.file_retention_days
     ))
 }
 
 fn purge_undo_data(app: &App) -> AppResult<String> {
-    let cutoff = days_ago(app.config.jobs.undo_days);
+    let cutoff = days_ago(crate::service::jobs_config(app)?.undo_days);
     let tx = app.conn.unchecked_transaction()?;
     let n = tx.execute(
         "DELETE FROM job_changes WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < ?1 AND changes_purged_at IS NULL

@@ -69,7 +69,7 @@ pub fn submit(app: &App, job_id: i64) -> AppResult<i64> {
             "job {job_id} was already undone by job {by}"
         )));
     }
-    let days = app.config.jobs.undo_days;
+    let days = crate::service::jobs_config(app)?.undo_days;
     let too_old = purged.is_some()
         || finished.as_deref().is_some_and(|f| {
             let fmt = time::format_description::well_known::Rfc3339;

@@ -1091,3 +1091,62 @@ fn a_licence_pool_chosen_for_the_whole_file() {
         "Premium"
     );
 }
+
+#[test]
+fn operators_change_mail_and_retention_settings_at_once() {
+    let server = Server::start(setup, &[("ROLLCALL_JOBS_UNDO_DAYS", "30")]);
+    let op = server.operator();
+    let v = op.get("/api/v1/settings").json();
+    assert_eq!(v["jobs"]["undo_days"], 30);
+    assert_eq!(v["changed_here"]["jobs"], json!([]));
+    let r = op.send_json(
+        "PATCH",
+        "/api/v1/settings",
+        &json!({"jobs": {"undo_days": 7}, "mail": {"web_url": "https://rollcall.example.com", "smtp_password": "hunter2hunter2"}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["jobs"]["undo_days"], 7);
+    assert_eq!(v["mail"]["web_url"], "https://rollcall.example.com");
+    assert_eq!(v["mail"]["smtp_password_set"], true);
+    assert!(
+        !r.text().contains("hunter2"),
+        "the password is never sent back"
+    );
+    assert_eq!(v["changed_here"]["jobs"], json!(["undo_days"]));
+    // Wrong values are refused with what is allowed, and change nothing.
+    for bad in [
+        json!({"jobs": {"undo_days": 0}}),
+        json!({"mail": {"transport": "pigeon"}}),
+        json!({"mail": {"transport": "smtp", "smtp_host": ""}}),
+        json!({"mail": {"from": "not an address"}}),
+        json!({"mail": {"smtp_ca_file": "/etc/passwd"}}),
+        json!({"web": {"listen": "0.0.0.0:1"}}),
+        json!({"jobs": 5}),
+    ] {
+        let r = op.send_json("PATCH", "/api/v1/settings", &bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    assert_eq!(op.get("/api/v1/settings").json()["jobs"]["undo_days"], 7);
+    // The undo window in effect is the new one: the CLI (another process) sees it too.
+    let log = text(&cli(&server.data, &["audit", "show", "--format", "jsonl"]));
+    assert!(log.contains("\"action\":\"settings.change\""));
+    assert!(!log.contains("hunter2"));
+    // Back to the configuration's value.
+    let r = op.send_json(
+        "PATCH",
+        "/api/v1/settings",
+        &json!({"jobs": {"undo_days": null}}),
+    );
+    assert_eq!(r.json()["jobs"]["undo_days"], 30);
+    // A test message through the outbox transport.
+    let r = op.post(
+        "/api/v1/settings/test-email",
+        &json!({"to": "ops@example.com"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let outbox: Vec<_> = std::fs::read_dir(server.data.join("outbox"))
+        .unwrap()
+        .collect();
+    assert_eq!(outbox.len(), 1);
+}

@@ -797,27 +797,74 @@ async function settingsPage() {
       if (r) document.getElementById('main').append(h('p', { class: 'panel' }, 'The new token (shown only now): ', h('span', { class: 'secret' }, r.token)));
     } }, field('Token name', tn), field('Role', tr), field('Tenant', tt), h('button', { type: 'submit' }, 'Create token')));
 
-  // Mail
+  // Mail and retention: changed here at once, over rollcall.toml.
   const m = settings.mail;
+  const mailFields = {
+    transport: h('select', {}, h('option', { value: 'outbox', selected: m.transport === 'outbox' }, 'Outbox folder (.eml files; air-gapped sites)'),
+      h('option', { value: 'smtp', selected: m.transport === 'smtp' }, 'SMTP server')),
+    from: h('input', { type: 'text', value: m.from }),
+    support_contact: h('input', { type: 'text', value: m.support_contact }),
+    web_url: h('input', { type: 'text', value: m.web_url, placeholder: 'https://rollcall.example.com' }),
+    sign_in_url: h('input', { type: 'text', value: m.sign_in_url }),
+    smtp_host: h('input', { type: 'text', value: m.smtp_host }),
+    smtp_port: h('input', { type: 'number', min: 1, max: 65535, value: m.smtp_port ?? '' }),
+    smtp_security: h('select', {}, ['starttls', 'tls', 'none'].map((x) => h('option', { value: x, selected: m.smtp_security === x }, x))),
+    smtp_username: h('input', { type: 'text', value: m.smtp_username, autocomplete: 'off' }),
+    smtp_password: h('input', { type: 'password', autocomplete: 'new-password', placeholder: m.smtp_password_set ? '(set; leave empty to keep)' : '(none)' }),
+    attach_max_mib: h('input', { type: 'number', min: 0, max: 100, value: m.attach_max_mib }),
+    max_attempts: h('input', { type: 'number', min: 1, max: 100, value: m.max_attempts }),
+  };
+  const labels = { transport: 'Transport', from: 'From', support_contact: 'Support contact', web_url: 'Address of this web UI (for links in messages)',
+    sign_in_url: 'Where users sign in (Getting Started)', smtp_host: 'SMTP host', smtp_port: 'SMTP port (empty: by security)', smtp_security: 'SMTP security',
+    smtp_username: 'SMTP user name', smtp_password: 'SMTP password', attach_max_mib: 'Largest attachment (MiB)', max_attempts: 'Tries before a message fails' };
+  const numeric = new Set(['smtp_port', 'attach_max_mib', 'max_attempts']);
+  const mailChanges = () => {
+    const out = {};
+    for (const [k, el] of Object.entries(mailFields)) {
+      if (k === 'smtp_password') { if (el.value) out[k] = el.value; continue; }
+      const v = numeric.has(k) ? (el.value === '' ? null : Number(el.value)) : el.value;
+      if (v !== (m[k] ?? null)) out[k] = v;
+    }
+    return out;
+  };
   const to = h('input', { type: 'email', required: true });
-  parts.push(h('h2', {}, 'Email'), h('div', { class: 'panel' }, h('dl', { class: 'facts' },
-    h('dt', {}, 'Transport'), h('dd', {}, m.transport === 'smtp' ? `SMTP ${m.smtp_host}:${m.smtp_port ?? ''} (${m.smtp_security})` : 'Outbox folder (.eml files in the data directory)'),
-    h('dt', {}, 'From'), h('dd', {}, m.from), h('dt', {}, 'Support contact'), h('dd', {}, m.support_contact || '(none)')),
-  h('form', { class: 'row', onsubmit: async (e) => {
+  const changedMail = settings.changed_here.mail;
+  parts.push(h('h2', {}, 'Email'), h('form', { class: 'panel', onsubmit: async (e) => {
+    e.preventDefault();
+    const changes = mailChanges();
+    if (!Object.keys(changes).length) { notice('Nothing to change.'); return; }
+    if (await attempt(() => api('PATCH', '/settings', { mail: changes }))) { notice('Mail settings saved; they apply to the next message.'); route(); }
+  } }, h('div', { class: 'row' }, Object.entries(mailFields).map(([k, el]) => field(labels[k], el))),
+  h('p', { class: 'muted' }, changedMail.length ? `Changed here (over rollcall.toml): ${changedMail.join(', ')}.` : 'All as in rollcall.toml.'),
+  h('div', { class: 'row' }, h('button', { type: 'submit' }, 'Save mail settings'),
+    changedMail.length ? h('button', { type: 'button', class: 'secondary', onclick: async () => {
+      const reset = Object.fromEntries(changedMail.map((k) => [k, null]));
+      if (await attempt(() => api('PATCH', '/settings', { mail: reset }))) { notice('Back to the values of rollcall.toml.'); route(); }
+    } }, 'Use rollcall.toml\'s values') : null)),
+  h('form', { class: 'row panel', onsubmit: async (e) => {
     e.preventDefault();
     const r = await attempt(() => api('POST', '/settings/test-email', { to: to.value }));
     if (r) notice(r.message || 'Sent.');
-  } }, field('Send a test message to', to), h('button', { type: 'submit' }, 'Send test email'))),
+  } }, field('Send a test message to', to), h('button', { type: 'submit' }, 'Send test email')),
   table(['To', 'Subject', 'State', 'Tries#', 'Queued', ''], mail.messages.map((x) => h('tr', {}, h('td', {}, x.recipient), h('td', {}, x.subject),
     h('td', {}, badge(x.state)), h('td', { class: 'num' }, x.attempts), h('td', {}, fmtTime(x.created_at)),
     h('td', {}, x.state === 'failed' ? h('button', { type: 'button', class: 'secondary', onclick: async () => {
       if (await attempt(() => api('POST', `/mail/${x.id}/retry`, {}))) route();
     } }, 'Retry') : (x.last_error || ''))))));
 
+  // Retention
+  const undoDays = h('input', { type: 'number', min: 1, max: 3650, value: settings.jobs.undo_days });
+  const keepDays = h('input', { type: 'number', min: 1, max: 3650, value: settings.jobs.file_retention_days });
+  parts.push(h('h2', {}, 'Retention'), h('form', { class: 'row panel', onsubmit: async (e) => {
+    e.preventDefault();
+    const body = { jobs: { undo_days: Number(undoDays.value), file_retention_days: Number(keepDays.value) } };
+    if (await attempt(() => api('PATCH', '/settings', body))) { notice('Retention saved.'); route(); }
+  } }, field('Jobs can be undone for (days)', undoDays), field('Uploaded files and reports are kept for (days)', keepDays),
+  h('button', { type: 'submit' }, 'Save retention')));
+
   // Server
   parts.push(h('h2', {}, 'Server'), h('div', { class: 'panel' }, h('dl', { class: 'facts' },
     h('dt', {}, 'Data directory'), h('dd', {}, settings.data_dir), h('dt', {}, 'Listening on'), h('dd', {}, settings.listen),
-    h('dt', {}, 'Undo window'), h('dd', {}, `${settings.jobs.undo_days} days`), h('dt', {}, 'Files kept'), h('dd', {}, `${settings.jobs.file_retention_days} days`),
     h('dt', {}, 'Largest file'), h('dd', {}, `${Math.round(settings.limits.max_file_bytes / 1048576)} MiB, ${settings.limits.max_rows} rows`),
     h('dt', {}, 'Sessions'), h('dd', {}, `end after ${settings.web.session_idle_minutes} idle minutes, at most ${settings.web.session_max_hours} hours`)),
   h('p', { class: 'muted' }, settings.note)),

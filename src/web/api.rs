@@ -90,6 +90,7 @@ pub enum Op {
     CreateToken,
     RevokeToken,
     Settings,
+    UpdateSettings,
     TestEmail,
     Mail,
     RetryMail,
@@ -173,6 +174,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/api/v1/tokens", Op::CreateToken, Operator, "Create an API token; answers its secret once", JsonIn("NewToken"), JsonOut("NewTokenResult")),
     r("DELETE", "/api/v1/tokens/{id}", Op::RevokeToken, Operator, "Revoke an API token", Input::None, JsonOut("Ok")),
     r("GET", "/api/v1/settings", Op::Settings, Operator, "The server's settings (mail, retention, limits, sessions; no secrets) and its scheduled tasks", Input::None, JsonOut("Object")),
+    r("PATCH", "/api/v1/settings", Op::UpdateSettings, Operator, "Change mail and retention settings (a key set to null returns to the configuration file's value)", JsonIn("SettingsChange"), JsonOut("Object")),
     r("POST", "/api/v1/settings/test-email", Op::TestEmail, Operator, "Send a test message with the mail settings", JsonIn("TestEmail"), JsonOut("Ok")),
     r("GET", "/api/v1/mail", Op::Mail, Operator, "The mail outbox (state: queued, sending, sent, failed)", Input::None, JsonOut("MailList")),
     r("POST", "/api/v1/mail/{id}/retry", Op::RetryMail, Operator, "Send a failed message again", Input::None, JsonOut("Ok")),
@@ -898,40 +900,40 @@ async fn call(
             })
             .await
         }
-        Op::Settings => {
+        Op::UpdateSettings => {
+            let body = read_json(web, &mut req).await?;
             web.blocking(&actor, move |app| {
-                let c = &app.config;
-                let m = &c.mail;
-                let tasks = crate::tasks::list(app)?;
-                Ok(reply(json!({
-                    "data_dir": app.data.to_string(),
-                    "listen": c.listen,
-                    "mail": {
-                        "transport": m.transport, "from": m.from, "support_contact": m.support_contact,
-                        "sign_in_url": m.sign_in_url, "smtp_host": m.smtp_host, "smtp_port": m.smtp_port,
-                        "smtp_security": m.smtp_security, "smtp_username": m.smtp_username,
-                        "smtp_password_set": !m.smtp_password.is_empty(),
-                        "attach_max_mib": m.attach_max_mib, "max_attempts": m.max_attempts,
-                    },
-                    "jobs": {"undo_days": c.jobs.undo_days, "file_retention_days": c.jobs.file_retention_days},
-                    "limits": c.limits,
-                    "web": {
-                        "session_idle_minutes": c.web.session_idle_minutes,
-                        "session_max_hours": c.web.session_max_hours,
-                        "sign_in_per_minute": c.web.sign_in_per_minute,
-                        "json_max_kib": c.web.json_max_kib,
-                    },
-                    "tasks": tasks,
-                    "note": "Settings are changed in rollcall.toml (or ROLLCALL_* variables) and take effect at the next start.",
-                })))
+                for (section, changes) in body.as_object().into_iter().flatten() {
+                    let changes = changes.as_object().ok_or_else(|| {
+                        ApiError::bad_request(format!("{section} takes an object of settings"))
+                    })?;
+                    crate::settings::update(
+                        &app.conn,
+                        &app.actor,
+                        section,
+                        changes,
+                        &app.config.mail,
+                        &app.config.jobs,
+                    )
+                    .map_err(|e| match e {
+                        AppError::Usage(m) => ApiError::bad_request(capitalise(&m)),
+                        other => other.into(),
+                    })?;
+                }
+                service::flush_audit(app)?;
+                Ok(reply(settings_json(app)?))
             })
             .await
+        }
+        Op::Settings => {
+            web.blocking(&actor, move |app| Ok(reply(settings_json(app)?)))
+                .await
         }
         Op::TestEmail => {
             let body = read_json(web, &mut req).await?;
             let to = need_field(&body, "to")?.to_string();
             web.blocking(&actor, move |app| {
-                crate::mail::send_test(&app.data, &app.config.mail, &to, &app.actor)
+                crate::mail::send_test(&app.data, &service::mail_config(app)?, &to, &app.actor)
                     .map(|how| reply(json!({"ok": true, "message": how})))
                     .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "mail_failed", e))
             })
@@ -957,6 +959,42 @@ async fn call(
             .await
         }
     }
+}
+
+/// The settings in effect (no secrets), which of them the web UI changed, and the tasks.
+fn settings_json(app: &App) -> ApiResult<Value> {
+    let c = &app.config;
+    let m = service::mail_config(app)?;
+    let jobs = service::jobs_config(app)?;
+    let changed = |section: &str| -> ApiResult<Vec<String>> {
+        Ok(crate::settings::overrides(&app.conn, section)?
+            .keys()
+            .cloned()
+            .collect())
+    };
+    Ok(json!({
+        "data_dir": app.data.to_string(),
+        "listen": c.listen,
+        "mail": {
+            "transport": m.transport, "from": m.from, "support_contact": m.support_contact,
+            "sign_in_url": m.sign_in_url, "web_url": m.web_url, "smtp_host": m.smtp_host,
+            "smtp_port": m.smtp_port, "smtp_security": m.smtp_security,
+            "smtp_username": m.smtp_username, "smtp_password_set": !m.smtp_password.is_empty(),
+            "attach_max_mib": m.attach_max_mib, "max_attempts": m.max_attempts,
+        },
+        "jobs": {"undo_days": jobs.undo_days, "file_retention_days": jobs.file_retention_days},
+        "changed_here": {"mail": changed("mail")?, "jobs": changed("jobs")?},
+        "limits": c.limits,
+        "web": {
+            "session_idle_minutes": c.web.session_idle_minutes,
+            "session_max_hours": c.web.session_max_hours,
+            "sign_in_per_minute": c.web.sign_in_per_minute,
+            "json_max_kib": c.web.json_max_kib,
+            "https": c.web.tls_cert.is_some(),
+        },
+        "tasks": crate::tasks::list(app)?,
+        "note": "Mail and retention changed here take effect at once and take precedence over rollcall.toml; the other settings are changed in rollcall.toml (or ROLLCALL_* variables) and take effect at the next start. The SMTP password, when set here, is kept in the database (and its backups).",
+    }))
 }
 
 fn capitalise(s: &str) -> String {
@@ -1345,7 +1383,7 @@ fn user_action(
             let n = crate::mail::queue_welcomes(
                 &tx,
                 &app.data,
-                &app.config.mail,
+                &service::mail_config(app)?,
                 &app.actor,
                 t,
                 crate::mail::Welcome::Users(std::slice::from_ref(&u.email)),
