@@ -35,6 +35,11 @@ pub fn open(path: &Path, cfg: &DatabaseConfig) -> Result<Connection, StartupErro
     };
     let mut conn = Connection::open(path).map_err(fail)?;
     configure(&conn, cfg).map_err(fail)?;
+    // Every transaction we open writes: it takes the write lock when it begins (waiting up
+    // to the busy timeout). A deferred one that read first could not become a write while
+    // another connection (the job worker, the web server) had written: "database is
+    // locked" at once, without waiting. Read snapshots say BEGIN DEFERRED themselves.
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
     migrate(&mut conn, path)?;
     Ok(conn)
 }

@@ -592,6 +592,28 @@ fn the_bulk_flow_over_http() {
         &json!({}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    // Getting Started for a selection, and for everyone who never got one.
+    assert_eq!(
+        op.post("/api/v1/tenants/Acme/welcome", &json!({})).status,
+        400
+    );
+    let r = op.post(
+        "/api/v1/tenants/Acme/welcome",
+        &json!({"emails": ["U1@example.com", "nobody@example.com"]}),
+    );
+    assert_eq!(r.json()["queued"], 1, "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 of the users chosen are not active")
+    );
+    let r = op.post(
+        "/api/v1/tenants/Acme/welcome",
+        &json!({"not_welcomed": true}),
+    );
+    // 120 added, u5 deactivated, u6 deleted, u7 and u1 welcomed already.
+    assert_eq!(r.json()["queued"], 116, "{}", r.text());
 
     // Undo the add job: refused as a whole, since two of its users changed since.
     let r = op.post(&format!("/api/v1/tenants/Acme/jobs/{job}/undo"), &json!({}));

@@ -256,6 +256,21 @@ async function usersPage(args) {
   const results = h('div', {});
   const cursors = [null];
   let pageIndex = 0;
+  // Users chosen for a Getting Started email (kept across pages).
+  const chosen = new Set();
+  const sendChosen = h('button', { type: 'button', class: 'secondary', disabled: true, onclick: async () => {
+    const r = await attempt(() => api('POST', t('/welcome'), { emails: [...chosen] }));
+    if (r) { notice(r.message); chosen.clear(); load(); }
+  } }, 'Send Getting Started email to the chosen users');
+  const sendNew = h('button', { type: 'button', class: 'secondary', onclick: async () => {
+    if (!window.confirm('Send a Getting Started email to every active user who never got one?')) return;
+    const r = await attempt(() => api('POST', t('/welcome'), { not_welcomed: true }));
+    if (r) notice(r.message);
+  } }, 'Send it to everyone who never got one');
+  const showChosen = () => {
+    sendChosen.disabled = chosen.size === 0;
+    sendChosen.textContent = chosen.size ? `Send Getting Started email to ${plural(chosen.size, 'chosen user', 'chosen users')}` : 'Send Getting Started email to the chosen users';
+  };
   async function load() {
     const params = new URLSearchParams({ limit: '50', sort: sort.value });
     if (q.value.trim()) params.set('q', q.value.trim());
@@ -267,12 +282,16 @@ async function usersPage(args) {
     if (!r) return;
     cursors[pageIndex + 1] = r.next;
     const rows = r.users.map((u) => h('tr', {},
+      canWrite() ? h('td', {}, h('input', { type: 'checkbox', 'aria-label': `Choose ${u.email}`, checked: chosen.has(u.email),
+        disabled: u.status !== 'active',
+        onchange: (e) => { if (e.target.checked) chosen.add(u.email); else chosen.delete(u.email); showChosen(); } })) : null,
       h('td', {}, h('a', { href: `#/users/${encodeURIComponent(u.email)}` }, u.email)),
       h('td', {}, `${u.first_name} ${u.last_name}`), h('td', {}, u.team || ''), h('td', {}, u.role),
       h('td', {}, u.pool), h('td', {}, badge(u.status))));
     const prev = h('button', { type: 'button', class: 'secondary', disabled: pageIndex === 0, onclick: () => { pageIndex -= 1; load(); } }, 'Previous page');
     const next = h('button', { type: 'button', class: 'secondary', disabled: !r.next, onclick: () => { pageIndex += 1; load(); } }, 'Next page');
-    results.replaceChildren(table(['Email', 'Name', 'Team', 'Role', 'Licence pool', 'Status'], rows),
+    const headers = ['Email', 'Name', 'Team', 'Role', 'Licence pool', 'Status'];
+    results.replaceChildren(table(canWrite() ? ['Choose', ...headers] : headers, rows),
       h('div', { class: 'pager' }, prev, h('span', { class: 'muted' }, `Page ${pageIndex + 1}`), next));
   }
   const restart = () => { cursors.length = 1; pageIndex = 0; load(); };
@@ -284,6 +303,7 @@ async function usersPage(args) {
     h('p', { class: 'muted' }, `${info.users.active} active, ${info.users.deactivated} deactivated.`),
     h('form', { class: 'row panel', role: 'search', onsubmit: (e) => { e.preventDefault(); restart(); } },
       field('Search', q), field('Status', status), field('Team', team), field('Licence pool', pool), field('Sort by', sort)),
+    canWrite() ? h('div', { class: 'row' }, sendChosen, sendNew) : null,
     results];
 }
 

@@ -62,6 +62,7 @@ pub enum Op {
     Users,
     UserGet,
     UserAction,
+    Welcome,
     Teams,
     Pools,
     SetPool,
@@ -146,6 +147,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/api/v1/tenants/{tenant}/users", Op::Users, SignedIn, "Users: search (prefix of email, first or last name), filter, sort, keyset pages", Input::None, JsonOut("UserPage")),
     r("GET", "/api/v1/tenants/{tenant}/users/{email}", Op::UserGet, SignedIn, "One user", Input::None, JsonOut("User")),
     r("POST", "/api/v1/tenants/{tenant}/users/{email}/{action}", Op::UserAction, SignedIn, "More options for one user: welcome, deactivate, reactivate or delete (delete needs confirm = the email)", JsonIn("UserAction"), JsonOut("ActionResult")),
+    r("POST", "/api/v1/tenants/{tenant}/welcome", Op::Welcome, SignedIn, "Send a Getting Started email to chosen active users (emails) or to every active user who never got one (not_welcomed)", JsonIn("Welcome"), JsonOut("Ok")),
     r("GET", "/api/v1/tenants/{tenant}/teams", Op::Teams, SignedIn, "The tenant's teams", Input::None, JsonOut("TeamList")),
     r("GET", "/api/v1/tenants/{tenant}/pools", Op::Pools, SignedIn, "Licence pools: seats, used, free", Input::None, JsonOut("PoolList")),
     r("PUT", "/api/v1/tenants/{tenant}/pools/{pool}", Op::SetPool, SignedIn, "Set a pool's seats (operators; tenant admins when the tenant allows it)", JsonIn("PoolSeats"), JsonOut("Pool")),
@@ -520,6 +522,54 @@ async fn call(
             web.blocking(&actor, move |app| {
                 let t = p.tenant(&app.conn, &tenant, true)?;
                 user_action(app, &p, &t, &email, &action, &body)
+            })
+            .await
+        }
+        Op::Welcome => {
+            let body = read_json(web, &mut req).await?;
+            web.blocking(&actor, move |app| {
+                let t = p.tenant(&app.conn, &tenant, true)?;
+                let emails: Vec<String> = body
+                    .get("emails")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                    .unwrap_or_default();
+                let everyone = flag(&body, "not_welcomed");
+                if emails.is_empty() != everyone {
+                    return Err(ApiError::bad_request(
+                        "Say whom to welcome: \"emails\" (a list) or \"not_welcomed\": true.",
+                    ));
+                }
+                if emails.len() > 10_000 {
+                    return Err(ApiError::bad_request("At most 10,000 emails at a time."));
+                }
+                let which = if everyone {
+                    crate::mail::Welcome::NotYetWelcomed
+                } else {
+                    crate::mail::Welcome::Users(&emails)
+                };
+                let tx = app.conn.unchecked_transaction()?;
+                let n = crate::mail::queue_welcomes(
+                    &tx,
+                    &app.data,
+                    &service::mail_config(app)?,
+                    &app.actor,
+                    &t,
+                    which,
+                )?;
+                tx.commit()?;
+                service::flush_audit(app)?;
+                scheduler::wake(&app.data);
+                let skipped = emails.len().saturating_sub(n as usize);
+                Ok(reply(json!({
+                    "ok": true,
+                    "queued": n,
+                    "message": if skipped > 0 {
+                        format!("{n} Getting Started emails are on their way; {skipped} of the users chosen are not active users of {}.", t.name)
+                    } else {
+                        format!("{n} Getting Started emails are on their way.")
+                    },
+                })))
             })
             .await
         }

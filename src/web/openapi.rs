@@ -83,6 +83,7 @@ fn schemas() -> Value {
         "NewTokenResult": obj(json!({"id": i, "token": s}), &["id", "token"]),
         "SettingsChange": obj(json!({"mail": {"type": "object", "description": "transport, from, support_contact, sign_in_url, web_url, smtp_host, smtp_port, smtp_security, smtp_username, smtp_password, attach_max_mib, max_attempts; null returns a key to the configuration file's value"},
             "jobs": {"type": "object", "description": "undo_days, file_retention_days (1 to 3650)"}}), &[]),
+        "Welcome": obj(json!({"emails": {"type": "array", "items": s}, "not_welcomed": b}), &[]),
         "TestEmail": obj(json!({"to": s}), &["to"]),
         "MailList": list_of("messages", any_obj),
     })
