@@ -1172,3 +1172,108 @@ fn operators_change_mail_and_retention_settings_at_once() {
         .collect();
     assert_eq!(outbox.len(), 1);
 }
+
+#[test]
+fn approval_by_a_second_administrator_and_cancelling_a_scheduled_job() {
+    let server = Server::start(setup, &[]);
+    let op = server.operator();
+    let second = server.admin("otto", "operator", None);
+    let dir = tempfile::tempdir().unwrap();
+    // Two users to work on.
+    let r = upload(
+        &op,
+        "Acme",
+        "add",
+        "two.xlsx",
+        &add_file(dir.path(), "two.xlsx", 0..2),
+    );
+    let id = r.json()["id"].as_i64().unwrap();
+    let job = op
+        .post(
+            &format!("/api/v1/tenants/Acme/uploads/{id}/submit"),
+            &json!({}),
+        )
+        .json()["job"]["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(op.wait_job("Acme", job)["job"]["state"], "succeeded");
+    // A job held until tomorrow can be cancelled; it never runs.
+    let del = dir.path().join("leavers.xlsx");
+    write_xlsx(
+        &del,
+        &[common::data_sheet(
+            Operation::Delete,
+            &[vec!["u0@example.com", ""]],
+        )],
+    );
+    let bytes = std::fs::read(&del).unwrap();
+    let v = upload(&op, "Acme", "delete", "leavers.xlsx", &bytes).json();
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["needs_delete_confirmation"], true);
+    let tomorrow = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    let when = tomorrow
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let url = format!("/api/v1/tenants/Acme/uploads/{}/submit", v["id"]);
+    let r = op.post(&url, &json!({"not_before": when}));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (409, "confirmation_required")
+    );
+    let r = op.post(
+        &url,
+        &json!({"not_before": when, "confirm_delete": true, "confirm": "DELETE 1 USERS"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["job"]["state"], "scheduled");
+    let held = r.json()["job"]["id"].as_i64().unwrap();
+    let r = op.post(
+        &format!("/api/v1/tenants/Acme/jobs/{held}/cancel"),
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["job"]["state"], "cancelled");
+    assert_eq!(
+        op.post(
+            &format!("/api/v1/tenants/Acme/jobs/{held}/cancel"),
+            &json!({})
+        )
+        .status,
+        409
+    );
+    // With approval required, a deletion waits for a second administrator.
+    let r = op.send_json(
+        "PATCH",
+        "/api/v1/tenants/Acme/settings",
+        &json!({"require_approval": true}),
+    );
+    assert_eq!(r.status, 200);
+    let v = upload(&op, "Acme", "delete", "leavers.xlsx", &bytes).json();
+    let url = format!("/api/v1/tenants/Acme/uploads/{}/submit", v["id"]);
+    let r = op.post(
+        &url,
+        &json!({"confirm_delete": true, "confirm": "DELETE 1 USERS"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["job"]["state"], "awaiting_approval");
+    let waiting = r.json()["job"]["id"].as_i64().unwrap();
+    let r = op.post(
+        &format!("/api/v1/tenants/Acme/jobs/{waiting}/approve"),
+        &json!({}),
+    );
+    assert_eq!(r.status, 409, "the submitter cannot approve: {}", r.text());
+    let r = second.post(
+        &format!("/api/v1/tenants/Acme/jobs/{waiting}/approve"),
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(op.wait_job("Acme", waiting)["job"]["state"], "succeeded");
+    assert_eq!(
+        op.get("/api/v1/tenants/Acme/users/u0@example.com").status,
+        404
+    );
+    assert_eq!(
+        op.get("/api/v1/tenants/Acme/users/u1@example.com").status,
+        200
+    );
+}
