@@ -259,6 +259,41 @@ pub fn upload_details(
     })
 }
 
+/// One pass over a file that changes nothing (validation and preview), with the given
+/// rules and the pool chosen for the file.
+#[allow(clippy::too_many_arguments)]
+fn dry_run(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    path: &Path,
+    file_name: &str,
+    file_sha256: Option<&str>,
+    rules: Option<&crate::rules::ActiveRules>,
+    default_pool: Option<&str>,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Outcome> {
+    let db_path = app.data.database();
+    bulk::process(
+        &app.conn,
+        &app.reader,
+        &Request {
+            tenant,
+            op,
+            path,
+            file_name,
+            file_sha256,
+            mode: Mode::DryRun,
+            estimate: None,
+            rules: rules_input(app, rules, &db_path),
+            default_pool,
+        },
+        on_effect,
+        progress,
+    )
+}
+
 /// Validates a file without storing anything but an audit entry (a dry run).
 pub fn validate(
     app: &App,
@@ -286,21 +321,15 @@ pub fn validate_with(
 ) -> AppResult<Outcome> {
     let sha = store_hash(file)?;
     let rules = active_rules(app, tenant)?;
-    let db_path = app.data.database();
-    let outcome = bulk::process(
-        &app.conn,
-        &app.reader,
-        &Request {
-            tenant,
-            op,
-            path: file,
-            file_name,
-            file_sha256: Some(&sha),
-            mode: Mode::DryRun,
-            estimate: None,
-            rules: rules_input(app, rules.as_ref(), &db_path),
-            default_pool,
-        },
+    let outcome = dry_run(
+        app,
+        tenant,
+        op,
+        file,
+        file_name,
+        Some(&sha),
+        rules.as_ref(),
+        default_pool,
         on_effect,
         progress,
     )?;
@@ -356,21 +385,15 @@ pub fn test_rules(
             }
         }
     };
-    let db_path = app.data.database();
-    let outcome = bulk::process(
-        &app.conn,
-        &app.reader,
-        &Request {
-            tenant,
-            op,
-            path: file,
-            file_name,
-            file_sha256: None,
-            mode: Mode::DryRun,
-            estimate: None,
-            rules: rules_input(app, active.as_ref(), &db_path),
-            default_pool: None,
-        },
+    let outcome = dry_run(
+        app,
+        tenant,
+        op,
+        file,
+        file_name,
+        None,
+        active.as_ref(),
+        None,
         on_effect,
         &mut |_| {},
     )?;
@@ -419,7 +442,6 @@ pub fn upload_with(
 ) -> AppResult<Uploaded> {
     let stored = store_upload(&app.data, file, file_name)?;
     let rules = active_rules(app, tenant)?;
-    let db_path = app.data.database();
     // Kept as the pool is spelt (any case finds it).
     let canonical: Option<String> = match default_pool {
         Some(name) => {
@@ -428,20 +450,15 @@ pub fn upload_with(
         None => None,
     };
     let default_pool = canonical.as_deref();
-    let outcome = bulk::process(
-        &app.conn,
-        &app.reader,
-        &Request {
-            tenant,
-            op,
-            path: &stored.path,
-            file_name,
-            file_sha256: Some(&stored.sha256),
-            mode: Mode::DryRun,
-            estimate: None,
-            rules: rules_input(app, rules.as_ref(), &db_path),
-            default_pool,
-        },
+    let outcome = dry_run(
+        app,
+        tenant,
+        op,
+        &stored.path,
+        file_name,
+        Some(&stored.sha256),
+        rules.as_ref(),
+        default_pool,
         on_effect,
         progress,
     )?;
