@@ -98,11 +98,67 @@ fn the_usb_bundle_starts_from_a_fresh_copy_and_keeps_its_data_beside_the_binary(
         "{}",
         String::from_utf8_lossy(&hc.stderr)
     );
+    // The whole product: the web UI is served from inside the binary.
+    let page = common::web::raw(&addr, "GET", "/", &[], None);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.text().contains("<title>rollcall</title>"),
+        "{}",
+        page.text()
+    );
+    assert!(
+        common::web::raw(&addr, "GET", "/app.js", &[], None)
+            .text()
+            .contains("/api/v1")
+    );
     unsafe {
         libc::kill(server.0.id() as i32, libc::SIGTERM);
     }
     assert!(server.0.wait().unwrap().success());
     assert!(key.join("rollcall-data").join("rollcall.db").exists());
+
+    // A key that is read-only (a write-protected stick, a CD): the start stops with one
+    // sentence saying where to point the data directory. The medium is a read-only bind
+    // mount in a mount namespace of its own.
+    let ro = dir.path().join("media").join("RO-KEY");
+    std::fs::create_dir_all(&ro).unwrap();
+    for f in ["rollcall", "start.sh"] {
+        std::fs::copy(key.join(f), ro.join(f)).unwrap();
+    }
+    let script = r#"mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || { echo "no read-only mount here" >&2; exit 99; }
+touch "$1/probe" 2>/dev/null && { echo "the mount is writable" >&2; exit 98; }
+"$1/start.sh" --listen 127.0.0.1:0; echo "exit=$?"
+ROLLCALL_DATA_DIR="$2" timeout 5 "$1/rollcall" tenant create Elsewhere; echo "exit=$?""#;
+    let elsewhere = dir.path().join("writable-data");
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(&ro)
+        .arg(&elsewhere)
+        .env_remove("ROLLCALL_DATA_DIR")
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !out.contains("no read-only mount here"),
+        "this test makes a read-only bind mount (unshare -m, as root): {out}"
+    );
+    assert!(
+        out.contains("Cannot use the data directory")
+            && out.contains("rollcall-data")
+            && out.contains("the medium is read-only")
+            && out.contains("--data-dir DIR or ROLLCALL_DATA_DIR"),
+        "{out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"exit=3"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    // Pointed at a writable place, the same read-only key works.
+    assert!(out.contains("Created tenant Elsewhere"), "{out}");
+    assert!(elsewhere.join("rollcall.db").exists());
     // A tenant created with the bundled binary lands in the same place.
     let o = Command::new(key.join("rollcall"))
         .args(["tenant", "create", "Acme"])
