@@ -199,7 +199,7 @@ fn the_debian_package_holds_the_binary_unit_configuration_and_data_directory() {
         .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(
-        info.contains("Package: rollcall") && info.contains("Depends: libc6"),
+        info.contains("Package: rollcall") && info.contains("Depends: libc6, adduser"),
         "{info}"
     );
     let list = Command::new("dpkg-deb")
@@ -244,4 +244,58 @@ fn the_debian_package_holds_the_binary_unit_configuration_and_data_directory() {
         .output()
         .unwrap();
     assert!(sum.status.success());
+
+    // A real install with dpkg, maintainer scripts and all, on this machine as it is, but
+    // in a mount namespace whose /etc, /usr and /var are overlays on a scratch tmpfs: what
+    // the install writes (the package, the system user) goes away with the namespace.
+    let scratch = dir.path().join("overlay");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let script = r#"set -e
+mount -t tmpfs tmpfs "$1" || { echo "no scratch mount here" >&2; exit 99; }
+for d in etc usr var; do
+  mkdir -p "$1/$d-up" "$1/$d-work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$1/$d-up,workdir=$1/$d-work" "/$d"
+done
+dpkg -i "$2" >/dev/null
+echo "user=$(getent passwd rollcall | cut -d: -f1,6)"
+echo "data=$(stat -c '%U:%G %a' /var/lib/rollcall)"
+echo "conf=$(stat -c '%U:%G %a' /etc/rollcall/rollcall.toml)"
+runuser -u rollcall -- /usr/bin/rollcall --data-dir /var/lib/rollcall tenant create Installed
+echo "db=$(stat -c '%U' /var/lib/rollcall/rollcall.db)"
+dpkg -r rollcall >/dev/null
+[ ! -e /usr/bin/rollcall ] && echo "removed"
+[ -e /var/lib/rollcall/rollcall.db ] && echo "data kept"
+"#;
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(&scratch)
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{out}");
+    for want in [
+        "user=rollcall:/var/lib/rollcall",
+        "data=rollcall:rollcall 750",
+        "conf=root:rollcall 640",
+        "Created tenant Installed",
+        "db=rollcall",
+        "removed",
+        "data kept",
+    ] {
+        assert!(out.contains(want), "{want} not in:\n{out}");
+    }
+    assert!(
+        Command::new("getent")
+            .args(["passwd", "rollcall"])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty(),
+        "the install stayed in its namespace"
+    );
 }

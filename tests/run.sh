@@ -13,6 +13,9 @@ command -v ldd >/dev/null || missing+=(libc-bin)
 command -v sha256sum >/dev/null || missing+=(coreutils)
 command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
+# The Debian package's maintainer scripts (installed for real in tests/packaging.rs).
+command -v adduser >/dev/null || missing+=(adduser)
+command -v unshare >/dev/null || missing+=(util-linux)
 # The browser of tests/browser.rs: Debian's chromium driven by its chromedriver.
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)

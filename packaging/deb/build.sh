@@ -33,7 +33,7 @@ Version: $version
 Architecture: $arch
 Maintainer: rollcall maintainers <rollcall@localhost>
 Installed-Size: $size
-Depends: libc6
+Depends: libc6, adduser
 Section: admin
 Priority: optional
 Description: bulk user management appliance
