@@ -411,14 +411,21 @@ pub fn change_password(
 #[derive(Debug, PartialEq)]
 pub enum SignInError {
     Wrong,
-    Locked { until: String },
+    /// No such account (said exactly as `Wrong`; the web server also locks such a name
+    /// after as many failures, so that neither words nor lock-out tell names apart).
+    Unknown,
+    Locked {
+        until: String,
+    },
     Disabled,
 }
 
 impl fmt::Display for SignInError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SignInError::Wrong => f.write_str("The user name or password is not right."),
+            SignInError::Wrong | SignInError::Unknown => {
+                f.write_str("The user name or password is not right.")
+            }
             SignInError::Locked { until } => write!(
                 f,
                 "Too many failed sign-ins: this account is locked until {until}. An operator can unlock it with rollcall admin reset-password."
@@ -472,7 +479,7 @@ pub fn sign_in(
             None,
             serde_json::json!({"from": from}),
         )?;
-        return Ok(Err(SignInError::Wrong));
+        return Ok(Err(SignInError::Unknown));
     };
     let now = db::now();
     if let Some(until) = locked_until.filter(|u| u.as_str() > now.as_str()) {

@@ -144,6 +144,21 @@ fn lock_out_throttling_and_session_expiry() {
     let r = c.sign_in("operator", common::web::OPERATOR_PASSWORD);
     assert_eq!(r.code(), "locked", "{}", r.text());
     assert!(r.text().contains("locked until"));
+    // A name without an account locks the same way: lock-out does not tell names apart.
+    for _ in 0..4 {
+        assert_eq!(
+            c.sign_in("ghost", "wrong password").code(),
+            "sign_in_failed"
+        );
+    }
+    let ghost = c.sign_in("ghost", "wrong password");
+    assert_eq!(ghost.code(), "locked");
+    let shape = |r: &common::web::Resp| {
+        let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+        m.split("until").next().unwrap().to_string()
+            + &m.split("Z.").nth(1).unwrap_or("").to_string()
+    };
+    assert_eq!(shape(&ghost), shape(&r));
     // Past the per-minute limit for one name from this address: "try later", without
     // checking anything (8 a minute here).
     let mut throttled = None;

@@ -1101,6 +1101,7 @@ async fn sign_in(web: &Arc<Web>, req: &mut Request) -> ApiResult<warp::reply::Re
     }
     let client = req.client();
     let cfg = web.config.web.clone();
+    let shared = web.clone();
     let (token, me) = web
         .blocking("web", move |app| {
             let result = admin::sign_in(&app.conn, &username, &password, &client)?;
@@ -1108,8 +1109,12 @@ async fn sign_in(web: &Arc<Web>, req: &mut Request) -> ApiResult<warp::reply::Re
             let a = match result {
                 Ok(a) => a,
                 Err(e) => {
+                    let e = match e {
+                        admin::SignInError::Unknown => shared.ghost_failure(&username),
+                        other => other,
+                    };
                     let code = match e {
-                        admin::SignInError::Wrong => "sign_in_failed",
+                        admin::SignInError::Wrong | admin::SignInError::Unknown => "sign_in_failed",
                         admin::SignInError::Locked { .. } => "locked",
                         admin::SignInError::Disabled => "disabled",
                     };

@@ -129,6 +129,8 @@ pub struct Web {
     pub data: crate::config::DataDir,
     /// Recent sign-in attempts per client address and user name.
     attempts: Mutex<HashMap<(IpAddr, String), VecDeque<Instant>>>,
+    /// Failed sign-ins of names that have no account: locked like real ones.
+    ghosts: Mutex<HashMap<String, (i64, Option<(Instant, String)>)>>,
     /// Cookies get `Secure` when the server is reached over TLS (a reverse proxy that says so).
     pub secure_cookies: bool,
 }
@@ -149,6 +151,7 @@ impl Web {
             apps: Mutex::new(Vec::new()),
             seed: Mutex::new(seed),
             attempts: Mutex::new(HashMap::new()),
+            ghosts: Mutex::new(HashMap::new()),
             secure_cookies: app.config.web.secure_cookies || app.config.web.tls_cert.is_some(),
         }))
     }
@@ -196,6 +199,35 @@ impl Web {
                 Err(ApiError::from(AppError::internal("request handler", e)))
             }
         }
+    }
+
+    /// A failed sign-in of a name without an account, answered as a real account would be:
+    /// wrong, then locked for the same time after as many failures.
+    pub fn ghost_failure(&self, username: &str) -> crate::admin::SignInError {
+        use crate::admin::{LOCK_MINUTES, MAX_FAILURES, SignInError};
+        let Ok(mut map) = self.ghosts.lock() else {
+            return SignInError::Wrong;
+        };
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        let lock = Duration::from_secs(60 * LOCK_MINUTES as u64);
+        let entry = map.entry(crate::db::norm(username)).or_insert((0, None));
+        if let Some((since, until)) = &entry.1 {
+            if since.elapsed() < lock {
+                return SignInError::Locked {
+                    until: until.clone(),
+                };
+            }
+            *entry = (0, None);
+        }
+        entry.0 += 1;
+        if entry.0 >= MAX_FAILURES {
+            let until = crate::db::now_plus(time::Duration::minutes(LOCK_MINUTES));
+            *entry = (0, Some((Instant::now(), until.clone())));
+            return SignInError::Locked { until };
+        }
+        SignInError::Wrong
     }
 
     /// Counts a sign-in attempt from `ip` for `username`; false when it is over the
