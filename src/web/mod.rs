@@ -119,6 +119,9 @@ impl From<AppError> for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// Failures of a name without an account, and since when (and until when) it is locked.
+type GhostFailures = (i64, Option<(Instant, String)>);
+
 /// Shared state of the server.
 pub struct Web {
     /// Idle `App`s (each with its own connection), taken by blocking work and put back.
@@ -130,7 +133,7 @@ pub struct Web {
     /// Recent sign-in attempts per client address and user name.
     attempts: Mutex<HashMap<(IpAddr, String), VecDeque<Instant>>>,
     /// Failed sign-ins of names that have no account: locked like real ones.
-    ghosts: Mutex<HashMap<String, (i64, Option<(Instant, String)>)>>,
+    ghosts: Mutex<HashMap<String, GhostFailures>>,
     /// Cookies get `Secure` when the server is reached over TLS (a reverse proxy that says so).
     pub secure_cookies: bool,
 }
