@@ -155,8 +155,7 @@ fn lock_out_throttling_and_session_expiry() {
     assert_eq!(ghost.code(), "locked");
     let shape = |r: &common::web::Resp| {
         let m = r.json()["error"]["message"].as_str().unwrap().to_string();
-        m.split("until").next().unwrap().to_string()
-            + &m.split("Z.").nth(1).unwrap_or("").to_string()
+        m.split("until").next().unwrap().to_string() + m.split("Z.").nth(1).unwrap_or("")
     };
     assert_eq!(shape(&ghost), shape(&r));
     // Past the per-minute limit for one name from this address: "try later", without
