@@ -253,7 +253,14 @@ pub fn process_rows(
     };
     let errors_column = match header_ok {
         Ok(e) => e,
-        Err(msg) => {
+        Err(mut msg) => {
+            // The template records the column set it was made for: say when that set has
+            // changed since (the tenant's rules added or removed columns).
+            if let Some(made_for) = info.meta.as_ref().and_then(|m| m.get("column_hash"))
+                && made_for.trim() != model::column_hash(req.op, &cols)
+            {
+                msg.push_str(" This file comes from a template of other columns than the ones in use now (the tenant's columns changed since it was downloaded).");
+            }
             refuse(&mut out, "columns_mismatch", msg);
             return Ok(out);
         }

@@ -868,3 +868,68 @@ fn ods_and_xls_files_are_read() {
         ]
     );
 }
+
+#[test]
+fn a_template_of_an_older_column_set_is_named_as_such() {
+    let env = Env::new();
+    let t = setup(&env);
+    // A template made while the tenant had one more column (its rules changed since).
+    let mut data = data_sheet(
+        Operation::Add,
+        &[vec![
+            "ada@example.com",
+            "Ada",
+            "L",
+            "",
+            "",
+            "Learner",
+            "",
+            "Standard",
+            "E1",
+        ]],
+    );
+    data.rows[0].push(s("Employee ID"));
+    let mut meta = meta_sheet(Operation::Add);
+    meta.rows
+        .push(vec![s("column_hash"), s("0123456789abcdef")]);
+    let p = env.path("old.xlsx");
+    write_xlsx(&p, &[data, meta]);
+    let (o, _) = validate(&env, &t, Operation::Add, &p);
+    assert_eq!(codes(&o), vec![(None, "columns_mismatch")]);
+    let m = &o.problems[0].message;
+    assert!(
+        m.contains("column I \"Employee ID\" is not part of the template"),
+        "{m}"
+    );
+    assert!(
+        m.contains("template of other columns than the ones in use now"),
+        "{m}"
+    );
+    // A file whose recorded set is the current one gets no such sentence.
+    let mut data = data_sheet(
+        Operation::Add,
+        &[vec![
+            "ada@example.com",
+            "Ada",
+            "L",
+            "",
+            "",
+            "Learner",
+            "",
+            "Standard",
+            "E1",
+        ]],
+    );
+    data.rows[0].push(s("Employee ID"));
+    let mut meta = meta_sheet(Operation::Add);
+    let now =
+        rollcall::model::column_hash(Operation::Add, &rollcall::model::columns(Operation::Add));
+    meta.rows.push(vec![s("column_hash"), s(&now)]);
+    write_xlsx(&p, &[data, meta]);
+    let (o, _) = validate(&env, &t, Operation::Add, &p);
+    assert!(
+        !o.problems[0].message.contains("other columns"),
+        "{}",
+        o.problems[0].message
+    );
+}
