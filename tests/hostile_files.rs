@@ -436,6 +436,14 @@ fn merged_cells_hidden_rows_and_formulas_are_read_as_saved() {
     // The merged cell's second row has no value of its own: a row error, not a refusal.
     assert_eq!(c, vec![(Some(3), "required_missing")], "{:?}", o.problems);
     assert_eq!(o.rows, 3, "the hidden row is read");
+    // The merged range is named, with what it means.
+    assert!(
+        o.notes.iter().any(|n| n.starts_with(
+            "1 merged cell ranges (B2:B3): only the first cell of each holds the value"
+        )),
+        "{:?}",
+        o.notes
+    );
     // The formula cell's saved value was used, and the administrator is told so.
     assert!(
         o.notes

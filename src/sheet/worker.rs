@@ -92,7 +92,10 @@ pub fn run(args: &WorkerArgs) -> i32 {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Format {
-    Xlsx,
+    /// `merged`: a worksheet part holds merged cells (seen while inflating it).
+    Xlsx {
+        merged: bool,
+    },
     Ods,
     Xls,
     Csv,
@@ -213,7 +216,7 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
         .collect();
     let has = |n: &str| names.iter().any(|x| x == n);
     let format = if has("xl/workbook.xml") {
-        Format::Xlsx
+        Format::Xlsx { merged: false }
     } else if has("xl/workbook.bin") {
         return Err(fatal(
             "file_wrong_type",
@@ -251,16 +254,20 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
             "The file is a zip archive, not a spreadsheet. Upload the .xlsx file itself.",
         ));
     };
-    check_zip_entries(&mut zip, limits)?;
-    Ok(format)
+    let merged = check_zip_entries(&mut zip, limits)?;
+    Ok(match format {
+        Format::Xlsx { .. } => Format::Xlsx { merged },
+        other => other,
+    })
 }
 
 /// Inflates every XML entry once with counters, so a bomb or an entry that lies about its
-/// size is refused before calamine reads it.
+/// size is refused before calamine reads it. Returns whether a worksheet has merged cells
+/// (looked for on the way, so that only such files pay for reading the merges later).
 fn check_zip_entries<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     limits: &Limits,
-) -> Result<(), Fail> {
+) -> Result<bool, Fail> {
     const MIB: u64 = 1024 * 1024;
     let max_entry = limits.max_zip_entry_mib.saturating_mul(MIB);
     let max_total = limits.max_zip_total_mib.saturating_mul(MIB);
@@ -282,6 +289,7 @@ fn check_zip_entries<R: Read + Seek>(
         )
     };
     let mut total = 0u64;
+    let mut merged = false;
     for i in 0..zip.len() {
         let mut entry = zip.by_index(i).map_err(|e| {
             fatal(
@@ -319,7 +327,10 @@ fn check_zip_entries<R: Read + Seek>(
         if !(lower.ends_with(".xml") || lower.ends_with(".rels") || lower == "mimetype") {
             continue;
         }
-        let mut counter = Counter::new(lower.ends_with("sharedstrings.xml"));
+        let mut counter = Counter::new(
+            lower.ends_with("sharedstrings.xml"),
+            lower.starts_with("xl/worksheets/"),
+        );
         let n = io::copy(&mut (&mut entry).take(max_entry + 1), &mut counter).map_err(|e| {
             fatal(
                 "file_damaged",
@@ -345,6 +356,7 @@ fn check_zip_entries<R: Read + Seek>(
                 ),
             ));
         }
+        merged |= counter.saw_merge;
         total += n;
         if total > max_total {
             return Err(bomb(
@@ -368,18 +380,26 @@ fn check_zip_entries<R: Read + Seek>(
             }
         }
     }
-    Ok(())
+    Ok(merged)
 }
 
-/// A sink that counts bytes and keeps the first KiB when asked (to read `uniqueCount`).
+/// A sink that counts bytes, keeps the first KiB when asked (to read `uniqueCount`), and
+/// notices a `<mergeCell ` element when asked (worksheets).
 struct Counter {
     head: Option<Vec<u8>>,
+    /// The last bytes of the previous chunk, when looking for merged cells.
+    tail: Option<Vec<u8>>,
+    saw_merge: bool,
 }
 
+const MERGE_CELL: &[u8] = b"<mergeCell ";
+
 impl Counter {
-    fn new(keep_head: bool) -> Self {
+    fn new(keep_head: bool, find_merges: bool) -> Self {
         Counter {
             head: keep_head.then(Vec::new),
+            tail: find_merges.then(Vec::new),
+            saw_merge: false,
         }
     }
     fn unique_count(&self) -> Option<u64> {
@@ -401,6 +421,20 @@ impl Write for Counter {
         {
             let take = (1024 - h.len()).min(buf.len());
             h.extend_from_slice(&buf[..take]);
+        }
+        if let Some(tail) = &mut self.tail
+            && !self.saw_merge
+        {
+            // A match may straddle two chunks: look across the seam, then in the chunk.
+            let head = &buf[..buf.len().min(MERGE_CELL.len())];
+            let mut seam = std::mem::take(tail);
+            seam.extend_from_slice(head);
+            self.saw_merge = memchr::memmem::find(&seam, MERGE_CELL).is_some()
+                || memchr::memmem::find(buf, MERGE_CELL).is_some();
+            let keep = buf.len().min(MERGE_CELL.len() - 1);
+            seam.clear();
+            seam.extend_from_slice(&buf[buf.len() - keep..]);
+            *tail = seam;
         }
         Ok(buf.len())
     }
@@ -585,7 +619,7 @@ fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let format = detect(&args.path, &args.declared_name, &args.limits)?;
     match format {
         Format::Csv => read_csv(args, out),
-        Format::Xlsx => read_xlsx(args, out),
+        Format::Xlsx { merged } => read_xlsx(args, out, merged),
         Format::Xls => {
             let wb: Xls<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
             read_ranged(wb, "xls", args, out)
@@ -606,7 +640,28 @@ fn sheet_list(meta: &[calamine::Sheet]) -> Vec<SheetInfo> {
         .collect()
 }
 
-fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
+/// What the administrator is told about merged cells below the header row: only the first
+/// cell of each holds the value; the others read as empty.
+fn merged_note(ranges: &[calamine::Dimensions]) -> Option<String> {
+    let cell = |(r, c): (u32, u32)| format!("{}{}", crate::model::column_letter(c as usize), r + 1);
+    let data: Vec<String> = ranges
+        .iter()
+        .filter(|d| d.end.0 >= 1)
+        .map(|d| format!("{}:{}", cell(d.start), cell(d.end)))
+        .collect();
+    let first = data.first()?;
+    let more = if data.len() > 1 {
+        format!(" and {} more", data.len() - 1)
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{} merged cell ranges ({first}{more}): only the first cell of each holds the value, the others are read as empty — unmerge them and fill every cell",
+        data.len()
+    ))
+}
+
+fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, merged: bool) -> Result<(), Fail> {
     let mut wb: Xlsx<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
     let sheets = sheet_list(wb.sheets_metadata());
     let meta = match find_sheet(&sheets, META_SHEET) {
@@ -646,13 +701,24 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         sink.cell(r, c, value_ref(&cell.value, offset))?;
     }
     sink.flush_row()?;
+    drop(cells);
+    let mut notes = Vec::new();
     if let Some((r, c)) = first_formula {
-        let note = format!(
+        notes.push(format!(
             "{formulas} cells hold formulas (the first in row {}, column {}); the values your spreadsheet program last saved were used — formulas are never run",
             r + 1,
             crate::model::column_letter(c as usize)
-        );
-        let json = serde_json::to_string(&vec![note]).unwrap_or_default();
+        ));
+    }
+    if merged {
+        // Only files that have merged cells read the sheet's merge list (a second pass).
+        let ranges = wb.merge_cells_by_sheet_name(&name).map_err(damaged)?;
+        if let Some(note) = merged_note(&ranges) {
+            notes.push(note);
+        }
+    }
+    if !notes.is_empty() {
+        let json = serde_json::to_string(&notes).unwrap_or_default();
         codec::write_json_frame(sink.out, codec::FRAME_NOTES, &json).map_err(Fail::Pipe)?;
     }
     Ok(())
@@ -798,4 +864,30 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         index = index.saturating_add(1);
     }
     sink.flush_row()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_cell_is_seen_even_across_two_chunks() {
+        for split in 0..=MERGE_CELL.len() + 2 {
+            let text =
+                b"<sheetData/><mergeCells count=\"1\"><mergeCell ref=\"B2:B3\"/></mergeCells>";
+            let at = 34 + split.min(10);
+            let mut c = Counter::new(false, true);
+            c.write_all(&text[..at]).unwrap();
+            c.write_all(&text[at..]).unwrap();
+            assert!(c.saw_merge, "split at {at}");
+        }
+        let mut c = Counter::new(false, true);
+        c.write_all(b"<sheetData><row r=\"1\"/></sheetData>")
+            .unwrap();
+        assert!(!c.saw_merge);
+        let mut c = Counter::new(false, false);
+        c.write_all(b"<mergeCell ref=\"A1:B1\"/>").unwrap();
+        assert!(!c.saw_merge, "only worksheets are searched");
+        assert_eq!(merged_note(&[]), None);
+    }
 }
