@@ -216,6 +216,8 @@ pub fn create(
         )));
     }
     let password = one_time_password()?;
+    // Hashed before the transaction: it holds the database's write lock.
+    let hashed = hash(&password)?;
     let tx = conn.unchecked_transaction()?;
     tx.execute(
         "INSERT INTO administrators (username, username_norm, email, role, tenant_id, password_hash, disabled, created_at, must_change_password)
@@ -226,7 +228,7 @@ pub fn create(
             email.map(str::trim),
             role.as_str(),
             tenant.map(|t| t.id),
-            hash(&password)?,
+            hashed,
             db::now()
         ],
     )?;
@@ -335,10 +337,11 @@ fn end_sessions(conn: &Connection, admin_id: i64) -> AppResult<()> {
 pub fn reset_password(conn: &Connection, actor: &str, username: &str) -> AppResult<String> {
     let a = get(conn, username)?;
     let password = one_time_password()?;
+    let hashed = hash(&password)?;
     let tx = conn.unchecked_transaction()?;
     tx.execute(
         "UPDATE administrators SET password_hash = ?2, must_change_password = 1, failed_logins = 0, locked_until = NULL, password_changed_at = ?3 WHERE id = ?1",
-        params![a.id, hash(&password)?, db::now()],
+        params![a.id, hashed, db::now()],
     )?;
     end_sessions(&tx, a.id)?;
     audit_change(
@@ -386,10 +389,11 @@ pub fn change_password(
             "the new password must differ from the current one".into(),
         ));
     }
+    let hashed = hash(new)?;
     let tx = conn.unchecked_transaction()?;
     tx.execute(
         "UPDATE administrators SET password_hash = ?2, must_change_password = 0, password_changed_at = ?3 WHERE id = ?1",
-        params![a.id, hash(new)?, db::now()],
+        params![a.id, hashed, db::now()],
     )?;
     // Other browsers signed in as this administrator sign in again with the new password.
     tx.execute(
@@ -441,6 +445,9 @@ fn minutes_from_now(m: i64) -> String {
         .unwrap_or_else(|_| db::now())
 }
 
+/// A well-formed hash that matches no password, checked when there is nothing real to check.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0000000000000000000000000000000000000000000";
+
 /// Checks a password; counts failures and locks the account for `LOCK_MINUTES` after
 /// `MAX_FAILURES`. Audited either way.
 pub fn sign_in(
@@ -470,10 +477,7 @@ pub fn sign_in(
     };
     let Some((id, stored, _, locked_until)) = row else {
         // Spend the same time as a real check, so timing does not tell names apart.
-        let _ = Argon2::default().verify_password(
-            password.as_bytes(),
-            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0000000000000000000000000000000000000000000",
-        );
+        let _ = Argon2::default().verify_password(password.as_bytes(), DUMMY_HASH);
         record(
             "admin.sign_in_failed",
             None,
@@ -483,6 +487,8 @@ pub fn sign_in(
     };
     let now = db::now();
     if let Some(until) = locked_until.filter(|u| u.as_str() > now.as_str()) {
+        // As slow as a checked password, so timing does not tell a locked account apart.
+        let _ = Argon2::default().verify_password(password.as_bytes(), DUMMY_HASH);
         record(
             "admin.sign_in_failed",
             None,

@@ -1068,8 +1068,9 @@ impl Checker {
             {
                 rv.pool = Some(self.pools[i].id);
                 let name = self.pools[i].name.clone();
-                self.note(c, "licence pool chosen for the file", row, || name);
-                self.values[c] = raw;
+                self.note(c, "licence pool chosen for the file", row, || name.clone());
+                // The row carries the pool as if typed in, so the tenant's rules see it.
+                self.values[c] = name;
                 continue;
             }
             if v.is_empty() {

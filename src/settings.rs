@@ -127,67 +127,98 @@ fn check_jobs(j: &JobsConfig) -> AppResult<()> {
     Ok(())
 }
 
-/// Changes a section's overrides: a key with a value sets it, a key with `null` returns it
-/// to the configuration file's. The result must be a working section; audited (the SMTP
-/// password only as "changed").
+/// Changes settings: `changes` maps a section (`mail`, `jobs`) to its keys; a key with a
+/// value sets it, a key with `null` returns it to the configuration file's. Every section
+/// must come out working, or nothing is saved; one transaction, audited (the SMTP password
+/// only as "changed").
+///
+/// Pointing mail at another SMTP server (host, port, security, transport) needs the
+/// password again in the same change whenever one is set: otherwise the password of the
+/// configuration file could be sent to a server of the operator's choosing.
 pub fn update(
     conn: &Connection,
     actor: &str,
-    section: &str,
     changes: &Map<String, Value>,
     base_mail: &MailConfig,
     base_jobs: &JobsConfig,
 ) -> AppResult<()> {
-    let allowed = keys(section)?;
-    let mut over = overrides(conn, section)?;
-    for (k, v) in changes {
-        if !allowed.contains(&k.as_str()) {
-            return Err(AppError::Usage(format!(
-                "{k:?} cannot be set here (settings of {section}: {})",
-                allowed.join(", ")
-            )));
-        }
-        if v.is_null() {
-            over.remove(k);
-        } else {
-            over.insert(k.clone(), v.clone());
-        }
-    }
-    match section {
-        "mail" => check_mail(&merge(base_mail, &over)?)?,
-        _ => check_jobs(&merge(base_jobs, &over)?)?,
-    }
-    let shown: Map<String, Value> = changes
-        .iter()
-        .map(|(k, v)| {
-            let v = if k == "smtp_password" && !v.is_null() {
-                Value::String("(changed)".into())
+    // Per section: its overrides after the change, and the change itself (for the audit).
+    type Planned<'a> = (&'a str, Map<String, Value>, Map<String, Value>);
+    let mut planned: Vec<Planned<'_>> = Vec::new();
+    for (section, section_changes) in changes {
+        let section = section.as_str();
+        let allowed = keys(section)?;
+        let section_changes = section_changes
+            .as_object()
+            .ok_or_else(|| AppError::Usage(format!("{section} takes an object of settings")))?;
+        let mut over = overrides(conn, section)?;
+        for (k, v) in section_changes {
+            if !allowed.contains(&k.as_str()) {
+                return Err(AppError::Usage(format!(
+                    "{k:?} cannot be set here (settings of {section}: {})",
+                    allowed.join(", ")
+                )));
+            }
+            if v.is_null() {
+                over.remove(k);
             } else {
-                v.clone()
-            };
-            (k.clone(), v)
-        })
-        .collect();
+                over.insert(k.clone(), v.clone());
+            }
+        }
+        if section == "mail" {
+            let before = mail(conn, base_mail)?;
+            let after: MailConfig = merge(base_mail, &over)?;
+            check_mail(&after)?;
+            let server_changed = before.transport != after.transport
+                || before.smtp_host != after.smtp_host
+                || before.smtp_port != after.smtp_port
+                || before.smtp_security != after.smtp_security;
+            if server_changed
+                && !after.smtp_password.is_empty()
+                && !section_changes.contains_key("smtp_password")
+            {
+                return Err(AppError::Usage(
+                    "changing the SMTP server (transport, host, port or security) needs its password (smtp_password) in the same change".into(),
+                ));
+            }
+        } else {
+            check_jobs(&merge(base_jobs, &over)?)?;
+        }
+        planned.push((section, over, section_changes.clone()));
+    }
     let tx = conn.unchecked_transaction()?;
-    if over.is_empty() {
-        tx.execute("DELETE FROM settings WHERE section = ?1", [section])?;
-    } else {
-        tx.execute(
-            "INSERT INTO settings (section, value, updated_by, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (section) DO UPDATE SET value = ?2, updated_by = ?3, updated_at = ?4",
-            params![section, Value::Object(over).to_string(), actor, db::now()],
+    for (section, over, section_changes) in planned {
+        if over.is_empty() {
+            tx.execute("DELETE FROM settings WHERE section = ?1", [section])?;
+        } else {
+            tx.execute(
+                "INSERT INTO settings (section, value, updated_by, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (section) DO UPDATE SET value = ?2, updated_by = ?3, updated_at = ?4",
+                params![section, Value::Object(over).to_string(), actor, db::now()],
+            )?;
+        }
+        let shown: Map<String, Value> = section_changes
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if k == "smtp_password" && !v.is_null() {
+                    Value::String("(changed)".into())
+                } else {
+                    v
+                };
+                (k, v)
+            })
+            .collect();
+        audit::record(
+            &tx,
+            &Event {
+                actor: actor.to_string(),
+                tenant: None,
+                action: "settings.change",
+                target: section.to_string(),
+                details: serde_json::json!({ "changes": shown }),
+            },
         )?;
     }
-    audit::record(
-        &tx,
-        &Event {
-            actor: actor.to_string(),
-            tenant: None,
-            action: "settings.change",
-            target: section.to_string(),
-            details: serde_json::json!({ "changes": shown }),
-        },
-    )?;
     tx.commit()?;
     Ok(())
 }
@@ -201,71 +232,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = db::open(&dir.path().join("t.db"), &Default::default()).unwrap();
         let (m, j) = (MailConfig::default(), JobsConfig::default());
-        let set = |v: Value| v.as_object().unwrap().clone();
-        update(
-            &conn,
-            "t",
-            "jobs",
-            &set(serde_json::json!({"undo_days": 7})),
-            &m,
-            &j,
-        )
-        .unwrap();
+        let change = |v: Value| update(&conn, "t", v.as_object().unwrap(), &m, &j);
+        change(serde_json::json!({"jobs": {"undo_days": 7}})).unwrap();
         assert_eq!(jobs(&conn, &j).unwrap().undo_days, 7);
         assert_eq!(jobs(&conn, &j).unwrap().file_retention_days, 90);
-        // Wrong keys, types and values are refused and change nothing.
+        // Wrong sections, keys, types and values are refused and change nothing, also when
+        // another section of the same change is right.
         for bad in [
-            serde_json::json!({"undo_days": 0}),
-            serde_json::json!({"undo_days": "soon"}),
-            serde_json::json!({"data_dir": "/"}),
+            serde_json::json!({"jobs": {"undo_days": 0}}),
+            serde_json::json!({"jobs": {"undo_days": "soon"}}),
+            serde_json::json!({"jobs": {"data_dir": "/"}}),
+            serde_json::json!({"jobs": 5}),
+            serde_json::json!({"web": {"listen": "0.0.0.0:1"}}),
+            serde_json::json!({"mail": {"transport": "smtp"}}),
+            serde_json::json!({"mail": {"web_url": "javascript:x"}}),
+            serde_json::json!({"mail": {"support_contact": "desk"}, "jobs": {"undo_days": 0}}),
         ] {
-            assert!(update(&conn, "t", "jobs", &set(bad), &m, &j).is_err());
+            assert!(change(bad.clone()).is_err(), "{bad}");
         }
-        assert!(
-            update(
-                &conn,
-                "t",
-                "mail",
-                &set(serde_json::json!({"transport": "smtp"})),
-                &m,
-                &j
-            )
-            .is_err()
-        );
-        assert!(
-            update(
-                &conn,
-                "t",
-                "mail",
-                &set(serde_json::json!({"web_url": "javascript:x"})),
-                &m,
-                &j
-            )
-            .is_err()
-        );
         assert_eq!(jobs(&conn, &j).unwrap().undo_days, 7);
-        update(&conn, "t", "mail", &set(serde_json::json!({"transport": "smtp", "smtp_host": "mx.example.com", "smtp_password": "s3cret"})), &m, &j).unwrap();
+        assert_eq!(mail(&conn, &m).unwrap().support_contact, "");
+        change(serde_json::json!({"mail": {"transport": "smtp", "smtp_host": "mx.example.com", "smtp_password": "s3cret"}}))
+            .unwrap();
         let eff = mail(&conn, &m).unwrap();
         assert_eq!(
             (eff.transport.as_str(), eff.smtp_host.as_str()),
             ("smtp", "mx.example.com")
         );
-        // null returns to the file's value; an empty section disappears.
-        update(
-            &conn,
-            "t",
-            "jobs",
-            &set(serde_json::json!({"undo_days": null})),
-            &m,
-            &j,
+        // Another server needs the password again: it is not sent where it was not meant.
+        let e = change(serde_json::json!({"mail": {"smtp_host": "evil.example"}})).unwrap_err();
+        assert!(e.to_string().contains("needs its password"), "{e}");
+        assert_eq!(mail(&conn, &m).unwrap().smtp_host, "mx.example.com");
+        change(
+            serde_json::json!({"mail": {"smtp_host": "mx2.example.com", "smtp_password": "other"}}),
         )
         .unwrap();
+        // null returns to the file's value; an empty section disappears.
+        change(serde_json::json!({"jobs": {"undo_days": null}})).unwrap();
         assert_eq!(jobs(&conn, &j).unwrap().undo_days, 30);
         let n: i64 = conn
             .query_row("SELECT count(*) FROM settings", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
-        // The password is not in the audit entry.
+        // The password is not in the audit entries.
         let details: String = conn
             .query_row(
                 "SELECT group_concat(details, ' ') FROM audit_outbox",
@@ -273,6 +282,9 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap_or_default();
-        assert!(!details.contains("s3cret"), "{details}");
+        assert!(
+            !details.contains("s3cret") && !details.contains("other"),
+            "{details}"
+        );
     }
 }

@@ -637,3 +637,43 @@ fn tenants_cannot_share_a_rules_folder() {
     let e = db::create_tenant(&env.app.conn, "!!!").unwrap_err();
     assert!(e.to_string().contains("needs a letter or digit"), "{e}");
 }
+
+#[test]
+fn a_pool_chosen_for_the_file_is_seen_by_the_rules() {
+    let env = Env::new();
+    let t = tenant(&env, "Pooled");
+    db::set_pool(&env.app.conn, t.id, "Premium", 10).unwrap();
+    script(
+        &env,
+        "pooled",
+        "pools.lua",
+        r#"rollcall.check("Licence Pool", function(value, row)
+  if value == "Premium" and row["Role"] ~= "Manager" then
+    return "Premium seats are for managers"
+  end
+end)"#,
+    );
+    // The pool cell is empty: the pool chosen for the file is what the rule checks.
+    let file = csv(
+        &env,
+        "empty-pool.csv",
+        "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n\
+         ada@example.com,Ada,Lovelace,,Research,Learner,,\n",
+    );
+    let o = service::validate_with(
+        &env.app,
+        &t,
+        Operation::Add,
+        &file,
+        "empty-pool.csv",
+        Some("premium"),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        messages(&o).contains("Premium seats are for managers"),
+        "{}",
+        messages(&o)
+    );
+}

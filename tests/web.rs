@@ -1159,11 +1159,19 @@ fn operators_change_mail_and_retention_settings_at_once() {
         json!({"mail": {"smtp_ca_file": "/etc/passwd"}}),
         json!({"web": {"listen": "0.0.0.0:1"}}),
         json!({"jobs": 5}),
+        // Half right is all wrong: nothing of it is saved.
+        json!({"mail": {"support_contact": "desk@example.com"}, "jobs": {"undo_days": 0}}),
+        // Another SMTP server needs the password again.
+        json!({"mail": {"transport": "smtp", "smtp_host": "elsewhere.example"}}),
     ] {
         let r = op.send_json("PATCH", "/api/v1/settings", &bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
     assert_eq!(op.get("/api/v1/settings").json()["jobs"]["undo_days"], 7);
+    assert_eq!(
+        op.get("/api/v1/settings").json()["mail"]["support_contact"],
+        ""
+    );
     // The undo window in effect is the new one: the CLI (another process) sees it too.
     let log = text(&cli(&server.data, &["audit", "show", "--format", "jsonl"]));
     assert!(log.contains("\"action\":\"settings.change\""));

@@ -392,7 +392,8 @@ struct Counter {
     saw_merge: bool,
 }
 
-const MERGE_CELL: &[u8] = b"<mergeCell ";
+/// Also found with a namespace prefix (`<x:mergeCell `); "mergeCells " does not match.
+const MERGE_CELL: &[u8] = b"mergeCell ";
 
 impl Counter {
     fn new(keep_head: bool, find_merges: bool) -> Self {
@@ -425,15 +426,20 @@ impl Write for Counter {
         if let Some(tail) = &mut self.tail
             && !self.saw_merge
         {
-            // A match may straddle two chunks: look across the seam, then in the chunk.
+            // A match may straddle chunks: look across the seam (the last bytes seen, however
+            // small the chunks), then in the chunk.
             let head = &buf[..buf.len().min(MERGE_CELL.len())];
             let mut seam = std::mem::take(tail);
             seam.extend_from_slice(head);
             self.saw_merge = memchr::memmem::find(&seam, MERGE_CELL).is_some()
                 || memchr::memmem::find(buf, MERGE_CELL).is_some();
-            let keep = buf.len().min(MERGE_CELL.len() - 1);
-            seam.clear();
-            seam.extend_from_slice(&buf[buf.len() - keep..]);
+            if buf.len() >= MERGE_CELL.len() {
+                seam.clear();
+                seam.extend_from_slice(&buf[buf.len() - (MERGE_CELL.len() - 1)..]);
+            } else {
+                let from = seam.len().saturating_sub(MERGE_CELL.len() - 1);
+                seam.drain(..from);
+            }
             *tail = seam;
         }
         Ok(buf.len())
@@ -712,8 +718,10 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, merged: bool) -> Result<(
     }
     if merged {
         // Only files that have merged cells read the sheet's merge list (a second pass).
-        let ranges = wb.merge_cells_by_sheet_name(&name).map_err(damaged)?;
-        if let Some(note) = merged_note(&ranges) {
+        // A merge list calamine cannot read only loses the note, never the file.
+        if let Ok(ranges) = wb.merge_cells_by_sheet_name(&name)
+            && let Some(note) = merged_note(&ranges)
+        {
             notes.push(note);
         }
     }
@@ -881,8 +889,14 @@ mod tests {
             c.write_all(&text[at..]).unwrap();
             assert!(c.saw_merge, "split at {at}");
         }
+        // One byte at a time, and with a namespace prefix.
         let mut c = Counter::new(false, true);
-        c.write_all(b"<sheetData><row r=\"1\"/></sheetData>")
+        for b in b"<x:mergeCells count=\"1\"><x:mergeCell ref=\"A2:A3\"/>" {
+            c.write_all(&[*b]).unwrap();
+        }
+        assert!(c.saw_merge);
+        let mut c = Counter::new(false, true);
+        c.write_all(b"<sheetData><row r=\"1\"/></sheetData><mergeCells count=\"0\"></mergeCells>")
             .unwrap();
         assert!(!c.saw_merge);
         let mut c = Counter::new(false, false);

@@ -534,6 +534,10 @@ async fn call(
                     .and_then(Value::as_array)
                     .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
                     .unwrap_or_default();
+                // Each user once, whatever the case or repetitions of the list.
+                let mut seen = std::collections::HashSet::new();
+                let emails: Vec<String> =
+                    emails.into_iter().filter(|e| seen.insert(db::norm(e))).collect();
                 let everyone = flag(&body, "not_welcomed");
                 if emails.is_empty() != everyone {
                     return Err(ApiError::bad_request(
@@ -953,23 +957,18 @@ async fn call(
         Op::UpdateSettings => {
             let body = read_json(web, &mut req).await?;
             web.blocking(&actor, move |app| {
-                for (section, changes) in body.as_object().into_iter().flatten() {
-                    let changes = changes.as_object().ok_or_else(|| {
-                        ApiError::bad_request(format!("{section} takes an object of settings"))
-                    })?;
-                    crate::settings::update(
-                        &app.conn,
-                        &app.actor,
-                        section,
-                        changes,
-                        &app.config.mail,
-                        &app.config.jobs,
-                    )
-                    .map_err(|e| match e {
-                        AppError::Usage(m) => ApiError::bad_request(capitalise(&m)),
-                        other => other.into(),
-                    })?;
-                }
+                let changes = body.as_object().cloned().unwrap_or_default();
+                crate::settings::update(
+                    &app.conn,
+                    &app.actor,
+                    &changes,
+                    &app.config.mail,
+                    &app.config.jobs,
+                )
+                .map_err(|e| match e {
+                    AppError::Usage(m) => ApiError::bad_request(capitalise(&m)),
+                    other => other.into(),
+                })?;
                 service::flush_audit(app)?;
                 Ok(reply(settings_json(app)?))
             })

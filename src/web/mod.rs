@@ -211,10 +211,12 @@ impl Web {
         let Ok(mut map) = self.ghosts.lock() else {
             return SignInError::Wrong;
         };
-        if map.len() > 10_000 {
-            map.clear();
-        }
         let lock = Duration::from_secs(60 * LOCK_MINUTES as u64);
+        // Bounded, without forgetting a lock that still holds (that would tell the name
+        // apart from a real, still locked account).
+        if map.len() > 10_000 {
+            map.retain(|_, (_, locked)| locked.as_ref().is_some_and(|(s, _)| s.elapsed() < lock));
+        }
         let entry = map.entry(crate::db::norm(username)).or_insert((0, None));
         if let Some((since, until)) = &entry.1 {
             if since.elapsed() < lock {
@@ -430,7 +432,8 @@ pub fn tls_config(cfg: &crate::config::WebConfig) -> AppResult<Option<Arc<rustls
 }
 
 /// HTTPS: each connection's TLS handshake (with a time limit), then HTTP/1.1 into the same
-/// filter as plain HTTP. Stops accepting at `shutdown`.
+/// filter as plain HTTP. At `shutdown` it stops accepting and lets the requests under way
+/// finish (at most 30 s), as plain HTTP does.
 async fn serve_tls(
     web: Arc<Web>,
     listener: tokio::net::TcpListener,
@@ -439,6 +442,7 @@ async fn serve_tls(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let service = warp::service(routes(web));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -454,6 +458,7 @@ async fn serve_tls(
         };
         let acceptor = acceptor.clone();
         let service = service.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let Ok(Ok(stream)) =
                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
@@ -467,12 +472,13 @@ async fn serve_tls(
                     async move { tower_service::Service::call(&mut service, req).await }
                 },
             );
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn).await;
         });
     }
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
 /// The one filter: method, path, query, headers, client address and the body stream, all
