@@ -873,10 +873,11 @@ fn ods_and_xls_files_are_read() {
 fn a_template_of_an_older_column_set_is_named_as_such() {
     let env = Env::new();
     let t = setup(&env);
-    // A template made while the tenant had one more column (its rules changed since).
-    let mut data = data_sheet(
-        Operation::Add,
-        &[vec![
+    // An add file with one column more than the template has now, recording `hash` as the
+    // column set its template was made for.
+    let p = env.path("old.xlsx");
+    let message = |hash: &str| {
+        let row = [
             "ada@example.com",
             "Ada",
             "L",
@@ -886,17 +887,18 @@ fn a_template_of_an_older_column_set_is_named_as_such() {
             "",
             "Standard",
             "E1",
-        ]],
-    );
-    data.rows[0].push(s("Employee ID"));
-    let mut meta = meta_sheet(Operation::Add);
-    meta.rows
-        .push(vec![s("column_hash"), s("0123456789abcdef")]);
-    let p = env.path("old.xlsx");
-    write_xlsx(&p, &[data, meta]);
-    let (o, _) = validate(&env, &t, Operation::Add, &p);
-    assert_eq!(codes(&o), vec![(None, "columns_mismatch")]);
-    let m = &o.problems[0].message;
+        ];
+        let mut data = data_sheet(Operation::Add, &[row.to_vec()]);
+        data.rows[0].push(s("Employee ID"));
+        let mut meta = meta_sheet(Operation::Add);
+        meta.rows.push(vec![s("column_hash"), s(hash)]);
+        write_xlsx(&p, &[data, meta]);
+        let (o, _) = validate(&env, &t, Operation::Add, &p);
+        assert_eq!(codes(&o), vec![(None, "columns_mismatch")]);
+        o.problems[0].message.clone()
+    };
+    // Made while the tenant had other columns (its rules changed since).
+    let m = message("0123456789abcdef");
     assert!(
         m.contains("column I \"Employee ID\" is not part of the template"),
         "{m}"
@@ -906,30 +908,8 @@ fn a_template_of_an_older_column_set_is_named_as_such() {
         "{m}"
     );
     // A file whose recorded set is the current one gets no such sentence.
-    let mut data = data_sheet(
-        Operation::Add,
-        &[vec![
-            "ada@example.com",
-            "Ada",
-            "L",
-            "",
-            "",
-            "Learner",
-            "",
-            "Standard",
-            "E1",
-        ]],
-    );
-    data.rows[0].push(s("Employee ID"));
-    let mut meta = meta_sheet(Operation::Add);
     let now =
         rollcall::model::column_hash(Operation::Add, &rollcall::model::columns(Operation::Add));
-    meta.rows.push(vec![s("column_hash"), s(&now)]);
-    write_xlsx(&p, &[data, meta]);
-    let (o, _) = validate(&env, &t, Operation::Add, &p);
-    assert!(
-        !o.problems[0].message.contains("other columns"),
-        "{}",
-        o.problems[0].message
-    );
+    let m = message(&now);
+    assert!(!m.contains("other columns"), "{m}");
 }
