@@ -439,7 +439,7 @@ fn merged_cells_hidden_rows_and_formulas_are_read_as_saved() {
     // The merged range is named, with what it means.
     assert!(
         o.notes.iter().any(|n| n.starts_with(
-            "1 merged cell ranges (B2:B3): only the first cell of each holds the value"
+            "1 merged cell range (B2:B3): only the first cell of each holds the value"
         )),
         "{:?}",
         o.notes
@@ -478,4 +478,79 @@ fn two_values_for_one_cell_are_refused_not_joined() {
     let o = check_path(&env, &t, &p);
     let codes: Vec<_> = o.problems.iter().map(|p| p.code).collect();
     assert!(codes.contains(&"cell_repeated"), "{codes:?}");
+}
+
+#[test]
+fn a_worksheet_bomb_is_refused_while_it_is_read() {
+    // The data sheet itself is the bomb: one cell of 96 MiB of the same letter (about
+    // 1000:1). Worksheets are checked on their own thread while calamine streams them; the
+    // check ends the worker with its refusal, whatever the reading thread was doing.
+    let env = Env::new();
+    let t = tenant(&env);
+    let p = env.path("sheet-bomb.xlsx");
+    let mut sheet = deactivate_sheet(2);
+    sheet.rows[1][1] = C::Raw(format!(
+        r#"<c r="B2" t="inlineStr"><is><t>{}</t></is></c>"#,
+        "A".repeat(96 << 20)
+    ));
+    write_xlsx(&p, &[sheet]);
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "zip_bomb", "{msg}");
+    assert!(msg.contains("xl/worksheets/sheet1.xml"), "{msg}");
+    assert!(msg.contains("above the limit of 400:1"), "{msg}");
+}
+
+#[test]
+fn merged_cells_of_xls_and_ods_files_are_named() {
+    let env = Env::new();
+    let t = tenant(&env);
+    let note = "1 merged cell range (B2:B3): only the first cell of each holds the value";
+    // A legacy .xls (tests/fixtures/make_xls.py): Reason B2:B3 merged.
+    let xls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merged.xls");
+    let o = check_path(&env, &t, &xls);
+    assert_eq!(o.format, "xls");
+    assert!(!o.refused, "{:?}", o.problems);
+    assert!(o.notes.iter().any(|n| n.starts_with(note)), "{:?}", o.notes);
+    // An .ods as LibreOffice saves a merge: the first cell spans two rows, the one below is
+    // covered; a merge within the header row is not reported, nor one on another sheet.
+    let p = env.path("merged.ods");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("mimetype", stored).unwrap();
+    z.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
+        .unwrap();
+    z.start_file("content.xml", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    let cell = |v: &str| {
+        format!(
+            r#"<table:table-cell office:value-type="string"><text:p>{v}</text:p></table:table-cell>"#
+        )
+    };
+    let body = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Read Me First"><table:table-row><table:table-cell table:number-rows-spanned="3" office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row><table:table-row table:number-rows-repeated="2"><table:covered-table-cell/></table:table-row></table:table><table:table table:name="Deactivate Users"><table:table-row>{}{}</table:table-row><table:table-row>{}<table:table-cell table:number-rows-spanned="2" office:value-type="string"><text:p>Left</text:p></table:table-cell></table:table-row><table:table-row>{}<table:covered-table-cell/></table:table-row><table:table-row table:number-rows-repeated="3"><table:table-cell table:number-columns-repeated="2"/></table:table-row><table:table-row><table:table-cell table:number-columns-repeated="2"/><table:table-cell table:number-columns-spanned="2" office:value-type="string"><text:p>aside</text:p></table:table-cell><table:covered-table-cell/></table:table-row></table:table></office:spreadsheet></office:body></office:document-content>"#,
+        cell("Email"),
+        cell("Reason"),
+        cell("ada@example.com"),
+        cell("bob@example.com"),
+    );
+    z.write_all(body.as_bytes()).unwrap();
+    z.start_file(
+        "META-INF/manifest.xml",
+        zip::write::SimpleFileOptions::default(),
+    )
+    .unwrap();
+    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
+    z.finish().unwrap();
+    let o = check_path(&env, &t, &p);
+    assert_eq!(o.format, "ods", "{:?}", o.problems);
+    assert!(!o.refused, "{:?}", o.problems);
+    assert!(
+        o.notes
+            .iter()
+            .any(|n| n
+                .starts_with("2 merged cell ranges (B2:B3, C7:D7): only the first cell of each")),
+        "{:?}",
+        o.notes
+    );
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use calamine::{Data, DataRef, Ods, Reader, Xls, Xlsx};
 use serde::{Deserialize, Serialize};
@@ -90,13 +90,14 @@ pub fn run(args: &WorkerArgs) -> i32 {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug)]
 enum Format {
-    /// `merged`: a worksheet part holds merged cells (seen while inflating it).
-    Xlsx {
+    /// The worksheets are still to be checked while they are read.
+    Xlsx(WorksheetCheck),
+    /// `merged`: the content holds merged cells (seen while inflating it).
+    Ods {
         merged: bool,
     },
-    Ods,
     Xls,
     Csv,
 }
@@ -202,21 +203,14 @@ fn detect(path: &Path, declared: &str, limits: &Limits) -> Result<Format, Fail> 
 }
 
 fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
-    let f = File::open(path)
-        .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(f)).map_err(|e| {
-        fatal(
-            "file_damaged",
-            format!("The file is damaged or incomplete (its zip structure cannot be read: {e}). Save it again from your spreadsheet program and upload the new copy."),
-        )
-    })?;
+    let mut zip = open_zip(path)?;
     let names: Vec<String> = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
         .collect();
     let has = |n: &str| names.iter().any(|x| x == n);
-    let format = if has("xl/workbook.xml") {
-        Format::Xlsx { merged: false }
+    let xlsx = if has("xl/workbook.xml") {
+        true
     } else if has("xl/workbook.bin") {
         return Err(fatal(
             "file_wrong_type",
@@ -228,7 +222,7 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
             let _ = e.take(200).read_to_string(&mut mt);
         }
         if mt.trim() == "application/vnd.oasis.opendocument.spreadsheet" {
-            Format::Ods
+            false
         } else {
             return Err(fatal(
                 "file_wrong_type",
@@ -254,23 +248,6 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
             "The file is a zip archive, not a spreadsheet. Upload the .xlsx file itself.",
         ));
     };
-    let merged = check_zip_entries(&mut zip, limits)?;
-    Ok(match format {
-        Format::Xlsx { .. } => Format::Xlsx { merged },
-        other => other,
-    })
-}
-
-/// Inflates every XML entry once with counters, so a bomb or an entry that lies about its
-/// size is refused before calamine reads it. Returns whether a worksheet has merged cells
-/// (looked for on the way, so that only such files pay for reading the merges later).
-fn check_zip_entries<R: Read + Seek>(
-    zip: &mut zip::ZipArchive<R>,
-    limits: &Limits,
-) -> Result<bool, Fail> {
-    const MIB: u64 = 1024 * 1024;
-    let max_entry = limits.max_zip_entry_mib.saturating_mul(MIB);
-    let max_total = limits.max_zip_total_mib.saturating_mul(MIB);
     if zip.len() > 10_000 {
         return Err(fatal(
             "zip_too_many_entries",
@@ -280,6 +257,113 @@ fn check_zip_entries<R: Read + Seek>(
             ),
         ));
     }
+    // calamine reads an .ods whole and an .xlsx's shared strings, styles and workbook parts
+    // when it opens the file: those are checked first. The worksheets of an .xlsx are
+    // streamed, so they are checked on a thread of their own while calamine reads them
+    // (`WorksheetCheck`): inflating them twice in a row would cost a quarter of the read.
+    let is_worksheet = |name: &str| xlsx && name.to_ascii_lowercase().starts_with("xl/worksheets/");
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        if is_worksheet(name) {
+            later.push(i);
+        } else {
+            now.push(i);
+        }
+    }
+    let mut seen = Checked::default();
+    check_zip_entries(&mut zip, &now, limits, &mut seen)?;
+    Ok(if xlsx {
+        // Small sheets (the hidden metadata sheet) first: calamine reads those whole.
+        later.sort_by_key(|&i| {
+            zip.by_index_raw(i)
+                .map(|e| e.compressed_size())
+                .unwrap_or(0)
+        });
+        Format::Xlsx(WorksheetCheck {
+            entries: later,
+            checked: seen,
+        })
+    } else {
+        Format::Ods {
+            merged: seen.merged,
+        }
+    })
+}
+
+fn open_zip(path: &Path) -> Result<zip::ZipArchive<BufReader<File>>, Fail> {
+    let f = File::open(path)
+        .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
+    zip::ZipArchive::new(BufReader::new(f)).map_err(|e| {
+        fatal(
+            "file_damaged",
+            format!("The file is damaged or incomplete (its zip structure cannot be read: {e}). Save it again from your spreadsheet program and upload the new copy."),
+        )
+    })
+}
+
+/// What inflating the parts checked so far found.
+#[derive(Debug, Default, Clone, Copy)]
+struct Checked {
+    /// Bytes inflated, against `[limits] max_zip_total_mib`.
+    total: u64,
+    /// A worksheet (or an .ods's content) holds merged cells.
+    merged: bool,
+}
+
+/// The worksheets of an .xlsx, still to be checked for bombs while calamine streams the
+/// data sheet (see `detect_zip`).
+#[derive(Debug)]
+struct WorksheetCheck {
+    entries: Vec<usize>,
+    checked: Checked,
+}
+
+/// Exit code of a worker refused by its checking thread; the refusal is on stderr.
+const REFUSED_EXIT: i32 = 86;
+/// The line on stderr that carries such a refusal (JSON of `Fatal` follows).
+pub const REFUSAL_MARK: &str = "rollcall-refusal: ";
+
+impl WorksheetCheck {
+    /// Starts checking on another thread. A bomb ends the process at once, whatever the
+    /// reading thread is doing (it may be inflating the same bomb): the refusal goes to
+    /// stderr and the parent reports it instead of the broken stream.
+    fn spawn(self, path: PathBuf, limits: Limits) -> std::thread::JoinHandle<bool> {
+        std::thread::spawn(move || {
+            let mut seen = self.checked;
+            let result = open_zip(&path)
+                .and_then(|mut zip| check_zip_entries(&mut zip, &self.entries, &limits, &mut seen));
+            match result {
+                Ok(()) => seen.merged,
+                Err(Fail::Fatal(f)) => {
+                    let line = format!(
+                        "{REFUSAL_MARK}{}\n",
+                        serde_json::to_string(&f).unwrap_or_default()
+                    );
+                    let _ = io::stderr().write_all(line.as_bytes());
+                    // SAFETY: _exit ends the process without running anything else; the
+                    // other thread's half-written output is meant to be dropped.
+                    unsafe { libc::_exit(REFUSED_EXIT) }
+                }
+                // Never produced by the checks (they write nothing to the parent).
+                Err(Fail::Pipe(_)) => seen.merged,
+            }
+        })
+    }
+}
+
+/// Inflates the entries `indices` once with counters, so a bomb or an entry that lies
+/// about its size is refused before (or while) calamine reads it. Sizes and compression
+/// ratio are checked as the bytes come, not only at the end of an entry.
+fn check_zip_entries<R: Read + Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    indices: &[usize],
+    limits: &Limits,
+    seen: &mut Checked,
+) -> Result<(), Fail> {
+    const MIB: u64 = 1024 * 1024;
+    let max_entry = limits.max_zip_entry_mib.saturating_mul(MIB);
+    let max_total = limits.max_zip_total_mib.saturating_mul(MIB);
     let bomb = |name: &str, what: String| {
         fatal(
             "zip_bomb",
@@ -288,9 +372,17 @@ fn check_zip_entries<R: Read + Seek>(
             ),
         )
     };
-    let mut total = 0u64;
-    let mut merged = false;
-    for i in 0..zip.len() {
+    let ratio_bomb = |name: &str, n: u64, compressed: u64| {
+        bomb(
+            name,
+            format!(
+                "is compressed {}:1, above the limit of {}:1",
+                n / compressed,
+                limits.max_zip_ratio
+            ),
+        )
+    };
+    for &i in indices {
         let mut entry = zip.by_index(i).map_err(|e| {
             fatal(
                 "file_damaged",
@@ -314,24 +406,28 @@ fn check_zip_entries<R: Read + Seek>(
             ));
         }
         if declared > MIB && declared / compressed > limits.max_zip_ratio {
-            return Err(bomb(
-                &name,
-                format!(
-                    "is compressed {}:1, above the limit of {}:1",
-                    declared / compressed,
-                    limits.max_zip_ratio
-                ),
-            ));
+            return Err(ratio_bomb(&name, declared, compressed));
         }
         let lower = name.to_ascii_lowercase();
         if !(lower.ends_with(".xml") || lower.ends_with(".rels") || lower == "mimetype") {
             continue;
         }
-        let mut counter = Counter::new(
-            lower.ends_with("sharedstrings.xml"),
-            lower.starts_with("xl/worksheets/"),
-        );
-        let n = io::copy(&mut (&mut entry).take(max_entry + 1), &mut counter).map_err(|e| {
+        let merge_mark: Option<&'static [u8]> = if lower.starts_with("xl/worksheets/") {
+            Some(XLSX_MERGE)
+        } else if lower == "content.xml" {
+            Some(ODS_MERGE)
+        } else {
+            None
+        };
+        let mut counter = Counter::new(lower.ends_with("sharedstrings.xml"), merge_mark);
+        // Stop as soon as the ratio is over the limit: a bomb is not inflated to the end.
+        counter.stop_after = Some(MIB.max(compressed.saturating_mul(limits.max_zip_ratio)));
+        let copied = io::copy(&mut (&mut entry).take(max_entry + 1), &mut counter);
+        let n = counter.bytes;
+        if counter.stopped {
+            return Err(ratio_bomb(&name, n, compressed));
+        }
+        copied.map_err(|e| {
             fatal(
                 "file_damaged",
                 format!("The file is damaged: part {name} cannot be inflated ({e})."),
@@ -346,19 +442,9 @@ fn check_zip_entries<R: Read + Seek>(
                 ),
             ));
         }
-        if n > MIB && n / compressed > limits.max_zip_ratio {
-            return Err(bomb(
-                &name,
-                format!(
-                    "is compressed {}:1, above the limit of {}:1",
-                    n / compressed,
-                    limits.max_zip_ratio
-                ),
-            ));
-        }
-        merged |= counter.saw_merge;
-        total += n;
-        if total > max_total {
+        seen.merged |= counter.saw_merge;
+        seen.total += n;
+        if seen.total > max_total {
             return Err(bomb(
                 &name,
                 format!(
@@ -380,26 +466,36 @@ fn check_zip_entries<R: Read + Seek>(
             }
         }
     }
-    Ok(merged)
+    Ok(())
 }
 
-/// A sink that counts bytes, keeps the first KiB when asked (to read `uniqueCount`), and
-/// notices a `<mergeCell ` element when asked (worksheets).
+/// A sink that counts bytes, stops past a byte budget, keeps the first KiB when asked (to
+/// read `uniqueCount`), and notices a merged cell's mark when asked (worksheets, content).
 struct Counter {
+    bytes: u64,
+    /// Refuse more bytes than this (the entry's compressed size times the ratio limit).
+    stop_after: Option<u64>,
+    stopped: bool,
     head: Option<Vec<u8>>,
-    /// The last bytes of the previous chunk, when looking for merged cells.
-    tail: Option<Vec<u8>>,
+    /// What marks a merged cell, and the last bytes of the previous chunk.
+    mark: Option<(&'static [u8], Vec<u8>)>,
     saw_merge: bool,
 }
 
-/// Also found with a namespace prefix (`<x:mergeCell `); "mergeCells " does not match.
-const MERGE_CELL: &[u8] = b"mergeCell ";
+/// An .xlsx merge, also found with a namespace prefix (`<x:mergeCell `); "mergeCells "
+/// does not match.
+const XLSX_MERGE: &[u8] = b"mergeCell ";
+/// The cells an .ods merge covers.
+const ODS_MERGE: &[u8] = b"covered-table-cell";
 
 impl Counter {
-    fn new(keep_head: bool, find_merges: bool) -> Self {
+    fn new(keep_head: bool, mark: Option<&'static [u8]>) -> Self {
         Counter {
+            bytes: 0,
+            stop_after: None,
+            stopped: false,
             head: keep_head.then(Vec::new),
-            tail: find_merges.then(Vec::new),
+            mark: mark.map(|m| (m, Vec::new())),
             saw_merge: false,
         }
     }
@@ -417,27 +513,34 @@ impl Counter {
 
 impl Write for Counter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bytes += buf.len() as u64;
+        if let Some(limit) = self.stop_after
+            && self.bytes > limit
+        {
+            self.stopped = true;
+            return Err(io::Error::other("over the compression ratio limit"));
+        }
         if let Some(h) = &mut self.head
             && h.len() < 1024
         {
             let take = (1024 - h.len()).min(buf.len());
             h.extend_from_slice(&buf[..take]);
         }
-        if let Some(tail) = &mut self.tail
+        if let Some((mark, tail)) = &mut self.mark
             && !self.saw_merge
         {
             // A match may straddle chunks: look across the seam (the last bytes seen, however
             // small the chunks), then in the chunk.
-            let head = &buf[..buf.len().min(MERGE_CELL.len())];
+            let head = &buf[..buf.len().min(mark.len())];
             let mut seam = std::mem::take(tail);
             seam.extend_from_slice(head);
-            self.saw_merge = memchr::memmem::find(&seam, MERGE_CELL).is_some()
-                || memchr::memmem::find(buf, MERGE_CELL).is_some();
-            if buf.len() >= MERGE_CELL.len() {
+            self.saw_merge = memchr::memmem::find(&seam, mark).is_some()
+                || memchr::memmem::find(buf, mark).is_some();
+            if buf.len() >= mark.len() {
                 seam.clear();
-                seam.extend_from_slice(&buf[buf.len() - (MERGE_CELL.len() - 1)..]);
+                seam.extend_from_slice(&buf[buf.len() - (mark.len() - 1)..]);
             } else {
-                let from = seam.len().saturating_sub(MERGE_CELL.len() - 1);
+                let from = seam.len().saturating_sub(mark.len() - 1);
                 seam.drain(..from);
             }
             *tail = seam;
@@ -625,14 +728,26 @@ fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let format = detect(&args.path, &args.declared_name, &args.limits)?;
     match format {
         Format::Csv => read_csv(args, out),
-        Format::Xlsx { merged } => read_xlsx(args, out, merged),
+        Format::Xlsx(check) => {
+            let check = check.spawn(args.path.clone(), args.limits.clone());
+            read_xlsx(args, out, check)
+        }
         Format::Xls => {
             let wb: Xls<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
-            read_ranged(wb, "xls", args, out)
+            let merges = |wb: &Xls<_>, name: &str| wb.merge_cells_by_sheet_name(name).ok();
+            read_ranged(wb, "xls", args, out, merges)
         }
-        Format::Ods => {
+        Format::Ods { merged } => {
             let wb: Ods<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
-            read_ranged(wb, "ods", args, out)
+            let path = args.path.clone();
+            let merges = move |_: &Ods<_>, name: &str| {
+                if merged {
+                    ods_merges(&path, name)
+                } else {
+                    None
+                }
+            };
+            read_ranged(wb, "ods", args, out, merges)
         }
     }
 }
@@ -655,20 +770,71 @@ fn merged_note(ranges: &[calamine::Dimensions]) -> Option<String> {
         .filter(|d| d.end.0 >= 1)
         .map(|d| format!("{}:{}", cell(d.start), cell(d.end)))
         .collect();
-    let first = data.first()?;
-    let more = if data.len() > 1 {
-        format!(" and {} more", data.len() - 1)
+    if data.is_empty() {
+        return None;
+    }
+    let shown = data[..data.len().min(5)].join(", ");
+    let more = if data.len() > 5 {
+        format!(" and {} more", data.len() - 5)
     } else {
         String::new()
     };
+    let what = if data.len() == 1 {
+        "1 merged cell range".to_string()
+    } else {
+        format!("{} merged cell ranges", data.len())
+    };
     Some(format!(
-        "{} merged cell ranges ({first}{more}): only the first cell of each holds the value, the others are read as empty — unmerge them and fill every cell",
-        data.len()
+        "{what} ({shown}{more}): only the first cell of each holds the value, the others are read as empty — unmerge them and fill every cell"
     ))
 }
 
-fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, merged: bool) -> Result<(), Fail> {
-    let mut wb: Xlsx<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
+fn read_xlsx<W: Write>(
+    args: &WorkerArgs,
+    out: &mut W,
+    check: std::thread::JoinHandle<bool>,
+) -> Result<(), Fail> {
+    let streamed = stream_xlsx(args, out);
+    // On every path, the worksheets' check has the last word: a refusal it finds ends the
+    // process (see `WorksheetCheck::spawn`), so nothing read is taken as the file's rows.
+    let merged = check.join().map_err(|_| {
+        fatal(
+            "internal",
+            "Checking the file's worksheets stopped unexpectedly.",
+        )
+    })?;
+    let Some((mut wb, name, mut notes)) = streamed? else {
+        return Ok(());
+    };
+    if merged {
+        // Only files that have merged cells read the sheet's merge list (a second pass).
+        // A merge list calamine cannot read only loses the note, never the file.
+        if let Ok(ranges) = wb.merge_cells_by_sheet_name(&name)
+            && let Some(note) = merged_note(&ranges)
+        {
+            notes.push(note);
+        }
+    }
+    send_notes(out, &notes)
+}
+
+fn send_notes<W: Write>(out: &mut W, notes: &[String]) -> Result<(), Fail> {
+    if notes.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_string(notes).unwrap_or_default();
+    codec::write_json_frame(out, codec::FRAME_NOTES, &json).map_err(Fail::Pipe)
+}
+
+type OpenXlsx = Xlsx<BufReader<File>>;
+
+/// Streams the data sheet of an .xlsx; returns the workbook, the sheet's name and the notes
+/// on how it was read (`None` when there is no data sheet).
+fn stream_xlsx<W: Write>(
+    args: &WorkerArgs,
+    out: &mut W,
+) -> Result<Option<(OpenXlsx, String, Vec<String>)>, Fail> {
+    let mut wb: OpenXlsx = calamine::open_workbook(&args.path).map_err(damaged)?;
     let sheets = sheet_list(wb.sheets_metadata());
     let meta = match find_sheet(&sheets, META_SHEET) {
         Some(name) => Some(meta_from_range(
@@ -687,7 +853,8 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, merged: bool) -> Result<(
         estimated_rows: None,
     };
     let Some(name) = data_sheet else {
-        return send_info(out, &info);
+        send_info(out, &info)?;
+        return Ok(None);
     };
     let mut cells = wb.worksheet_cells_reader(&name).map_err(damaged)?;
     let declared = u64::from(cells.dimensions().end.0);
@@ -716,20 +883,7 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, merged: bool) -> Result<(
             crate::model::column_letter(c as usize)
         ));
     }
-    if merged {
-        // Only files that have merged cells read the sheet's merge list (a second pass).
-        // A merge list calamine cannot read only loses the note, never the file.
-        if let Ok(ranges) = wb.merge_cells_by_sheet_name(&name)
-            && let Some(note) = merged_note(&ranges)
-        {
-            notes.push(note);
-        }
-    }
-    if !notes.is_empty() {
-        let json = serde_json::to_string(&notes).unwrap_or_default();
-        codec::write_json_frame(sink.out, codec::FRAME_NOTES, &json).map_err(Fail::Pipe)?;
-    }
-    Ok(())
+    Ok(Some((wb, name, notes)))
 }
 
 fn read_ranged<W: Write, R: Reader<BufReader<File>>>(
@@ -737,6 +891,7 @@ fn read_ranged<W: Write, R: Reader<BufReader<File>>>(
     format: &str,
     args: &WorkerArgs,
     out: &mut W,
+    merges: impl FnOnce(&R, &str) -> Option<Vec<calamine::Dimensions>>,
 ) -> Result<(), Fail>
 where
     R::Error: std::fmt::Display,
@@ -770,7 +925,83 @@ where
     for (r, c, v) in range.used_cells() {
         sink.cell(r0 + r as u32, c0 + c as u32, value_owned(v, 0.0))?;
     }
-    sink.flush_row()
+    sink.flush_row()?;
+    drop(sink);
+    drop(range);
+    let notes: Vec<String> = merges(&wb, &name)
+        .and_then(|ranges| merged_note(&ranges))
+        .into_iter()
+        .collect();
+    send_notes(out, &notes)
+}
+
+/// The merged cell ranges of an .ods sheet, which calamine does not report: read from
+/// `content.xml` (cells with `number-columns-spanned` / `number-rows-spanned`), at most
+/// 10,000 of them. `None` when the content cannot be read (the note is lost, not the file).
+fn ods_merges(path: &Path, sheet: &str) -> Option<Vec<calamine::Dimensions>> {
+    use quick_xml::events::{BytesStart, Event};
+    let mut zip = open_zip(path).ok()?;
+    let entry = zip.by_name("content.xml").ok()?;
+    let mut xml = quick_xml::Reader::from_reader(BufReader::new(entry));
+    let attr = |e: &BytesStart<'_>, key: &str| -> Option<u32> {
+        e.try_get_attribute(key).ok()??.value.trim().parse().ok()
+    };
+    let mut buf = Vec::new();
+    let mut found = Vec::new();
+    let (mut inside, mut row, mut col) = (false, 0u32, 0u32);
+    let mut row_repeat = 1u32;
+    loop {
+        let event = xml.read_event_into(&mut buf).ok()?;
+        let empty = matches!(event, Event::Empty(_));
+        match event {
+            Event::Start(e) | Event::Empty(e) => match e.local_name().as_ref() {
+                "table" => {
+                    let name = e.try_get_attribute("table:name").ok()??;
+                    inside = name
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                        .ok()?
+                        .as_ref()
+                        == sheet;
+                    row = 0;
+                }
+                "table-row" if inside => {
+                    col = 0;
+                    row_repeat = attr(&e, "table:number-rows-repeated").unwrap_or(1).max(1);
+                    if empty {
+                        row = row.saturating_add(row_repeat);
+                    }
+                }
+                local @ ("table-cell" | "covered-table-cell") if inside => {
+                    let repeat = attr(&e, "table:number-columns-repeated")
+                        .unwrap_or(1)
+                        .max(1);
+                    if local == "table-cell" {
+                        let across = attr(&e, "table:number-columns-spanned").unwrap_or(1);
+                        let down = attr(&e, "table:number-rows-spanned").unwrap_or(1);
+                        if (across > 1 || down > 1) && found.len() < 10_000 {
+                            found.push(calamine::Dimensions {
+                                start: (row, col),
+                                end: (
+                                    row.saturating_add(down.max(1) - 1),
+                                    col.saturating_add(across.max(1) - 1),
+                                ),
+                            });
+                        }
+                    }
+                    col = col.saturating_add(repeat);
+                }
+                _ => {}
+            },
+            Event::End(e) => match e.local_name().as_ref() {
+                "table-row" if inside => row = row.saturating_add(row_repeat),
+                "table" if inside => return Some(found),
+                _ => {}
+            },
+            Event::Eof => return Some(found),
+            _ => {}
+        }
+        buf.clear();
+    }
 }
 
 fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
@@ -880,28 +1111,42 @@ mod tests {
 
     #[test]
     fn a_merge_cell_is_seen_even_across_two_chunks() {
-        for split in 0..=MERGE_CELL.len() + 2 {
+        for split in 0..=XLSX_MERGE.len() + 2 {
             let text =
                 b"<sheetData/><mergeCells count=\"1\"><mergeCell ref=\"B2:B3\"/></mergeCells>";
             let at = 34 + split.min(10);
-            let mut c = Counter::new(false, true);
+            let mut c = Counter::new(false, Some(XLSX_MERGE));
             c.write_all(&text[..at]).unwrap();
             c.write_all(&text[at..]).unwrap();
             assert!(c.saw_merge, "split at {at}");
         }
         // One byte at a time, and with a namespace prefix.
-        let mut c = Counter::new(false, true);
+        let mut c = Counter::new(false, Some(XLSX_MERGE));
         for b in b"<x:mergeCells count=\"1\"><x:mergeCell ref=\"A2:A3\"/>" {
             c.write_all(&[*b]).unwrap();
         }
         assert!(c.saw_merge);
-        let mut c = Counter::new(false, true);
+        let mut c = Counter::new(false, Some(XLSX_MERGE));
         c.write_all(b"<sheetData><row r=\"1\"/></sheetData><mergeCells count=\"0\"></mergeCells>")
             .unwrap();
         assert!(!c.saw_merge);
-        let mut c = Counter::new(false, false);
+        let mut c = Counter::new(false, None);
         c.write_all(b"<mergeCell ref=\"A1:B1\"/>").unwrap();
         assert!(!c.saw_merge, "only worksheets are searched");
         assert_eq!(merged_note(&[]), None);
+    }
+
+    #[test]
+    fn the_counter_stops_past_its_budget_and_finds_ods_merges() {
+        let mut c = Counter::new(false, Some(ODS_MERGE));
+        c.stop_after = Some(10);
+        c.write_all(b"<table:cov").unwrap();
+        assert!(!c.stopped);
+        assert!(c.write_all(b"ered-table-cell/>").is_err());
+        assert!(c.stopped && c.bytes == 27);
+        let mut c = Counter::new(false, Some(ODS_MERGE));
+        c.write_all(b"<table:cov").unwrap();
+        c.write_all(b"ered-table-cell/>").unwrap();
+        assert!(c.saw_merge);
     }
 }
