@@ -215,7 +215,10 @@ fn open_app(data_dir: &Path) -> AppResult<App> {
             data_dir: Some(data_dir.to_path_buf()),
             ..Default::default()
         },
-        &[],
+        // The page cache can be tried out: ROLLCALL_DATABASE_CACHE_MIB=256 rollcall bench ...
+        &std::env::vars()
+            .filter(|(k, _)| k == "ROLLCALL_DATABASE_CACHE_MIB")
+            .collect::<Vec<_>>(),
         None,
     )?;
     let exe = std::env::current_exe().map_err(|e| AppError::internal("finding the binary", e))?;
@@ -326,7 +329,10 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             rows = u64::from(last_row);
             secs = start.elapsed().as_secs_f64();
         }
-        "bare_insert" => {
+        "bare_insert" | "bare_insert_changes" => {
+            // The second also records each insert as a job change with its after-image (the
+            // shape `apply` writes): SQLite's own cost of keeping before/after values.
+            let changes = a.stage == "bare_insert_changes";
             let app = prepare(&a.data_dir, a.rows, BenchRules::Declared)?;
             let (tenant_id, pool_id): (i64, i64) =
                 app.conn
@@ -337,9 +343,26 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 .into_iter()
                 .map(|t| t.id)
                 .collect();
+            let job_id = if changes {
+                app.conn.execute(
+                    "INSERT INTO uploads (tenant_id, operation, file_name, file_sha256, file_size, stored_path, status, uploaded_by, uploaded_at) VALUES (?1, 'add', 'bench', '', 0, '', 'validated', 'bench', ?2)",
+                    params![tenant_id, db::now()],
+                )?;
+                let upload = app.conn.last_insert_rowid();
+                app.conn.execute(
+                    "INSERT INTO jobs (tenant_id, upload_id, operation, state, submitted_by, submitted_at) VALUES (?1, ?2, 'add', 'running', 'bench', ?3)",
+                    params![tenant_id, upload, db::now()],
+                )?;
+                app.conn.last_insert_rowid()
+            } else {
+                0
+            };
             let start = Instant::now();
             let tx = app.conn.unchecked_transaction()?;
             {
+                let mut change = tx.prepare(
+                    "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after, note) VALUES (?1, ?2, ?3, 'create', NULL, ?4, NULL)",
+                )?;
                 let mut st = tx.prepare(
                     "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, job_title, team_id, role, language, pool_id, status, custom, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', ?11, ?12, ?12)",
@@ -347,6 +370,8 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 let now = db::now();
                 for i in 0..a.rows {
                     let v = row_values(i);
+                    let team = teams[i % teams.len()];
+                    let custom = custom_json(i);
                     st.execute(params![
                         tenant_id,
                         v[0],
@@ -354,13 +379,22 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                         v[1],
                         v[2],
                         v[3],
-                        teams[i % teams.len()],
+                        team,
                         v[5],
                         v[6],
                         pool_id,
-                        custom_json(i),
+                        custom,
                         now
                     ])?;
+                    if changes {
+                        let user_id = tx.last_insert_rowid();
+                        let after = serde_json::json!([
+                            v[0], v[1], v[2], v[3], team, v[4], v[5], v[6], pool_id, POOL,
+                            "active", custom
+                        ])
+                        .to_string();
+                        change.execute(params![job_id, i as i64 + 2, user_id, after])?;
+                    }
                     rows += 1;
                 }
             }
@@ -574,9 +608,10 @@ fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
     ))
 }
 
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "bare_read",
     "bare_insert",
+    "bare_insert_changes",
     "read",
     "validate",
     "validate_rowrule",

@@ -306,11 +306,22 @@ pub fn process_rows(
     // the checker reads and checks the next rows.
     let mut checker = v.checker(errors_column);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Checked>, ReadFailure>>(16);
+    // Batches the writer is done with come back to be freed (and their room reused) on the
+    // thread that allocated their strings: freeing across threads costs the allocator locks.
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<Checked>>();
     let (applied, checked) = std::thread::scope(|scope| {
         let mut stage = stage;
         let check = scope.spawn(move || {
             let mut row = RawRow::default();
             let mut batch = Vec::with_capacity(CHECK_BATCH);
+            let recycled = || {
+                let mut room = None;
+                while let Ok(mut b) = back_rx.try_recv() {
+                    b.clear();
+                    room = Some(b);
+                }
+                room.unwrap_or_else(|| Vec::with_capacity(CHECK_BATCH))
+            };
             'rows: loop {
                 match reader.next_row(&mut row) {
                     Ok(true) => {
@@ -321,8 +332,9 @@ pub fn process_rows(
                             batch.push(c);
                         }
                         if batch.len() == CHECK_BATCH {
-                            let full = std::mem::take(&mut batch);
-                            for ready in checker.through_rules(&mut stage, full, false) {
+                            let full = std::mem::replace(&mut batch, recycled());
+                            for mut ready in checker.through_rules(&mut stage, full, false) {
+                                checker.prepare(&mut ready);
                                 if tx.send(Ok(ready)).is_err() {
                                     break 'rows;
                                 }
@@ -330,7 +342,8 @@ pub fn process_rows(
                         }
                     }
                     Ok(false) => {
-                        for ready in checker.through_rules(&mut stage, batch, true) {
+                        for mut ready in checker.through_rules(&mut stage, batch, true) {
+                            checker.prepare(&mut ready);
                             let _ = tx.send(Ok(ready));
                         }
                         if let Some(st) = stage.take() {
@@ -352,11 +365,13 @@ pub fn process_rows(
             for msg in rx {
                 match msg {
                     Ok(batch) => {
-                        for c in batch {
+                        for c in &batch {
                             v.apply(c, on_effect)?;
                             seen += 1;
                         }
                         progress(seen);
+                        // Once the checker has finished, the last batches are freed here.
+                        let _ = back_tx.send(batch);
                     }
                     Err(f) => return Ok(Some(f)),
                 }
@@ -767,6 +782,38 @@ struct RowValues {
     reason: Option<String>,
     /// Custom columns given: (n-th custom column, value; `None` clears it in an update).
     custom: Vec<(u16, Option<String>)>,
+    /// For a new user in apply mode, what the writer records, made ahead by the checking
+    /// thread (which has time to spare) so the writing thread only writes.
+    prepared: Option<PreparedCreate>,
+}
+
+/// A new user's custom values (as the users table keeps them) and after-image.
+struct PreparedCreate {
+    custom: Option<String>,
+    after: Vec<u8>,
+}
+
+/// The after-image of a new user made from a row (the defaults of an add filled in).
+fn create_image<'a>(
+    rv: &'a RowValues,
+    team: Option<&'a str>,
+    pool: &'a str,
+    custom: Option<&'a str>,
+) -> Image<'a> {
+    Image {
+        email: &rv.email,
+        first_name: rv.first_name.as_deref().unwrap_or(""),
+        last_name: rv.last_name.as_deref().unwrap_or(""),
+        job_title: rv.job_title.as_ref().and_then(|t| t.as_deref()),
+        team_id: rv.team.flatten(),
+        team,
+        role: rv.role.unwrap_or("Learner"),
+        language: rv.language.unwrap_or(DEFAULT_LANGUAGE),
+        pool_id: rv.pool.unwrap_or_default(),
+        pool,
+        status: "active",
+        custom,
+    }
 }
 
 fn exists_hint(u: &User) -> &'static str {
@@ -867,9 +914,38 @@ struct Checker {
     row_errors: u64,
     /// The header has the error workbook's Errors column (its cells are ignored).
     errors_column: bool,
+    /// Make each new user's records ahead (`RowValues::prepared`): adding, in apply mode.
+    prepare_creates: bool,
+    /// Team names by id and the custom columns' names by number, for those records.
+    team_names: HashMap<i64, String>,
+    custom_names: Vec<String>,
 }
 
 impl Checker {
+    /// Makes the records of the new users of a batch about to be written (see
+    /// `RowValues::prepared`); rows with errors are never written and are left alone.
+    fn prepare(&self, batch: &mut [Checked]) {
+        if !self.prepare_creates {
+            return;
+        }
+        for c in batch.iter_mut().filter(|c| c.ok && !c.rv.email.is_empty()) {
+            let rv = &c.rv;
+            let custom = new_custom_json(&self.custom_names, &rv.custom);
+            let team = rv
+                .team
+                .flatten()
+                .and_then(|id| self.team_names.get(&id))
+                .map(String::as_str);
+            let pool = rv.pool.map(|p| pool_name_in(&self.pools, p)).unwrap_or("");
+            let mut after = Vec::with_capacity(256);
+            if serde_json::to_writer(&mut after, &create_image(rv, team, pool, custom.as_deref()))
+                .is_ok()
+            {
+                c.rv.prepared = Some(PreparedCreate { custom, after });
+            }
+        }
+    }
+
     /// Checks one row; `None` for a row of nothing but spaces.
     fn check(&mut self, raw: &RawRow) -> Option<Checked> {
         let row = raw.index + 1;
@@ -1544,6 +1620,8 @@ struct Validator<'c> {
     limits: crate::config::Limits,
     tenant: Tenant,
     teams: HashMap<String, (i64, String)>,
+    /// Team names by id (the after-images name the team).
+    team_names: HashMap<i64, String>,
     pools: Vec<PoolState>,
     pool_index: HashMap<String, usize>,
     /// The pool chosen for the file (index into `pools`), when one was and it exists.
@@ -1582,10 +1660,11 @@ impl<'c> Validator<'c> {
         limits: &crate::config::Limits,
         sheet: String,
     ) -> AppResult<Validator<'c>> {
-        let teams = db::list_teams(conn, req.tenant.id)?
+        let teams: HashMap<String, (i64, String)> = db::list_teams(conn, req.tenant.id)?
             .into_iter()
             .map(|t| (db::norm(&t.name), (t.id, t.name)))
             .collect();
+        let team_names = teams.values().map(|(id, n)| (*id, n.clone())).collect();
         let mut pools = Vec::new();
         let mut pool_index = HashMap::new();
         for p in db::list_pools(conn, req.tenant.id)? {
@@ -1637,6 +1716,7 @@ impl<'c> Validator<'c> {
             limits: limits.clone(),
             tenant: req.tenant.clone(),
             teams,
+            team_names,
             pools,
             pool_index,
             default_pool,
@@ -1690,6 +1770,9 @@ impl<'c> Validator<'c> {
             values: vec![String::new(); self.cols.len()],
             row_errors: 0,
             errors_column,
+            prepare_creates: self.op == Operation::Add && self.writer.is_some(),
+            team_names: self.team_names.clone(),
+            custom_names: self.custom_names.clone(),
         }
     }
 
@@ -1777,35 +1860,30 @@ impl<'c> Validator<'c> {
     }
 
     fn pool_name(&self, id: i64) -> String {
-        self.pools
-            .iter()
-            .find(|p| p.id == id)
-            .map(|p| p.name.clone())
-            .unwrap_or_default()
+        pool_name_in(&self.pools, id).to_string()
     }
 
     fn team_name(&self, id: Option<i64>) -> Option<String> {
-        let id = id?;
-        self.teams.values().find(|t| t.0 == id).map(|t| t.1.clone())
+        self.team_names.get(&id?).cloned()
     }
 
     /// Takes one checked row: looks the user up, computes the effect and, when writing and
     /// no error was found so far, writes it.
-    fn apply(&mut self, c: Checked, on_effect: &mut EffectSink<'_>) -> AppResult<()> {
+    fn apply(&mut self, c: &Checked, on_effect: &mut EffectSink<'_>) -> AppResult<()> {
         let Checked {
             row,
-            mut rv,
+            ref rv,
             ok,
             errors,
-        } = c;
+        } = *c;
         self.checker_errors += errors;
         self.row_errors = 0;
         let email_col = self.col_of(Field::Email);
         if rv.email.is_empty() {
             return Ok(());
         }
-        let email = rv.email.clone();
-        let email_norm = std::mem::take(&mut rv.email_norm);
+        let email = rv.email.as_str();
+        let email_norm = rv.email_norm.as_str();
         // Adding while writing without errors so far: the insert itself finds an existing
         // user (its unique index), which spares a lookup per row.
         let insert_finds_existing =
@@ -1813,7 +1891,7 @@ impl<'c> Validator<'c> {
         let existing = if insert_finds_existing {
             None
         } else {
-            self.lookup_norm(&email_norm)?
+            self.lookup_norm(email_norm)?
         };
         let effect = match self.op {
             Operation::Add => {
@@ -1823,7 +1901,7 @@ impl<'c> Validator<'c> {
                         Severity::Error,
                         Some(row),
                         email_col,
-                        Some(&email),
+                        Some(email),
                         "user_exists",
                         format!("A user with the email {} already exists; {hint}.", u.email),
                     );
@@ -1851,21 +1929,21 @@ impl<'c> Validator<'c> {
                         Severity::Error,
                         Some(row),
                         email_col,
-                        Some(&email),
+                        Some(email),
                         "user_not_found",
                         msg,
                     );
                     return Ok(());
                 };
                 match self.op {
-                    Operation::Update => self.update_effect(row, u, &rv)?,
+                    Operation::Update => self.update_effect(row, u, rv)?,
                     Operation::Deactivate => {
                         if u.status == "deactivated" {
                             self.problem(
                                 Severity::Warning,
                                 Some(row),
                                 email_col,
-                                Some(&email),
+                                Some(email),
                                 "already_deactivated",
                                 format!(
                                     "{} is already deactivated; this row changes nothing.",
@@ -1888,7 +1966,7 @@ impl<'c> Validator<'c> {
                                 Severity::Warning,
                                 Some(row),
                                 email_col,
-                                Some(&email),
+                                Some(email),
                                 "already_active",
                                 format!("{} is already active; this row changes nothing.", u.email),
                             );
@@ -1915,20 +1993,20 @@ impl<'c> Validator<'c> {
                 }
             }
         };
-        self.check_user_refs(row, &rv)?;
+        self.check_user_refs(row, rv)?;
         if !ok || self.row_errors > 0 {
             return Ok(());
         }
         if self.writer.is_some() && self.errors_so_far() == 0 {
-            let written = self.write(row, &rv, &email_norm, existing.as_ref(), &effect)?;
+            let written = self.write(row, rv, email_norm, existing.as_ref(), &effect)?;
             if !written {
                 // The insert met an existing user: report it as validation would have.
-                if let Some(u) = self.lookup_norm(&email_norm)? {
+                if let Some(u) = self.lookup_norm(email_norm)? {
                     self.problem(
                         Severity::Error,
                         Some(row),
                         email_col,
-                        Some(&email),
+                        Some(email),
                         "user_exists",
                         format!(
                             "A user with the email {} already exists; {}.",
@@ -1941,7 +2019,7 @@ impl<'c> Validator<'c> {
             }
         }
         self.out.totals.count(&effect);
-        on_effect(row, &email, &effect);
+        on_effect(row, email, &effect);
         Ok(())
     }
 
@@ -1966,6 +2044,9 @@ impl<'c> Validator<'c> {
 
     /// A user's custom values with a row's applied (`None` when there are none).
     fn merged_custom(&self, old: Option<&str>, rv: &RowValues) -> Option<String> {
+        if old.is_none() {
+            return new_custom_json(&self.custom_names, &rv.custom);
+        }
         let mut map: serde_json::Map<String, serde_json::Value> = old
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
@@ -2091,11 +2172,15 @@ impl<'c> Validator<'c> {
         existing: Option<&User>,
         effect: &Effect,
     ) -> AppResult<bool> {
-        let now = self.now.clone();
         let tenant_id = self.tenant.id;
         // The after-image of changed users, built from the existing user and the row.
         let mut after_user = existing.cloned();
+        let prepared = rv
+            .prepared
+            .as_ref()
+            .filter(|_| matches!(effect, Effect::Create));
         let new_custom = match (effect, existing) {
+            (Effect::Create, _) if prepared.is_some() => None,
             (Effect::Create, _) => self.merged_custom(None, rv),
             (Effect::Change { .. }, Some(u)) => self.merged_custom(u.custom.as_deref(), rv),
             _ => None,
@@ -2142,8 +2227,14 @@ impl<'c> Validator<'c> {
                 _ => {}
             }
         }
-        let team_name = self.team_name(rv.team.flatten());
-        let pool_name = rv.pool.map(|p| self.pool_name(p)).unwrap_or_default();
+        // Borrowed field by field, beside the writer: nothing is copied per row.
+        let now = self.now.as_str();
+        let team_name = rv
+            .team
+            .flatten()
+            .and_then(|id| self.team_names.get(&id))
+            .map(String::as_str);
+        let pool_name = rv.pool.map(|p| pool_name_in(&self.pools, p)).unwrap_or("");
         let Some(w) = self.writer.as_mut() else {
             return Ok(true);
         };
@@ -2155,16 +2246,24 @@ impl<'c> Validator<'c> {
         };
         let (user_id, action) = match effect {
             Effect::Create => {
-                let role = rv.role.unwrap_or("Learner");
-                let language = rv.language.unwrap_or(DEFAULT_LANGUAGE);
-                let first = rv.first_name.as_deref().unwrap_or("");
-                let last = rv.last_name.as_deref().unwrap_or("");
-                let job_title = rv.job_title.clone().flatten();
-                let team_id = rv.team.flatten();
-                let pool_id = rv.pool.unwrap_or_default();
+                let custom = match prepared {
+                    Some(p) => p.custom.as_deref(),
+                    None => new_custom.as_deref(),
+                };
+                let img = create_image(rv, team_name, pool_name, custom);
                 let inserted = w.insert.execute(params![
-                    tenant_id, rv.email, email_norm, first, last, job_title, team_id, role,
-                    language, pool_id, now, new_custom
+                    tenant_id,
+                    img.email,
+                    email_norm,
+                    img.first_name,
+                    img.last_name,
+                    img.job_title,
+                    img.team_id,
+                    img.role,
+                    img.language,
+                    img.pool_id,
+                    now,
+                    img.custom
                 ]);
                 match inserted {
                     Ok(_) => {}
@@ -2177,23 +2276,10 @@ impl<'c> Validator<'c> {
                     Err(e) => return Err(e.into()),
                 }
                 let id = self.conn.last_insert_rowid();
-                ser(
-                    &mut w.after,
-                    &Image {
-                        email: &rv.email,
-                        first_name: first,
-                        last_name: last,
-                        job_title: job_title.as_deref(),
-                        team_id,
-                        team: team_name.as_deref(),
-                        role,
-                        language,
-                        pool_id,
-                        pool: &pool_name,
-                        status: "active",
-                        custom: new_custom.as_deref(),
-                    },
-                )?;
+                match prepared {
+                    Some(p) => w.after.extend_from_slice(&p.after),
+                    None => ser(&mut w.after, &img)?,
+                }
                 (id, "create")
             }
             Effect::Unchanged { .. } => {
@@ -2300,10 +2386,77 @@ impl<'c> Validator<'c> {
     }
 }
 
+/// The name of pool `id` among `pools` ("" when it is not one of them).
+fn pool_name_in(pools: &[PoolState], id: i64) -> &str {
+    pools
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| p.name.as_str())
+        .unwrap_or("")
+}
+
+/// A new user's custom values as the users table keeps them: a JSON object with the keys in
+/// the order a JSON map keeps them (by name), written directly (`None` when there are none).
+/// The same text as building a `serde_json::Map`, without the map and its copies.
+fn new_custom_json(names: &[String], custom: &[(u16, Option<String>)]) -> Option<String> {
+    let mut pairs: Vec<(&str, &str)> = custom
+        .iter()
+        .filter_map(|(n, v)| Some((names.get(*n as usize)?.as_str(), v.as_deref()?)))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    // Stable, so a column given twice keeps its last value (as a map insert would).
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let room: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    let mut out = Vec::with_capacity(2 + room);
+    out.push(b'{');
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if pairs.get(i + 1).is_some_and(|next| next.0 == *k) {
+            continue;
+        }
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).ok()?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, v).ok()?;
+    }
+    out.push(b'}');
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sheet::codec::CellKind;
+
+    #[test]
+    fn new_custom_values_are_written_as_a_json_map_would_write_them() {
+        let names: Vec<String> = ["Zone", "Badge \"No\"", "Émploi", "A\u{1}"]
+            .map(String::from)
+            .to_vec();
+        let custom = vec![
+            (0, Some("z\\1".to_string())),
+            (1, Some("ça \"va\"\n".to_string())),
+            (2, None),
+            (3, Some("x".to_string())),
+            (9, Some("no such column".to_string())),
+            (0, Some("last wins".to_string())),
+        ];
+        let mut map = serde_json::Map::new();
+        for (n, v) in &custom {
+            if let (Some(name), Some(v)) = (names.get(*n as usize), v) {
+                map.insert(name.clone(), serde_json::Value::String(v.clone()));
+            }
+        }
+        assert_eq!(
+            new_custom_json(&names, &custom),
+            Some(serde_json::Value::Object(map).to_string())
+        );
+        assert_eq!(new_custom_json(&names, &[(2, None)]), None);
+        assert_eq!(new_custom_json(&names, &[]), None);
+    }
 
     #[test]
     fn emails() {

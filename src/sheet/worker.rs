@@ -261,11 +261,13 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
     // when it opens the file: those are checked first. The worksheets of an .xlsx are
     // streamed, so they are checked on a thread of their own while calamine reads them
     // (`WorksheetCheck`): inflating them twice in a row would cost a quarter of the read.
-    let is_worksheet = |name: &str| xlsx && name.to_ascii_lowercase().starts_with("xl/worksheets/");
     let mut now = Vec::new();
     let mut later = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        if is_worksheet(name) {
+    for i in 0..zip.len() {
+        // By index, not from `names` (which leaves out names that are not valid text).
+        let worksheet = xlsx
+            && matches!(zip.name_for_index(i), Some(Ok(n)) if n.to_ascii_lowercase().starts_with("xl/worksheets/"));
+        if worksheet {
             later.push(i);
         } else {
             now.push(i);
