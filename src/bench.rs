@@ -388,11 +388,18 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                     ])?;
                     if changes {
                         let user_id = tx.last_insert_rowid();
-                        let after = serde_json::json!([
-                            v[0], v[1], v[2], v[3], team, v[4], v[5], v[6], pool_id, POOL,
-                            "active", custom
-                        ])
-                        .to_string();
+                        // The generated values need no escaping but the custom JSON's quotes.
+                        let after = format!(
+                            r#"["{}","{}","{}","{}",{team},"{}","{}","{}",{pool_id},"{POOL}","active","{}"]"#,
+                            v[0],
+                            v[1],
+                            v[2],
+                            v[3],
+                            v[4],
+                            v[5],
+                            v[6],
+                            custom.replace('"', "\\\"")
+                        );
                         change.execute(params![job_id, i as i64 + 2, user_id, after])?;
                     }
                     rows += 1;

@@ -482,7 +482,7 @@ fn two_values_for_one_cell_are_refused_not_joined() {
 
 #[test]
 fn a_worksheet_bomb_is_refused_while_it_is_read() {
-    // The data sheet itself is the bomb: one cell of 96 MiB of the same letter (about
+    // The data sheet itself is the bomb: one cell of 48 MiB of the same letter (about
     // 1000:1). Worksheets are checked on their own thread while calamine streams them; the
     // check ends the worker with its refusal, whatever the reading thread was doing.
     let env = Env::new();
@@ -491,13 +491,22 @@ fn a_worksheet_bomb_is_refused_while_it_is_read() {
     let mut sheet = deactivate_sheet(2);
     sheet.rows[1][1] = C::Raw(format!(
         r#"<c r="B2" t="inlineStr"><is><t>{}</t></is></c>"#,
-        "A".repeat(96 << 20)
+        "A".repeat(48 << 20)
     ));
     write_xlsx(&p, &[sheet]);
     let (code, msg) = refused(&check_path(&env, &t, &p));
     assert_eq!(code, "zip_bomb", "{msg}");
     assert!(msg.contains("xl/worksheets/sheet1.xml"), "{msg}");
     assert!(msg.contains("above the limit of 400:1"), "{msg}");
+    // The same in the shared strings, which calamine reads as it opens the file while they
+    // are checked beside it.
+    let p = env.path("strings-bomb.xlsx");
+    let mut sheet = deactivate_sheet(2);
+    sheet.rows[1][1] = s(&"A".repeat(48 << 20));
+    write_xlsx(&p, &[sheet]);
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "zip_bomb", "{msg}");
+    assert!(msg.contains("xl/sharedStrings.xml"), "{msg}");
 }
 
 #[test]

@@ -257,17 +257,24 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
             ),
         ));
     }
-    // calamine reads an .ods whole and an .xlsx's shared strings, styles and workbook parts
-    // when it opens the file: those are checked first. The worksheets of an .xlsx are
-    // streamed, so they are checked on a thread of their own while calamine reads them
-    // (`WorksheetCheck`): inflating them twice in a row would cost a quarter of the read.
+    // calamine reads an .ods whole, and an .xlsx's styles and workbook parts when it opens
+    // the file: those are checked first. The shared strings and worksheets of an .xlsx (most
+    // of its bytes) are checked on a thread of their own while calamine reads them
+    // (`WorksheetCheck`): inflating them twice in a row would cost a quarter of the read. A
+    // bomb found there ends the worker; one that calamine meets first ends it at the memory
+    // limit, reported as such.
     let mut now = Vec::new();
     let mut later = Vec::new();
+    let mut shared = None;
     for i in 0..zip.len() {
         // By index, not from `names` (which leaves out names that are not valid text).
-        let worksheet = xlsx
-            && matches!(zip.name_for_index(i), Some(Ok(n)) if n.to_ascii_lowercase().starts_with("xl/worksheets/"));
-        if worksheet {
+        let name = match zip.name_for_index(i) {
+            Some(Ok(n)) => n.to_ascii_lowercase(),
+            _ => String::new(),
+        };
+        if xlsx && name == "xl/sharedstrings.xml" {
+            shared = Some(i);
+        } else if xlsx && name.starts_with("xl/worksheets/") {
             later.push(i);
         } else {
             now.push(i);
@@ -282,6 +289,13 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
                 .map(|e| e.compressed_size())
                 .unwrap_or(0)
         });
+        // The shared strings first of all: calamine reads them as it opens the file. It
+        // reserves room for as many strings as the part claims, so a count no part of this
+        // size could hold is refused now, from the part's first KiB.
+        if let Some(i) = shared {
+            check_shared_strings_count(&mut zip, i, limits)?;
+            later.insert(0, i);
+        }
         Format::Xlsx(WorksheetCheck {
             entries: later,
             checked: seen,
@@ -313,8 +327,8 @@ struct Checked {
     merged: bool,
 }
 
-/// The worksheets of an .xlsx, still to be checked for bombs while calamine streams the
-/// data sheet (see `detect_zip`).
+/// The shared strings and worksheets of an .xlsx, still to be checked for bombs while
+/// calamine reads them (see `detect_zip`).
 #[derive(Debug)]
 struct WorksheetCheck {
     entries: Vec<usize>,
@@ -455,20 +469,49 @@ fn check_zip_entries<R: Read + Seek>(
                 ),
             ));
         }
-        if let Some(count) = counter.unique_count() {
-            // Each shared string takes at least `<si><t/></si>` (12 bytes).
-            if count > n / 12 + 16 {
-                return Err(fatal(
-                    "file_damaged",
-                    format!(
-                        "The file is damaged or malicious: its shared strings claim {count} entries but hold at most {}.",
-                        n / 12 + 16
-                    ),
-                ));
-            }
-        }
+        shared_strings_count_fits(counter.unique_count(), n)?;
     }
     Ok(())
+}
+
+/// Refuses a shared strings part whose `uniqueCount` is more than it could hold inflated to
+/// the compression ratio limit (the full count check follows once it is inflated).
+fn check_shared_strings_count<R: Read + Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    index: usize,
+    limits: &Limits,
+) -> Result<(), Fail> {
+    let mut entry = zip.by_index(index).map_err(|e| {
+        fatal(
+            "file_damaged",
+            format!("The file is damaged: its shared strings cannot be read ({e})."),
+        )
+    })?;
+    let most_bytes = entry
+        .compressed_size()
+        .max(1)
+        .saturating_mul(limits.max_zip_ratio)
+        .max(1024 * 1024)
+        .min(limits.max_zip_entry_mib.saturating_mul(1024 * 1024));
+    let mut counter = Counter::new(true, None);
+    // A part that cannot be inflated is reported by the full check.
+    let _ = io::copy(&mut (&mut entry).take(1024), &mut counter);
+    shared_strings_count_fits(counter.unique_count(), most_bytes)
+}
+
+/// The count a shared strings part of at most `bytes` inflated bytes can hold: each string
+/// takes at least `<si><t/></si>` (12 bytes).
+fn shared_strings_count_fits(count: Option<u64>, bytes: u64) -> Result<(), Fail> {
+    match count {
+        Some(count) if count > bytes / 12 + 16 => Err(fatal(
+            "file_damaged",
+            format!(
+                "The file is damaged or malicious: its shared strings claim {count} entries but hold at most {}.",
+                bytes / 12 + 16
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A sink that counts bytes, stops past a byte budget, keeps the first KiB when asked (to
