@@ -931,12 +931,7 @@ impl Checker {
         for c in batch.iter_mut().filter(|c| c.ok && !c.rv.email.is_empty()) {
             let rv = &c.rv;
             let custom = new_custom_json(&self.custom_names, &rv.custom);
-            let team = rv
-                .team
-                .flatten()
-                .and_then(|id| self.team_names.get(&id))
-                .map(String::as_str);
-            let pool = rv.pool.map(|p| pool_name_in(&self.pools, p)).unwrap_or("");
+            let (team, pool) = team_and_pool(&self.team_names, &self.pools, rv);
             let mut after = Vec::with_capacity(256);
             if serde_json::to_writer(&mut after, &create_image(rv, team, pool, custom.as_deref()))
                 .is_ok()
@@ -2229,12 +2224,7 @@ impl<'c> Validator<'c> {
         }
         // Borrowed field by field, beside the writer: nothing is copied per row.
         let now = self.now.as_str();
-        let team_name = rv
-            .team
-            .flatten()
-            .and_then(|id| self.team_names.get(&id))
-            .map(String::as_str);
-        let pool_name = rv.pool.map(|p| pool_name_in(&self.pools, p)).unwrap_or("");
+        let (team_name, pool_name) = team_and_pool(&self.team_names, &self.pools, rv);
         let Some(w) = self.writer.as_mut() else {
             return Ok(true);
         };
@@ -2384,6 +2374,21 @@ impl<'c> Validator<'c> {
             .problems
             .sort_by_key(|p| (p.row.unwrap_or(0), p.severity));
     }
+}
+
+/// The names of a row's team and pool, borrowed (none, and "", when it names none).
+fn team_and_pool<'a>(
+    team_names: &'a HashMap<i64, String>,
+    pools: &'a [PoolState],
+    rv: &RowValues,
+) -> (Option<&'a str>, &'a str) {
+    let team = rv
+        .team
+        .flatten()
+        .and_then(|id| team_names.get(&id))
+        .map(String::as_str);
+    let pool = rv.pool.map(|p| pool_name_in(pools, p)).unwrap_or("");
+    (team, pool)
 }
 
 /// The name of pool `id` among `pools` ("" when it is not one of them).

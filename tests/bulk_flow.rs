@@ -807,20 +807,7 @@ fn ods_and_xls_files_are_read() {
     add_three(&mut env, &t);
     // An OpenDocument spreadsheet as LibreOffice writes it (repeated empty cells included).
     let p = env.path("deact.ods");
-    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    use std::io::Write;
-    z.start_file("mimetype", stored).unwrap();
-    z.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
-        .unwrap();
-    z.start_file("content.xml", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    let cell = |v: &str| {
-        format!(
-            r#"<table:table-cell office:value-type="string"><text:p>{v}</text:p></table:table-cell>"#
-        )
-    };
+    let cell = ods_cell;
     let row = |a: &str, b: &str| {
         format!(
             "<table:table-row>{}{}<table:table-cell table:number-columns-repeated=\"1022\"/></table:table-row>",
@@ -832,21 +819,14 @@ fn ods_and_xls_files_are_read() {
             }
         )
     };
-    let body = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Deactivate Users">{}{}{}<table:table-row table:number-rows-repeated="1048572"><table:table-cell table:number-columns-repeated="1024"/></table:table-row></table:table><table:table table:name="Read Me First"><table:table-row>{}</table:table-row></table:table></office:spreadsheet></office:body></office:document-content>"#,
+    let tables = format!(
+        r#"<table:table table:name="Deactivate Users">{}{}{}<table:table-row table:number-rows-repeated="1048572"><table:table-cell table:number-columns-repeated="1024"/></table:table-row></table:table><table:table table:name="Read Me First"><table:table-row>{}</table:table-row></table:table>"#,
         row("Email", "Reason"),
         row(" Ada@Example.com", "Left"),
         row("bob@example.com", ""),
         cell("notes")
     );
-    z.write_all(body.as_bytes()).unwrap();
-    z.start_file(
-        "META-INF/manifest.xml",
-        zip::write::SimpleFileOptions::default(),
-    )
-    .unwrap();
-    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
-    z.finish().unwrap();
+    write_ods(&p, &tables);
     let r = import(&mut env, &t, Operation::Deactivate, &p, false);
     assert!(r.applied, "{:?}", r.outcome.problems);
     assert_eq!(r.outcome.format, "ods");

@@ -224,22 +224,10 @@ fn worker_time_and_memory_limits_become_one_message() {
     let env = Env::with(|c| c.limits.worker_memory_mib = 256);
     let t = tenant(&env);
     let p = env.path("repeat.ods");
-    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    z.start_file("mimetype", stored).unwrap();
-    z.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
-        .unwrap();
-    z.start_file("content.xml", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Deactivate Users"><table:table-row><table:table-cell office:value-type="string"><text:p>Email</text:p></table:table-cell><table:table-cell office:value-type="string"><text:p>Reason</text:p></table:table-cell></table:table-row><table:table-row table:number-rows-repeated="1000000"><table:table-cell table:number-columns-repeated="1000" office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row></table:table></office:spreadsheet></office:body></office:document-content>"#).unwrap();
-    z.start_file(
-        "META-INF/manifest.xml",
-        zip::write::SimpleFileOptions::default(),
-    )
-    .unwrap();
-    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
-    z.finish().unwrap();
+    write_ods(
+        &p,
+        r#"<table:table table:name="Deactivate Users"><table:table-row><table:table-cell office:value-type="string"><text:p>Email</text:p></table:table-cell><table:table-cell office:value-type="string"><text:p>Reason</text:p></table:table-cell></table:table-row><table:table-row table:number-rows-repeated="1000000"><table:table-cell table:number-columns-repeated="1000" office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row></table:table>"#,
+    );
     let o = check_path(&env, &t, &p);
     let (code, msg) = refused(&o);
     assert!(
@@ -523,34 +511,15 @@ fn merged_cells_of_xls_and_ods_files_are_named() {
     // An .ods as LibreOffice saves a merge: the first cell spans two rows, the one below is
     // covered; a merge within the header row is not reported, nor one on another sheet.
     let p = env.path("merged.ods");
-    let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    z.start_file("mimetype", stored).unwrap();
-    z.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
-        .unwrap();
-    z.start_file("content.xml", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    let cell = |v: &str| {
-        format!(
-            r#"<table:table-cell office:value-type="string"><text:p>{v}</text:p></table:table-cell>"#
-        )
-    };
-    let body = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Read Me First"><table:table-row><table:table-cell table:number-rows-spanned="3" office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row><table:table-row table:number-rows-repeated="2"><table:covered-table-cell/></table:table-row></table:table><table:table table:name="Deactivate Users"><table:table-row>{}{}</table:table-row><table:table-row>{}<table:table-cell table:number-rows-spanned="2" office:value-type="string"><text:p>Left</text:p></table:table-cell></table:table-row><table:table-row>{}<table:covered-table-cell/></table:table-row><table:table-row table:number-rows-repeated="3"><table:table-cell table:number-columns-repeated="2"/></table:table-row><table:table-row><table:table-cell table:number-columns-repeated="2"/><table:table-cell table:number-columns-spanned="2" office:value-type="string"><text:p>aside</text:p></table:table-cell><table:covered-table-cell/></table:table-row></table:table></office:spreadsheet></office:body></office:document-content>"#,
+    let cell = ods_cell;
+    let tables = format!(
+        r#"<table:table table:name="Read Me First"><table:table-row><table:table-cell table:number-rows-spanned="3" office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row><table:table-row table:number-rows-repeated="2"><table:covered-table-cell/></table:table-row></table:table><table:table table:name="Deactivate Users"><table:table-row>{}{}</table:table-row><table:table-row>{}<table:table-cell table:number-rows-spanned="2" office:value-type="string"><text:p>Left</text:p></table:table-cell></table:table-row><table:table-row>{}<table:covered-table-cell/></table:table-row><table:table-row table:number-rows-repeated="3"><table:table-cell table:number-columns-repeated="2"/></table:table-row><table:table-row><table:table-cell table:number-columns-repeated="2"/><table:table-cell table:number-columns-spanned="2" office:value-type="string"><text:p>aside</text:p></table:table-cell><table:covered-table-cell/></table:table-row></table:table>"#,
         cell("Email"),
         cell("Reason"),
         cell("ada@example.com"),
         cell("bob@example.com"),
     );
-    z.write_all(body.as_bytes()).unwrap();
-    z.start_file(
-        "META-INF/manifest.xml",
-        zip::write::SimpleFileOptions::default(),
-    )
-    .unwrap();
-    z.write_all(br#"<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/></manifest:manifest>"#).unwrap();
-    z.finish().unwrap();
+    write_ods(&p, &tables);
     let o = check_path(&env, &t, &p);
     assert_eq!(o.format, "ods", "{:?}", o.problems);
     assert!(!o.refused, "{:?}", o.problems);
