@@ -351,6 +351,24 @@ fn zip_entries_that_lie_about_their_size() {
         ["zip_bomb", "file_damaged"].contains(&code),
         "{code}: {msg}"
     );
+
+    // Under the default limits only the worksheet's claim is wrong. Claiming less, it is cut
+    // at its claim (never inflated further) and the file is damaged; claiming more than the
+    // limit, it is refused from the directory before anything is inflated.
+    let env = Env::new();
+    let t = tenant(&env);
+    let base = std::fs::read(&p).unwrap();
+    let mut bytes = base.clone();
+    lie_about_size(&mut bytes, "xl/worksheets/sheet1.xml", 4000);
+    std::fs::write(&p, &bytes).unwrap();
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "file_damaged", "{msg}");
+    let mut bytes = base;
+    lie_about_size(&mut bytes, "xl/worksheets/sheet1.xml", 3_000_000_000);
+    std::fs::write(&p, &bytes).unwrap();
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "zip_bomb", "{msg}");
+    assert!(msg.contains("xl/worksheets/sheet1.xml"), "{msg}");
 }
 
 #[test]

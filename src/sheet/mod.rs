@@ -6,4 +6,5 @@ pub mod codec;
 pub mod reader;
 pub mod report;
 pub mod template;
+mod unzip;
 pub mod worker;

@@ -300,12 +300,6 @@ impl SheetReader {
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
-        // A refusal by the worker's checking thread, which ended the process at once.
-        if let Some(f) = stderr.lines().find_map(|l| {
-            serde_json::from_str::<Fatal>(l.strip_prefix(super::worker::REFUSAL_MARK)?).ok()
-        }) {
-            return failure(&f.code, f.message);
-        }
         let limits = &self.limits;
         if self.timed_out.load(Ordering::SeqCst) {
             return failure(

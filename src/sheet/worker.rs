@@ -1,18 +1,19 @@
 //! The parsing worker: the same binary re-executed as `rollcall __read-worker`, run by
 //! `sheet::reader` under memory, CPU and time limits. It detects the file's real format,
-//! checks archives for bombs while inflating, opens the file with calamine (or the csv
-//! reader) and streams the data sheet's rows to stdout (see `codec`). Anything hostile that
+//! checks archives against the zip limits (an .xlsx through `unzip`, an .ods by inflating
+//! it once with counters), opens the file with calamine (or the csv reader) and streams the data sheet's rows to stdout (see `codec`). Anything hostile that
 //! makes a library abort kills only this process; the parent turns that into one message.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use calamine::{Data, DataRef, Ods, Reader, Xls, Xlsx};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CellKind, RawRow};
+use super::unzip::Unzipped;
 use crate::config::Limits;
 use crate::model::META_SHEET;
 
@@ -48,14 +49,15 @@ pub struct Fatal {
     pub message: String,
 }
 
-fn fatal(code: &str, message: impl Into<String>) -> Fail {
+pub(super) fn fatal(code: &str, message: impl Into<String>) -> Fail {
     Fail::Fatal(Fatal {
         code: code.to_string(),
         message: message.into(),
     })
 }
 
-enum Fail {
+#[derive(Debug)]
+pub(super) enum Fail {
     Fatal(Fatal),
     /// Writing to the parent failed (it went away); nothing more to say.
     Pipe(io::Error),
@@ -92,8 +94,8 @@ pub fn run(args: &WorkerArgs) -> i32 {
 
 #[derive(Debug)]
 enum Format {
-    /// The worksheets are still to be checked while they are read.
-    Xlsx(WorksheetCheck),
+    /// Checked from its directory; calamine reads it through `Unzipped`.
+    Xlsx(Unzipped),
     /// `merged`: the content holds merged cells (seen while inflating it).
     Ods {
         merged: bool,
@@ -257,53 +259,28 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
             ),
         ));
     }
-    // calamine reads an .ods whole, and an .xlsx's styles and workbook parts when it opens
-    // the file: those are checked first. The shared strings and worksheets of an .xlsx (most
-    // of its bytes) are checked on a thread of their own while calamine reads them
-    // (`WorksheetCheck`): inflating them twice in a row would cost a quarter of the read. A
-    // bomb found there ends the worker; one that calamine meets first ends it at the memory
-    // limit, reported as such.
-    let mut now = Vec::new();
-    let mut later = Vec::new();
-    let mut shared = None;
-    for i in 0..zip.len() {
-        // By index, not from `names` (which leaves out names that are not valid text).
-        let name = match zip.name_for_index(i) {
-            Some(Ok(n)) => n.to_ascii_lowercase(),
-            _ => String::new(),
-        };
-        if xlsx && name == "xl/sharedstrings.xml" {
-            shared = Some(i);
-        } else if xlsx && name.starts_with("xl/worksheets/") {
-            later.push(i);
-        } else {
-            now.push(i);
-        }
-    }
-    let mut seen = Checked::default();
-    check_zip_entries(&mut zip, &now, limits, &mut seen)?;
-    Ok(if xlsx {
-        // Small sheets (the hidden metadata sheet) first: calamine reads those whole.
-        later.sort_by_key(|&i| {
-            zip.by_index_raw(i)
-                .map(|e| e.compressed_size())
-                .unwrap_or(0)
+    if xlsx {
+        // calamine reads an .xlsx through `Unzipped`, which checks every part's declared
+        // sizes now and never inflates a part past them, each part once, as it is read.
+        let file = File::open(path)
+            .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
+        let unzipped = Unzipped::new(&mut zip, file, limits)?;
+        // calamine reserves room for as many shared strings as the part claims when it opens
+        // the file: a count the part's size cannot hold is refused first, from its first KiB.
+        let shared = (0..zip.len()).find(|&i| {
+            matches!(zip.name_for_index(i), Some(Ok(n)) if n.eq_ignore_ascii_case("xl/sharedStrings.xml"))
         });
-        // The shared strings first of all: calamine reads them as it opens the file. It
-        // reserves room for as many strings as the part claims, so a count no part of this
-        // size could hold is refused now, from the part's first KiB.
         if let Some(i) = shared {
-            check_shared_strings_count(&mut zip, i, limits)?;
-            later.insert(0, i);
+            check_shared_strings_count(&mut zip, i)?;
         }
-        Format::Xlsx(WorksheetCheck {
-            entries: later,
-            checked: seen,
-        })
-    } else {
-        Format::Ods {
-            merged: seen.merged,
-        }
+        return Ok(Format::Xlsx(unzipped));
+    }
+    // calamine reads an .ods whole: every part is inflated once with counters first.
+    let all: Vec<usize> = (0..zip.len()).collect();
+    let mut seen = Checked::default();
+    check_zip_entries(&mut zip, &all, limits, &mut seen)?;
+    Ok(Format::Ods {
+        merged: seen.merged,
     })
 }
 
@@ -327,77 +304,64 @@ struct Checked {
     merged: bool,
 }
 
-/// The shared strings and worksheets of an .xlsx, still to be checked for bombs while
-/// calamine reads them (see `detect_zip`).
-#[derive(Debug)]
-struct WorksheetCheck {
-    entries: Vec<usize>,
-    checked: Checked,
+const MIB: u64 = 1024 * 1024;
+
+/// A refusal of part `name` as a zip bomb: `what` says what it does.
+pub(super) fn bomb(name: &str, what: String) -> Fail {
+    fatal(
+        "zip_bomb",
+        format!(
+            "The file was refused: its part {name} {what}. This happens with damaged or deliberately malicious files; save the data again from your spreadsheet program."
+        ),
+    )
 }
 
-/// Exit code of a worker refused by its checking thread; the refusal is on stderr.
-const REFUSED_EXIT: i32 = 86;
-/// The line on stderr that carries such a refusal (JSON of `Fatal` follows).
-pub const REFUSAL_MARK: &str = "rollcall-refusal: ";
+fn ratio_bomb(name: &str, n: u64, compressed: u64, limits: &Limits) -> Fail {
+    bomb(
+        name,
+        format!(
+            "is compressed {}:1, above the limit of {}:1",
+            n / compressed.max(1),
+            limits.max_zip_ratio
+        ),
+    )
+}
 
-impl WorksheetCheck {
-    /// Starts checking on another thread. A bomb ends the process at once, whatever the
-    /// reading thread is doing (it may be inflating the same bomb): the refusal goes to
-    /// stderr and the parent reports it instead of the broken stream.
-    fn spawn(self, path: PathBuf, limits: Limits) -> std::thread::JoinHandle<bool> {
-        std::thread::spawn(move || {
-            let mut seen = self.checked;
-            let result = open_zip(&path)
-                .and_then(|mut zip| check_zip_entries(&mut zip, &self.entries, &limits, &mut seen));
-            match result {
-                Ok(()) => seen.merged,
-                Err(Fail::Fatal(f)) => {
-                    let line = format!(
-                        "{REFUSAL_MARK}{}\n",
-                        serde_json::to_string(&f).unwrap_or_default()
-                    );
-                    let _ = io::stderr().write_all(line.as_bytes());
-                    // SAFETY: _exit ends the process without running anything else; the
-                    // other thread's half-written output is meant to be dropped.
-                    unsafe { libc::_exit(REFUSED_EXIT) }
-                }
-                // Never produced by the checks (they write nothing to the parent).
-                Err(Fail::Pipe(_)) => seen.merged,
-            }
-        })
+/// The limits a part's declared sizes must keep: its inflated size, and its compression
+/// ratio once it is over 1 MiB.
+pub(super) fn check_declared_size(
+    name: &str,
+    declared: u64,
+    compressed: u64,
+    limits: &Limits,
+) -> Result<(), Fail> {
+    if declared > limits.max_zip_entry_mib.saturating_mul(MIB) {
+        return Err(bomb(
+            name,
+            format!(
+                "would inflate to {} MiB, above the limit of {} MiB",
+                declared / MIB,
+                limits.max_zip_entry_mib
+            ),
+        ));
     }
+    if declared > MIB && declared / compressed.max(1) > limits.max_zip_ratio {
+        return Err(ratio_bomb(name, declared, compressed, limits));
+    }
+    Ok(())
 }
 
-/// Inflates the entries `indices` once with counters, so a bomb or an entry that lies
-/// about its size is refused before (or while) calamine reads it. Sizes and compression
-/// ratio are checked as the bytes come, not only at the end of an entry.
+/// Inflates the parts `indices` of an .ods once with counters, so a bomb or a part that
+/// lies about its size is refused before calamine reads it (calamine reads an .ods whole).
+/// Sizes and compression ratio are checked as the bytes come, not only at the end.
 fn check_zip_entries<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     indices: &[usize],
     limits: &Limits,
     seen: &mut Checked,
 ) -> Result<(), Fail> {
-    const MIB: u64 = 1024 * 1024;
     let max_entry = limits.max_zip_entry_mib.saturating_mul(MIB);
     let max_total = limits.max_zip_total_mib.saturating_mul(MIB);
-    let bomb = |name: &str, what: String| {
-        fatal(
-            "zip_bomb",
-            format!(
-                "The file was refused: its part {name} {what}. This happens with damaged or deliberately malicious files; save the data again from your spreadsheet program."
-            ),
-        )
-    };
-    let ratio_bomb = |name: &str, n: u64, compressed: u64| {
-        bomb(
-            name,
-            format!(
-                "is compressed {}:1, above the limit of {}:1",
-                n / compressed,
-                limits.max_zip_ratio
-            ),
-        )
-    };
     for &i in indices {
         let mut entry = zip.by_index(i).map_err(|e| {
             fatal(
@@ -411,37 +375,18 @@ fn check_zip_entries<R: Read + Seek>(
             .unwrap_or_else(|_| format!("#{i}"));
         let declared = entry.size();
         let compressed = entry.compressed_size().max(1);
-        if declared > max_entry {
-            return Err(bomb(
-                &name,
-                format!(
-                    "would inflate to {} MiB, above the limit of {} MiB",
-                    declared / MIB,
-                    limits.max_zip_entry_mib
-                ),
-            ));
-        }
-        if declared > MIB && declared / compressed > limits.max_zip_ratio {
-            return Err(ratio_bomb(&name, declared, compressed));
-        }
+        check_declared_size(&name, declared, compressed, limits)?;
         let lower = name.to_ascii_lowercase();
         if !(lower.ends_with(".xml") || lower.ends_with(".rels") || lower == "mimetype") {
             continue;
         }
-        let merge_mark: Option<&'static [u8]> = if lower.starts_with("xl/worksheets/") {
-            Some(XLSX_MERGE)
-        } else if lower == "content.xml" {
-            Some(ODS_MERGE)
-        } else {
-            None
-        };
-        let mut counter = Counter::new(lower.ends_with("sharedstrings.xml"), merge_mark);
+        let mut counter = Counter::new((lower == "content.xml").then_some(ODS_MERGE));
         // Stop as soon as the ratio is over the limit: a bomb is not inflated to the end.
         counter.stop_after = Some(MIB.max(compressed.saturating_mul(limits.max_zip_ratio)));
         let copied = io::copy(&mut (&mut entry).take(max_entry + 1), &mut counter);
         let n = counter.bytes;
         if counter.stopped {
-            return Err(ratio_bomb(&name, n, compressed));
+            return Err(ratio_bomb(&name, n, compressed, limits));
         }
         copied.map_err(|e| {
             fatal(
@@ -458,7 +403,7 @@ fn check_zip_entries<R: Read + Seek>(
                 ),
             ));
         }
-        seen.merged |= counter.saw_merge;
+        seen.merged |= counter.saw_merge();
         seen.total += n;
         if seen.total > max_total {
             return Err(bomb(
@@ -469,34 +414,39 @@ fn check_zip_entries<R: Read + Seek>(
                 ),
             ));
         }
-        shared_strings_count_fits(counter.unique_count(), n)?;
     }
     Ok(())
 }
 
-/// Refuses a shared strings part whose `uniqueCount` is more than it could hold inflated to
-/// the compression ratio limit (the full count check follows once it is inflated).
+/// Refuses a shared strings part whose `uniqueCount` is more than its declared size could
+/// hold (`Unzipped` never presents more of it), from the part's first KiB.
 fn check_shared_strings_count<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     index: usize,
-    limits: &Limits,
 ) -> Result<(), Fail> {
-    let mut entry = zip.by_index(index).map_err(|e| {
+    let entry = zip.by_index(index).map_err(|e| {
         fatal(
             "file_damaged",
             format!("The file is damaged: its shared strings cannot be read ({e})."),
         )
     })?;
-    let most_bytes = entry
-        .compressed_size()
-        .max(1)
-        .saturating_mul(limits.max_zip_ratio)
-        .max(1024 * 1024)
-        .min(limits.max_zip_entry_mib.saturating_mul(1024 * 1024));
-    let mut counter = Counter::new(true, None);
-    // A part that cannot be inflated is reported by the full check.
-    let _ = io::copy(&mut (&mut entry).take(1024), &mut counter);
-    shared_strings_count_fits(counter.unique_count(), most_bytes)
+    let declared = entry.size();
+    let mut head = Vec::with_capacity(1024);
+    // A part that cannot be inflated is reported when calamine reads it.
+    let _ = entry.take(1024).read_to_end(&mut head);
+    shared_strings_count_fits(unique_count(&head), declared)
+}
+
+/// The `uniqueCount` of a shared strings part's start tag (`u64::MAX` when it is not a
+/// number).
+fn unique_count(head: &[u8]) -> Option<u64> {
+    let text = String::from_utf8_lossy(head);
+    let at = text.find("uniqueCount=\"")? + "uniqueCount=\"".len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok().or(Some(u64::MAX))
 }
 
 /// The count a shared strings part of at most `bytes` inflated bytes can hold: each string
@@ -514,45 +464,77 @@ fn shared_strings_count_fits(count: Option<u64>, bytes: u64) -> Result<(), Fail>
     }
 }
 
-/// A sink that counts bytes, stops past a byte budget, keeps the first KiB when asked (to
-/// read `uniqueCount`), and notices a merged cell's mark when asked (worksheets, content).
+/// Looks for a mark in bytes that come in chunks of any size: a match may straddle two.
+#[derive(Debug)]
+pub(super) struct MarkScan {
+    mark: &'static [u8],
+    /// The last bytes of the previous chunk (fewer than the mark).
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+impl MarkScan {
+    pub(super) fn new(mark: &'static [u8]) -> Self {
+        MarkScan {
+            mark,
+            tail: Vec::new(),
+            seen: false,
+        }
+    }
+    pub(super) fn seen(&self) -> bool {
+        self.seen
+    }
+    /// The next chunk does not follow the last one (another part, or the same from its start).
+    pub(super) fn restart(&mut self) {
+        self.tail.clear();
+    }
+    pub(super) fn feed(&mut self, buf: &[u8]) {
+        if self.seen {
+            return;
+        }
+        let mark = self.mark;
+        let head = &buf[..buf.len().min(mark.len())];
+        let mut seam = std::mem::take(&mut self.tail);
+        seam.extend_from_slice(head);
+        self.seen = memchr::memmem::find(&seam, mark).is_some()
+            || memchr::memmem::find(buf, mark).is_some();
+        if buf.len() >= mark.len() {
+            seam.clear();
+            seam.extend_from_slice(&buf[buf.len() - (mark.len() - 1)..]);
+        } else {
+            let from = seam.len().saturating_sub(mark.len() - 1);
+            seam.drain(..from);
+        }
+        self.tail = seam;
+    }
+}
+
+/// A sink that counts bytes, stops past a byte budget, and notices a merged cell's mark.
 struct Counter {
     bytes: u64,
     /// Refuse more bytes than this (the entry's compressed size times the ratio limit).
     stop_after: Option<u64>,
     stopped: bool,
-    head: Option<Vec<u8>>,
-    /// What marks a merged cell, and the last bytes of the previous chunk.
-    mark: Option<(&'static [u8], Vec<u8>)>,
-    saw_merge: bool,
+    mark: Option<MarkScan>,
 }
 
 /// An .xlsx merge, also found with a namespace prefix (`<x:mergeCell `); "mergeCells "
 /// does not match.
-const XLSX_MERGE: &[u8] = b"mergeCell ";
+pub(super) const XLSX_MERGE: &[u8] = b"mergeCell ";
 /// The cells an .ods merge covers.
 const ODS_MERGE: &[u8] = b"covered-table-cell";
 
 impl Counter {
-    fn new(keep_head: bool, mark: Option<&'static [u8]>) -> Self {
+    fn new(mark: Option<&'static [u8]>) -> Self {
         Counter {
             bytes: 0,
             stop_after: None,
             stopped: false,
-            head: keep_head.then(Vec::new),
-            mark: mark.map(|m| (m, Vec::new())),
-            saw_merge: false,
+            mark: mark.map(MarkScan::new),
         }
     }
-    fn unique_count(&self) -> Option<u64> {
-        let head = self.head.as_ref()?;
-        let text = String::from_utf8_lossy(head);
-        let at = text.find("uniqueCount=\"")? + "uniqueCount=\"".len();
-        let digits: String = text[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok().or(Some(u64::MAX))
+    fn saw_merge(&self) -> bool {
+        self.mark.as_ref().is_some_and(MarkScan::seen)
     }
 }
 
@@ -565,30 +547,8 @@ impl Write for Counter {
             self.stopped = true;
             return Err(io::Error::other("over the compression ratio limit"));
         }
-        if let Some(h) = &mut self.head
-            && h.len() < 1024
-        {
-            let take = (1024 - h.len()).min(buf.len());
-            h.extend_from_slice(&buf[..take]);
-        }
-        if let Some((mark, tail)) = &mut self.mark
-            && !self.saw_merge
-        {
-            // A match may straddle chunks: look across the seam (the last bytes seen, however
-            // small the chunks), then in the chunk.
-            let head = &buf[..buf.len().min(mark.len())];
-            let mut seam = std::mem::take(tail);
-            seam.extend_from_slice(head);
-            self.saw_merge = memchr::memmem::find(&seam, mark).is_some()
-                || memchr::memmem::find(buf, mark).is_some();
-            if buf.len() >= mark.len() {
-                seam.clear();
-                seam.extend_from_slice(&buf[buf.len() - (mark.len() - 1)..]);
-            } else {
-                let from = seam.len().saturating_sub(mark.len() - 1);
-                seam.drain(..from);
-            }
-            *tail = seam;
+        if let Some(m) = &mut self.mark {
+            m.feed(buf);
         }
         Ok(buf.len())
     }
@@ -773,10 +733,7 @@ fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let format = detect(&args.path, &args.declared_name, &args.limits)?;
     match format {
         Format::Csv => read_csv(args, out),
-        Format::Xlsx(check) => {
-            let check = check.spawn(args.path.clone(), args.limits.clone());
-            read_xlsx(args, out, check)
-        }
+        Format::Xlsx(unzipped) => read_xlsx(args, out, unzipped),
         Format::Xls => {
             let wb: Xls<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
             let merges = |wb: &Xls<_>, name: &str| wb.merge_cells_by_sheet_name(name).ok();
@@ -834,24 +791,11 @@ fn merged_note(ranges: &[calamine::Dimensions]) -> Option<String> {
     ))
 }
 
-fn read_xlsx<W: Write>(
-    args: &WorkerArgs,
-    out: &mut W,
-    check: std::thread::JoinHandle<bool>,
-) -> Result<(), Fail> {
-    let streamed = stream_xlsx(args, out);
-    // On every path, the worksheets' check has the last word: a refusal it finds ends the
-    // process (see `WorksheetCheck::spawn`), so nothing read is taken as the file's rows.
-    let merged = check.join().map_err(|_| {
-        fatal(
-            "internal",
-            "Checking the file's worksheets stopped unexpectedly.",
-        )
-    })?;
-    let Some((mut wb, name, mut notes)) = streamed? else {
+fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, unzipped: Unzipped) -> Result<(), Fail> {
+    let Some((mut wb, name, mut notes)) = stream_xlsx(args, out, unzipped.clone())? else {
         return Ok(());
     };
-    if merged {
+    if unzipped.saw_merge() {
         // Only files that have merged cells read the sheet's merge list (a second pass).
         // A merge list calamine cannot read only loses the note, never the file.
         if let Ok(ranges) = wb.merge_cells_by_sheet_name(&name)
@@ -871,15 +815,16 @@ fn send_notes<W: Write>(out: &mut W, notes: &[String]) -> Result<(), Fail> {
     codec::write_json_frame(out, codec::FRAME_NOTES, &json).map_err(Fail::Pipe)
 }
 
-type OpenXlsx = Xlsx<BufReader<File>>;
+type OpenXlsx = Xlsx<Unzipped>;
 
 /// Streams the data sheet of an .xlsx; returns the workbook, the sheet's name and the notes
 /// on how it was read (`None` when there is no data sheet).
 fn stream_xlsx<W: Write>(
     args: &WorkerArgs,
     out: &mut W,
+    unzipped: Unzipped,
 ) -> Result<Option<(OpenXlsx, String, Vec<String>)>, Fail> {
-    let mut wb: OpenXlsx = calamine::open_workbook(&args.path).map_err(damaged)?;
+    let mut wb: OpenXlsx = Xlsx::new(unzipped).map_err(damaged)?;
     let sheets = sheet_list(wb.sheets_metadata());
     let meta = match find_sheet(&sheets, META_SHEET) {
         Some(name) => Some(meta_from_range(
@@ -1160,38 +1105,38 @@ mod tests {
             let text =
                 b"<sheetData/><mergeCells count=\"1\"><mergeCell ref=\"B2:B3\"/></mergeCells>";
             let at = 34 + split.min(10);
-            let mut c = Counter::new(false, Some(XLSX_MERGE));
+            let mut c = Counter::new(Some(XLSX_MERGE));
             c.write_all(&text[..at]).unwrap();
             c.write_all(&text[at..]).unwrap();
-            assert!(c.saw_merge, "split at {at}");
+            assert!(c.saw_merge(), "split at {at}");
         }
         // One byte at a time, and with a namespace prefix.
-        let mut c = Counter::new(false, Some(XLSX_MERGE));
+        let mut c = Counter::new(Some(XLSX_MERGE));
         for b in b"<x:mergeCells count=\"1\"><x:mergeCell ref=\"A2:A3\"/>" {
             c.write_all(&[*b]).unwrap();
         }
-        assert!(c.saw_merge);
-        let mut c = Counter::new(false, Some(XLSX_MERGE));
+        assert!(c.saw_merge());
+        let mut c = Counter::new(Some(XLSX_MERGE));
         c.write_all(b"<sheetData><row r=\"1\"/></sheetData><mergeCells count=\"0\"></mergeCells>")
             .unwrap();
-        assert!(!c.saw_merge);
-        let mut c = Counter::new(false, None);
+        assert!(!c.saw_merge());
+        let mut c = Counter::new(None);
         c.write_all(b"<mergeCell ref=\"A1:B1\"/>").unwrap();
-        assert!(!c.saw_merge, "only worksheets are searched");
+        assert!(!c.saw_merge(), "only worksheets are searched");
         assert_eq!(merged_note(&[]), None);
     }
 
     #[test]
     fn the_counter_stops_past_its_budget_and_finds_ods_merges() {
-        let mut c = Counter::new(false, Some(ODS_MERGE));
+        let mut c = Counter::new(Some(ODS_MERGE));
         c.stop_after = Some(10);
         c.write_all(b"<table:cov").unwrap();
         assert!(!c.stopped);
         assert!(c.write_all(b"ered-table-cell/>").is_err());
         assert!(c.stopped && c.bytes == 27);
-        let mut c = Counter::new(false, Some(ODS_MERGE));
+        let mut c = Counter::new(Some(ODS_MERGE));
         c.write_all(b"<table:cov").unwrap();
         c.write_all(b"ered-table-cell/>").unwrap();
-        assert!(c.saw_merge);
+        assert!(c.saw_merge());
     }
 }

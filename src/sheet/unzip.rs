@@ -1,0 +1,523 @@
+//! The archive calamine reads an .xlsx from: the upload's own parts, presented as a stored
+//! (uncompressed) zip whose bytes are inflated from the upload on demand, as calamine asks
+//! for them — each part once, on the thread that parses it.
+//!
+//! Every size limit is checked on the upload's central directory before a byte is inflated
+//! (`Unzipped::new`), and a part is never inflated past the size it declares: that size is
+//! all the presented archive holds of it. So a zip bomb is refused from its directory, and a
+//! part that lies about its size is cut at its claim (its checksum then fails, and the file
+//! is reported as damaged). Nothing is inflated twice, nothing is held whole.
+//!
+//! While worksheets are served, their bytes are scanned for a merged cell's mark, so only a
+//! file with merged cells pays for reading the sheet's merge list.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::rc::Rc;
+
+use super::worker::{Fail, MarkScan, XLSX_MERGE, check_declared_size, fatal};
+use crate::config::Limits;
+
+const LOCAL_HEADER: u32 = 0x0403_4b50;
+const CENTRAL_HEADER: u32 = 0x0201_4b50;
+const END_OF_CENTRAL: u32 = 0x0605_4b50;
+/// General-purpose flag: the name is UTF-8 (we write names as zip decoded them).
+const UTF8_NAME: u16 = 1 << 11;
+const LOCAL_LEN: u64 = 30;
+const CENTRAL_LEN: usize = 46;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Method {
+    Stored,
+    Deflated,
+}
+
+/// One part as presented, and where its bytes come from in the upload.
+#[derive(Debug)]
+struct Part {
+    name: String,
+    crc: u32,
+    /// Bytes presented: the size the part declares, or 0 for a part calamine never reads.
+    size: u64,
+    /// Virtual offsets of its local header and its data.
+    header_at: u64,
+    data_at: u64,
+    /// Where its compressed bytes start in the upload, how many there are, and how.
+    source_at: u64,
+    compressed: u64,
+    method: Method,
+    /// Look for a merged cell's mark in it (worksheets).
+    scan: bool,
+}
+
+/// The part being inflated and how far.
+struct Inflating {
+    part: usize,
+    pos: u64,
+    reader: Box<dyn Read>,
+}
+
+struct State {
+    file: File,
+    parts: Vec<Part>,
+    /// The central directory and its end record, at `central_at`.
+    central: Vec<u8>,
+    central_at: u64,
+    pos: u64,
+    open: Option<Inflating>,
+    marks: MarkScan,
+}
+
+/// A handle on the presented archive. calamine owns one; the worker keeps a clone to ask,
+/// once the rows are read, whether a worksheet held merged cells.
+#[derive(Clone)]
+pub struct Unzipped(Rc<RefCell<State>>);
+
+impl std::fmt::Debug for Unzipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unzipped")
+            .field("parts", &self.0.borrow().parts.len())
+            .finish()
+    }
+}
+
+/// Parts calamine reads: XML and relationships. Pictures and other payloads are presented
+/// as empty, so they are never inflated and do not count towards the limits.
+fn read_by_calamine(lower: &str) -> bool {
+    lower.ends_with(".xml") || lower.ends_with(".rels")
+}
+
+impl Unzipped {
+    /// Checks every part's declared sizes against the limits and lays out the archive;
+    /// `file` is the upload itself.
+    pub fn new<R: Read + Seek>(
+        zip: &mut zip::ZipArchive<R>,
+        file: File,
+        limits: &Limits,
+    ) -> Result<Unzipped, Fail> {
+        let mut parts = Vec::with_capacity(zip.len());
+        let mut at = 0u64;
+        let mut total = 0u64;
+        for i in 0..zip.len() {
+            let entry = zip.by_index_raw(i).map_err(|e| {
+                fatal(
+                    "file_damaged",
+                    format!("The file is damaged: part {i} cannot be read ({e})."),
+                )
+            })?;
+            let decoded = entry.name().ok().map(|n| n.into_owned());
+            let name = match decoded {
+                Some(n) if n.len() <= usize::from(u16::MAX) => n,
+                // A name that is not text is no part calamine looks for.
+                _ => format!("#{i}"),
+            };
+            let lower = name.to_ascii_lowercase();
+            let wanted = read_by_calamine(&lower);
+            if wanted && entry.encrypted() {
+                return Err(fatal(
+                    "file_encrypted",
+                    "The file is password-protected (its parts are encrypted). Remove the password, save and upload it again.",
+                ));
+            }
+            let declared = entry.size();
+            let compressed = entry.compressed_size();
+            let method = match entry.compression() {
+                zip::CompressionMethod::Stored => Method::Stored,
+                zip::CompressionMethod::Deflated => Method::Deflated,
+                other if wanted => {
+                    return Err(fatal(
+                        "file_damaged",
+                        format!(
+                            "The file cannot be read: its part {name} is compressed with a method spreadsheet programs do not use ({other:?}). Save it again from your spreadsheet program and upload the new copy."
+                        ),
+                    ));
+                }
+                _ => Method::Stored,
+            };
+            let size = if wanted {
+                check_declared_size(&name, declared, compressed, limits)?;
+                total = total.saturating_add(declared);
+                if total > limits.max_zip_total_mib.saturating_mul(1024 * 1024) {
+                    return Err(super::worker::bomb(
+                        &name,
+                        format!(
+                            "brings the inflated total above {} MiB",
+                            limits.max_zip_total_mib
+                        ),
+                    ));
+                }
+                if method == Method::Stored && declared != compressed {
+                    return Err(fatal(
+                        "file_damaged",
+                        format!(
+                            "The file is damaged: its part {name} claims {declared} bytes but holds {compressed}. Save it again from your spreadsheet program and upload the new copy."
+                        ),
+                    ));
+                }
+                declared
+            } else {
+                0
+            };
+            let source_at = match entry.data_start() {
+                Some(s) => s,
+                None => {
+                    return Err(fatal(
+                        "file_damaged",
+                        format!("The file is damaged: part {name} cannot be found in it."),
+                    ));
+                }
+            };
+            let header_at = at;
+            let data_at = header_at + LOCAL_LEN + name.len() as u64;
+            at = data_at + size;
+            parts.push(Part {
+                crc: if size == 0 { 0 } else { entry.crc32() },
+                size,
+                header_at,
+                data_at,
+                source_at,
+                compressed,
+                method,
+                scan: wanted && lower.starts_with("xl/worksheets/"),
+                name,
+            });
+        }
+        let central = central_directory(&parts, at);
+        if at + central.len() as u64 > u64::from(u32::MAX) {
+            return Err(super::worker::bomb(
+                "(all)",
+                "inflates to more than 4 GiB, the most rollcall reads".to_string(),
+            ));
+        }
+        Ok(Unzipped(Rc::new(RefCell::new(State {
+            file,
+            parts,
+            central,
+            central_at: at,
+            pos: 0,
+            open: None,
+            marks: MarkScan::new(XLSX_MERGE),
+        }))))
+    }
+
+    /// Whether a worksheet held a merged cell's mark. The rest of the part being read is
+    /// scanned first (calamine stops at the end of the cells; the merge list follows them).
+    pub fn saw_merge(&self) -> bool {
+        let mut s = self.0.borrow_mut();
+        if !s.marks.seen() {
+            s.scan_rest();
+        }
+        s.marks.seen()
+    }
+}
+
+fn u16le(v: &mut Vec<u8>, x: u16) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn u32le(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+/// Sizes and offsets fit 32 bits: `Unzipped::new` refuses a layout that does not.
+fn low32(x: u64) -> u32 {
+    u32::try_from(x).unwrap_or(u32::MAX)
+}
+
+fn local_header(p: &Part) -> Vec<u8> {
+    let mut v = Vec::with_capacity(LOCAL_LEN as usize + p.name.len());
+    u32le(&mut v, LOCAL_HEADER);
+    u16le(&mut v, 20); // version needed
+    u16le(&mut v, UTF8_NAME);
+    u16le(&mut v, 0); // stored
+    u16le(&mut v, 0); // time
+    u16le(&mut v, 0x21); // date: 1980-01-01
+    u32le(&mut v, p.crc);
+    u32le(&mut v, low32(p.size));
+    u32le(&mut v, low32(p.size));
+    u16le(&mut v, p.name.len() as u16);
+    u16le(&mut v, 0); // extra
+    v.extend_from_slice(p.name.as_bytes());
+    v
+}
+
+fn central_directory(parts: &[Part], at: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in parts {
+        u32le(&mut v, CENTRAL_HEADER);
+        u16le(&mut v, 20); // made by
+        u16le(&mut v, 20); // needed
+        u16le(&mut v, UTF8_NAME);
+        u16le(&mut v, 0); // stored
+        u16le(&mut v, 0);
+        u16le(&mut v, 0x21);
+        u32le(&mut v, p.crc);
+        u32le(&mut v, low32(p.size));
+        u32le(&mut v, low32(p.size));
+        u16le(&mut v, p.name.len() as u16);
+        u16le(&mut v, 0); // extra
+        u16le(&mut v, 0); // comment
+        u16le(&mut v, 0); // disk
+        u16le(&mut v, 0); // internal attributes
+        u32le(&mut v, 0); // external attributes
+        u32le(&mut v, low32(p.header_at));
+        v.extend_from_slice(p.name.as_bytes());
+    }
+    let size = v.len();
+    debug_assert!(size >= parts.len() * CENTRAL_LEN);
+    let n = parts.len().min(usize::from(u16::MAX)) as u16;
+    u32le(&mut v, END_OF_CENTRAL);
+    u16le(&mut v, 0);
+    u16le(&mut v, 0);
+    u16le(&mut v, n);
+    u16le(&mut v, n);
+    u32le(&mut v, low32(size as u64));
+    u32le(&mut v, low32(at));
+    u16le(&mut v, 0); // comment
+    v
+}
+
+fn copy_from(src: &[u8], at: u64, buf: &mut [u8]) -> usize {
+    let Some(rest) = usize::try_from(at).ok().and_then(|a| src.get(a..)) else {
+        return 0;
+    };
+    let n = rest.len().min(buf.len());
+    buf[..n].copy_from_slice(&rest[..n]);
+    n
+}
+
+impl State {
+    fn len(&self) -> u64 {
+        self.central_at + self.central.len() as u64
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let p = self.pos;
+        if buf.is_empty() || p >= self.len() {
+            return Ok(0);
+        }
+        let n = if p >= self.central_at {
+            copy_from(&self.central, p - self.central_at, buf)
+        } else {
+            // The first part starts at 0, so one starts at or before `p`.
+            let k = self.parts.partition_point(|x| x.header_at <= p) - 1;
+            let part = &self.parts[k];
+            if p < part.data_at {
+                copy_from(&local_header(part), p - part.header_at, buf)
+            } else {
+                self.read_data(k, p - part.data_at, buf)?
+            }
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    /// Starts inflating part `k` from its first byte.
+    fn inflate(&self, k: usize) -> io::Result<Inflating> {
+        let part = &self.parts[k];
+        let mut f = self.file.try_clone()?;
+        f.seek(SeekFrom::Start(part.source_at))?;
+        let raw = BufReader::with_capacity(1 << 16, f.take(part.compressed));
+        let reader: Box<dyn Read> = match part.method {
+            Method::Stored => Box::new(raw),
+            Method::Deflated => Box::new(flate2::bufread::DeflateDecoder::new(raw)),
+        };
+        Ok(Inflating {
+            part: k,
+            pos: 0,
+            reader,
+        })
+    }
+
+    /// Bytes of part `k` from offset `o` (below its size). A part whose data ends before
+    /// its declared size reads as ending there (its checksum then tells).
+    fn read_data(&mut self, k: usize, o: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let reuse = matches!(&self.open, Some(i) if i.part == k && i.pos <= o);
+        if !reuse {
+            self.open = Some(self.inflate(k)?);
+            self.marks.restart();
+        }
+        let part = &self.parts[k];
+        let Some(open) = self.open.as_mut() else {
+            return Ok(0);
+        };
+        let name = &part.name;
+        let damaged =
+            |e: io::Error| io::Error::new(e.kind(), format!("part {name} cannot be inflated: {e}"));
+        if open.pos < o {
+            let skipped = io::copy(&mut (&mut open.reader).take(o - open.pos), &mut io::sink())
+                .map_err(damaged)?;
+            open.pos += skipped;
+            if open.pos < o {
+                return Ok(0);
+            }
+        }
+        let want = usize::try_from(part.size - o)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = open.reader.read(&mut buf[..want]).map_err(damaged)?;
+        open.pos += n as u64;
+        if part.scan {
+            self.marks.feed(&buf[..n]);
+        }
+        Ok(n)
+    }
+
+    /// Inflates what is left of the worksheet being read, looking for the mark only.
+    fn scan_rest(&mut self) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        let part = &self.parts[open.part];
+        if !part.scan {
+            return;
+        }
+        let mut left = part.size.saturating_sub(open.pos);
+        let mut chunk = vec![0u8; 1 << 16];
+        while left > 0 && !self.marks.seen() {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+            match open.reader.read(&mut chunk[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    open.pos += n as u64;
+                    left -= n as u64;
+                    self.marks.feed(&chunk[..n]);
+                }
+            }
+        }
+    }
+}
+
+impl Read for Unzipped {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl Seek for Unzipped {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let mut s = self.0.borrow_mut();
+        let to = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => s.len().checked_add_signed(d),
+            SeekFrom::Current(d) => s.pos.checked_add_signed(d),
+        };
+        let Some(to) = to else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the archive",
+            ));
+        };
+        s.pos = to;
+        Ok(to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn archive(parts: &[(&str, &[u8], zip::CompressionMethod)]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        {
+            let mut w = zip::ZipWriter::new(f.as_file_mut());
+            for (name, data, method) in parts {
+                let o = zip::write::SimpleFileOptions::default().compression_method(*method);
+                w.start_file(*name, o).unwrap();
+                w.write_all(data).unwrap();
+            }
+            w.finish().unwrap();
+        }
+        f
+    }
+
+    fn open(f: &tempfile::NamedTempFile, limits: &Limits) -> Result<Unzipped, Fail> {
+        let mut zip = zip::ZipArchive::new(File::open(f.path()).unwrap()).unwrap();
+        Unzipped::new(&mut zip, File::open(f.path()).unwrap(), limits)
+    }
+
+    #[test]
+    fn every_part_reads_back_as_it_was_stored_or_deflated() {
+        let big: Vec<u8> = (0..300_000u32)
+            .flat_map(|i| format!("<c r=\"A{i}\"><v>{i}</v></c>").into_bytes())
+            .collect();
+        let f = archive(&[
+            (
+                "[Content_Types].xml",
+                b"<Types/>",
+                zip::CompressionMethod::Stored,
+            ),
+            (
+                "xl/worksheets/sheet1.xml",
+                &big,
+                zip::CompressionMethod::Deflated,
+            ),
+            (
+                "xl/media/image1.png",
+                b"\x89PNG....",
+                zip::CompressionMethod::Deflated,
+            ),
+            (
+                "xl/workbook.xml",
+                b"<workbook/>",
+                zip::CompressionMethod::Deflated,
+            ),
+        ]);
+        let u = open(&f, &Limits::default()).unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        assert_eq!(z.len(), 4);
+        let mut read = |name: &str| {
+            let mut v = Vec::new();
+            z.by_name(name).unwrap().read_to_end(&mut v).unwrap();
+            v
+        };
+        // Out of order, and one part twice (it is inflated again from its start).
+        assert_eq!(read("xl/workbook.xml"), b"<workbook/>");
+        assert_eq!(read("xl/worksheets/sheet1.xml"), big);
+        assert_eq!(read("[Content_Types].xml"), b"<Types/>");
+        assert_eq!(read("xl/worksheets/sheet1.xml"), big);
+        // A picture is never inflated: calamine does not read it.
+        assert_eq!(read("xl/media/image1.png"), b"");
+        assert!(!u.saw_merge());
+    }
+
+    #[test]
+    fn a_merge_mark_is_found_after_the_cells_and_limits_come_first() {
+        let mut sheet = b"<worksheet><sheetData>".to_vec();
+        sheet.extend(std::iter::repeat_n(b'x', 200_000));
+        sheet.extend_from_slice(
+            b"</sheetData><mergeCells><mergeCell ref=\"A2:B2\"/></mergeCells></worksheet>",
+        );
+        let f = archive(&[(
+            "xl/worksheets/sheet1.xml",
+            &sheet,
+            zip::CompressionMethod::Deflated,
+        )]);
+        let u = open(&f, &Limits::default()).unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        // Read only the cells' part, as calamine does, then ask.
+        let mut head = vec![0u8; 1000];
+        z.by_name("xl/worksheets/sheet1.xml")
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        drop(z);
+        assert!(u.saw_merge());
+
+        let limits = Limits {
+            max_zip_ratio: 10,
+            ..Limits::default()
+        };
+        // 200 kB of one byte compresses far beyond 10:1, but is under the 1 MiB floor.
+        assert!(open(&f, &limits).is_ok());
+        let limits = Limits {
+            max_zip_entry_mib: 0,
+            ..Limits::default()
+        };
+        match open(&f, &limits) {
+            Err(Fail::Fatal(e)) => assert_eq!(e.code, "zip_bomb", "{}", e.message),
+            other => panic!("{other:?}"),
+        }
+    }
+}
