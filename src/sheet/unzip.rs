@@ -38,7 +38,7 @@ enum Method {
 struct Part {
     name: String,
     crc: u32,
-    /// Bytes presented: the size the part declares, or 0 for a part calamine never reads.
+    /// Bytes presented: the size the part declares.
     size: u64,
     /// Virtual offsets of its local header and its data.
     header_at: u64,
@@ -82,12 +82,6 @@ impl std::fmt::Debug for Unzipped {
     }
 }
 
-/// Parts calamine reads: XML and relationships. Pictures and other payloads are presented
-/// as empty, so they are never inflated and do not count towards the limits.
-fn read_by_calamine(lower: &str) -> bool {
-    lower.ends_with(".xml") || lower.ends_with(".rels")
-}
-
 impl Unzipped {
     /// Checks every part's declared sizes against the limits and lays out the archive;
     /// `file` is the upload itself.
@@ -113,8 +107,9 @@ impl Unzipped {
                 _ => format!("#{i}"),
             };
             let lower = name.to_ascii_lowercase();
-            let wanted = read_by_calamine(&lower);
-            if wanted && entry.encrypted() {
+            // Every part is presented (calamine finds parts by the names the relationships
+            // give), but only the parts calamine reads are ever inflated.
+            if entry.encrypted() {
                 return Err(fatal(
                     "file_encrypted",
                     "The file is password-protected (its parts are encrypted). Remove the password, save and upload it again.",
@@ -125,7 +120,7 @@ impl Unzipped {
             let method = match entry.compression() {
                 zip::CompressionMethod::Stored => Method::Stored,
                 zip::CompressionMethod::Deflated => Method::Deflated,
-                other if wanted => {
+                other => {
                     return Err(fatal(
                         "file_damaged",
                         format!(
@@ -133,32 +128,27 @@ impl Unzipped {
                         ),
                     ));
                 }
-                _ => Method::Stored,
             };
-            let size = if wanted {
-                check_declared_size(&name, declared, compressed, limits)?;
-                total = total.saturating_add(declared);
-                if total > limits.max_zip_total_mib.saturating_mul(1024 * 1024) {
-                    return Err(super::worker::bomb(
-                        &name,
-                        format!(
-                            "brings the inflated total above {} MiB",
-                            limits.max_zip_total_mib
-                        ),
-                    ));
-                }
-                if method == Method::Stored && declared != compressed {
-                    return Err(fatal(
-                        "file_damaged",
-                        format!(
-                            "The file is damaged: its part {name} claims {declared} bytes but holds {compressed}. Save it again from your spreadsheet program and upload the new copy."
-                        ),
-                    ));
-                }
-                declared
-            } else {
-                0
-            };
+            check_declared_size(&name, declared, compressed, limits)?;
+            total = total.saturating_add(declared);
+            if total > limits.max_zip_total_mib.saturating_mul(1024 * 1024) {
+                return Err(super::worker::bomb(
+                    &name,
+                    format!(
+                        "brings the inflated total above {} MiB",
+                        limits.max_zip_total_mib
+                    ),
+                ));
+            }
+            if method == Method::Stored && declared != compressed {
+                return Err(fatal(
+                    "file_damaged",
+                    format!(
+                        "The file is damaged: its part {name} claims {declared} bytes but holds {compressed}. Save it again from your spreadsheet program and upload the new copy."
+                    ),
+                ));
+            }
+            let size = declared;
             let source_at = match entry.data_start() {
                 Some(s) => s,
                 None => {
@@ -172,14 +162,14 @@ impl Unzipped {
             let data_at = header_at + LOCAL_LEN + name.len() as u64;
             at = data_at + size;
             parts.push(Part {
-                crc: if size == 0 { 0 } else { entry.crc32() },
+                crc: entry.crc32(),
                 size,
                 header_at,
                 data_at,
                 source_at,
                 compressed,
                 method,
-                scan: wanted && lower.starts_with("xl/worksheets/"),
+                scan: lower.starts_with("xl/worksheets/"),
                 name,
             });
         }
@@ -477,8 +467,7 @@ mod tests {
         assert_eq!(read("xl/worksheets/sheet1.xml"), big);
         assert_eq!(read("[Content_Types].xml"), b"<Types/>");
         assert_eq!(read("xl/worksheets/sheet1.xml"), big);
-        // A picture is never inflated: calamine does not read it.
-        assert_eq!(read("xl/media/image1.png"), b"");
+        assert_eq!(read("xl/media/image1.png"), b"\x89PNG....");
         assert!(!u.saw_merge());
     }
 
