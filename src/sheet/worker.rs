@@ -721,6 +721,14 @@ fn damaged(e: impl std::fmt::Display) -> Fail {
             "The file is password-protected. Remove the password, save and upload it again.",
         );
     }
+    if text.contains("Invalid checksum") {
+        // zip's check of a part's bytes: what a part that lies about its size, or was
+        // changed after the file was saved, ends in.
+        return fatal(
+            "file_damaged",
+            "The file is damaged: one of its parts does not match its checksum (it was cut short or changed after it was saved). Save it again from your spreadsheet program and upload the new copy.",
+        );
+    }
     fatal(
         "file_damaged",
         format!(
