@@ -237,13 +237,23 @@ pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io
                         slot.col = col;
                         slot.kind = kind;
                         slot.num = 0.0;
-                        scratch.clear();
-                        scratch.resize(len, 0);
-                        r.read_exact(&mut scratch)?;
                         slot.text.clear();
-                        slot.text.push_str(
-                            std::str::from_utf8(&scratch).map_err(|_| bad("cell not UTF-8"))?,
-                        );
+                        let buffered = r.fill_buf()?;
+                        if buffered.len() >= len {
+                            // The usual case: the text is in the reader's buffer already.
+                            slot.text.push_str(
+                                std::str::from_utf8(&buffered[..len])
+                                    .map_err(|_| bad("cell not UTF-8"))?,
+                            );
+                            r.consume(len);
+                        } else {
+                            scratch.clear();
+                            scratch.resize(len, 0);
+                            r.read_exact(&mut scratch)?;
+                            slot.text.push_str(
+                                std::str::from_utf8(&scratch).map_err(|_| bad("cell not UTF-8"))?,
+                            );
+                        }
                         row.len += 1;
                     }
                     _ => {
@@ -287,6 +297,27 @@ mod tests {
         assert_eq!(out.get(300).unwrap().num, 45000.25);
         assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::End(1234));
         assert!(read_frame(&mut r, &mut out, 100).is_err());
+
+        // Texts cut by the reader's buffer (any capacity) decode the same; a text that is not
+        // UTF-8 is refused on either path.
+        for cap in 1..24 {
+            let mut r = io::BufReader::with_capacity(cap, &buf[..]);
+            let mut out = RawRow::default();
+            read_frame(&mut r, &mut out, 100).unwrap();
+            assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::Row);
+            assert_eq!(out.cells(), row.cells(), "capacity {cap}");
+        }
+        let mut bad_row = Vec::new();
+        let mut one = RawRow::default();
+        one.clear(1);
+        one.push(0, CellKind::Text, "ab", 0.0);
+        write_row(&mut bad_row, &one).unwrap();
+        let at = bad_row.len() - 2;
+        bad_row[at] = 0xff;
+        for cap in [1, 64] {
+            let mut r = io::BufReader::with_capacity(cap, &bad_row[..]);
+            assert!(read_frame(&mut r, &mut RawRow::default(), 100).is_err());
+        }
     }
 
     #[test]
