@@ -238,12 +238,12 @@ pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io
                         slot.kind = kind;
                         slot.num = 0.0;
                         slot.text.clear();
-                        let buffered = r.fill_buf()?;
-                        if buffered.len() >= len {
+                        if len == 0 {
+                            // An empty text: nothing to read (and no wait for more bytes).
+                        } else if let Some(text) = r.fill_buf()?.get(..len) {
                             // The usual case: the text is in the reader's buffer already.
                             slot.text.push_str(
-                                std::str::from_utf8(&buffered[..len])
-                                    .map_err(|_| bad("cell not UTF-8"))?,
+                                std::str::from_utf8(text).map_err(|_| bad("cell not UTF-8"))?,
                             );
                             r.consume(len);
                         } else {

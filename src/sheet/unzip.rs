@@ -26,6 +26,14 @@ const END_OF_CENTRAL: u32 = 0x0605_4b50;
 const UTF8_NAME: u16 = 1 << 11;
 const LOCAL_LEN: u64 = 30;
 const CENTRAL_LEN: usize = 46;
+/// Zero bytes between the last part and the central directory. zip looks for the end
+/// record in the archive's last 64 KiB (and reads its last KiB first): with this gap that
+/// search reads only zeros, the directory and the end record, never a part's data (which
+/// would inflate it).
+const GAP: u64 = 66 * 1024;
+/// Fewer parts than the 16-bit count's all-ones value, which zip takes as a sign of a
+/// zip64 archive (and would then look for a zip64 record in bytes a part's name gives).
+const MAX_PARTS: usize = 0xFFFE;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Method {
@@ -61,12 +69,16 @@ struct Inflating {
 struct State {
     file: File,
     parts: Vec<Part>,
+    /// Where the last part ends: zeros follow up to `central_at`.
+    parts_end: u64,
     /// The central directory and its end record, at `central_at`.
     central: Vec<u8>,
     central_at: u64,
     pos: u64,
     open: Option<Inflating>,
     marks: MarkScan,
+    /// Bytes inflated so far (skipped ones included).
+    inflated: u64,
 }
 
 /// A handle on the presented archive. calamine owns one; the worker keeps a clone to ask,
@@ -90,6 +102,15 @@ impl Unzipped {
         file: File,
         limits: &Limits,
     ) -> Result<Unzipped, Fail> {
+        if zip.len() > MAX_PARTS {
+            return Err(fatal(
+                "zip_too_many_entries",
+                format!(
+                    "The file holds {} parts; a spreadsheet has far fewer. It is damaged or not a real spreadsheet.",
+                    zip.len()
+                ),
+            ));
+        }
         let mut parts = Vec::with_capacity(zip.len());
         let mut at = 0u64;
         let mut total = 0u64;
@@ -160,7 +181,9 @@ impl Unzipped {
             };
             let header_at = at;
             let data_at = header_at + LOCAL_LEN + name.len() as u64;
-            at = data_at + size;
+            // Sizes were checked against the limits; with limits set past any sense, the
+            // 4 GiB check below refuses what does not fit.
+            at = data_at.saturating_add(size);
             parts.push(Part {
                 crc: entry.crc32(),
                 size,
@@ -173,8 +196,10 @@ impl Unzipped {
                 name,
             });
         }
-        let central = central_directory(&parts, at);
-        if at + central.len() as u64 > u64::from(u32::MAX) {
+        let parts_end = at;
+        let central_at = at.saturating_add(GAP);
+        let central = central_directory(&parts, central_at);
+        if central_at.saturating_add(central.len() as u64) > u64::from(u32::MAX) {
             return Err(super::worker::bomb(
                 "(all)",
                 "inflates to more than 4 GiB, the most rollcall reads".to_string(),
@@ -183,11 +208,13 @@ impl Unzipped {
         Ok(Unzipped(Rc::new(RefCell::new(State {
             file,
             parts,
+            parts_end,
             central,
-            central_at: at,
+            central_at,
             pos: 0,
             open: None,
             marks: MarkScan::new(XLSX_MERGE),
+            inflated: 0,
         }))))
     }
 
@@ -199,6 +226,12 @@ impl Unzipped {
             s.scan_rest();
         }
         s.marks.seen()
+    }
+
+    /// Bytes inflated so far, skipped ones included (for tests of what is never inflated).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn inflated(&self) -> u64 {
+        self.0.borrow().inflated
     }
 }
 
@@ -288,6 +321,12 @@ impl State {
         }
         let n = if p >= self.central_at {
             copy_from(&self.central, p - self.central_at, buf)
+        } else if p >= self.parts_end {
+            let n = usize::try_from(self.central_at - p)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            buf[..n].fill(0);
+            n
         } else {
             // The first part starts at 0, so one starts at or before `p`.
             let k = self.parts.partition_point(|x| x.header_at <= p) - 1;
@@ -338,6 +377,7 @@ impl State {
             let skipped = io::copy(&mut (&mut open.reader).take(o - open.pos), &mut io::sink())
                 .map_err(damaged)?;
             open.pos += skipped;
+            self.inflated += skipped;
             if open.pos < o {
                 return Ok(0);
             }
@@ -347,6 +387,7 @@ impl State {
             .min(buf.len());
         let n = open.reader.read(&mut buf[..want]).map_err(damaged)?;
         open.pos += n as u64;
+        self.inflated += n as u64;
         if part.scan {
             self.marks.feed(&buf[..n]);
         }
@@ -370,6 +411,7 @@ impl State {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     open.pos += n as u64;
+                    self.inflated += n as u64;
                     left -= n as u64;
                     self.marks.feed(&chunk[..n]);
                 }
@@ -457,6 +499,9 @@ mod tests {
         let u = open(&f, &Limits::default()).unwrap();
         let mut z = zip::ZipArchive::new(u.clone()).unwrap();
         assert_eq!(z.len(), 4);
+        // Opening the archive inflates nothing (zip's search for the end record reads the
+        // gap after the last part, not the part).
+        assert_eq!(u.inflated(), 0);
         let mut read = |name: &str| {
             let mut v = Vec::new();
             z.by_name(name).unwrap().read_to_end(&mut v).unwrap();
@@ -464,6 +509,7 @@ mod tests {
         };
         // Out of order, and one part twice (it is inflated again from its start).
         assert_eq!(read("xl/workbook.xml"), b"<workbook/>");
+        assert_eq!(u.inflated(), 11);
         assert_eq!(read("xl/worksheets/sheet1.xml"), big);
         assert_eq!(read("[Content_Types].xml"), b"<Types/>");
         assert_eq!(read("xl/worksheets/sheet1.xml"), big);
