@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use common::*;
 use rollcall::bulk::Outcome;
@@ -166,6 +166,41 @@ fn lying_shared_strings_count_and_entity_bombs() {
     let p = env.path("sst.xlsx");
     write_xlsx_custom(&p, &[deactivate_sheet(3)], Some("4000000000"), |_, _| {});
     let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "file_damaged");
+    assert!(msg.contains("4000000000"), "{msg}");
+    // The same table where the package's relationships put the workbook elsewhere (calamine
+    // reads the table beside the workbook they name), behind an honest copy in xl/: found
+    // by its root element, not by its name.
+    let honest = env.path("sst-honest.xlsx");
+    write_xlsx_custom(&honest, &[deactivate_sheet(3)], None, |_, _| {});
+    let moved = env.path("sst-moved.xlsx");
+    {
+        let mut to = zip::ZipWriter::new(std::fs::File::create(&moved).unwrap());
+        let o = zip::write::SimpleFileOptions::default();
+        let mut copy = |path: &std::path::Path, keep: &dyn Fn(&str) -> Option<String>| {
+            let mut from = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+            for i in 0..from.len() {
+                let mut e = from.by_index(i).unwrap();
+                let mut text = String::new();
+                e.read_to_string(&mut text).unwrap();
+                if let Some(name) = keep(&e.name().unwrap()) {
+                    let text = if name == "_rels/.rels" {
+                        text.replace("xl/workbook.xml", "data/workbook.xml")
+                    } else {
+                        text
+                    };
+                    to.start_file(name, o).unwrap();
+                    to.write_all(text.as_bytes()).unwrap();
+                }
+            }
+        };
+        copy(&honest, &|n| Some(n.to_string()));
+        copy(&p, &|n| {
+            n.strip_prefix("xl/").map(|rest| format!("data/{rest}"))
+        });
+        to.finish().unwrap();
+    }
+    let (code, msg) = refused(&check_path(&env, &t, &moved));
     assert_eq!(code, "file_damaged");
     assert!(msg.contains("4000000000"), "{msg}");
     // The billion-laughs pattern: entities are never expanded.

@@ -265,13 +265,15 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
         let file = File::open(path)
             .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
         let unzipped = Unzipped::new(&mut zip, file, limits)?;
-        // calamine reserves room for as many shared strings as the part claims when it opens
-        // the file: a count the part's size cannot hold is refused first, from its first KiB.
-        let shared = (0..zip.len()).find(|&i| {
-            matches!(zip.name_for_index(i), Some(Ok(n)) if n.eq_ignore_ascii_case("xl/sharedStrings.xml"))
-        });
-        if let Some(i) = shared {
-            check_shared_strings_count(&mut zip, i)?;
+        // calamine reserves room for as many shared strings as the string table claims when
+        // it opens the file. The table is whichever part the relationships name, so every
+        // XML part's first KiB is looked at: a count its declared size cannot hold is
+        // refused first.
+        for i in 0..zip.len() {
+            let xml = matches!(zip.name_for_index(i), Some(Ok(n)) if n.to_ascii_lowercase().ends_with(".xml"));
+            if xml {
+                check_shared_strings_count(&mut zip, i)?;
+            }
         }
         return Ok(Format::Xlsx(unzipped));
     }
@@ -418,8 +420,9 @@ fn check_zip_entries<R: Read + Seek>(
     Ok(())
 }
 
-/// Refuses a shared strings part whose `uniqueCount` is more than its declared size could
-/// hold (`Unzipped` never presents more of it), from the part's first KiB.
+/// Refuses a string table (a part whose root element is `sst`) whose `uniqueCount` is more
+/// than its declared size could hold (`Unzipped` never presents more of it), from the
+/// part's first KiB. Other parts pass.
 fn check_shared_strings_count<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     index: usize,
@@ -434,7 +437,31 @@ fn check_shared_strings_count<R: Read + Seek>(
     let mut head = Vec::with_capacity(1024);
     // A part that cannot be inflated is reported when calamine reads it.
     let _ = entry.take(1024).read_to_end(&mut head);
-    shared_strings_count_fits(unique_count(&head), declared)
+    match string_table_head(&head) {
+        Some(tag) => shared_strings_count_fits(unique_count(tag), declared),
+        None => Ok(()),
+    }
+}
+
+/// The root element's start tag, when the root element is a string table (`sst`, with or
+/// without a namespace prefix).
+fn string_table_head(head: &[u8]) -> Option<&[u8]> {
+    let mut at = 0;
+    loop {
+        at += memchr::memchr(b'<', head.get(at..)?)? + 1;
+        let rest = head.get(at..)?;
+        // The XML declaration, processing instructions, comments and a doctype.
+        if rest.starts_with(b"?") || rest.starts_with(b"!") {
+            continue;
+        }
+        let name_len = rest
+            .iter()
+            .position(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
+            .unwrap_or(rest.len());
+        let name = &rest[..name_len];
+        let tag_len = memchr::memchr(b'>', rest).unwrap_or(rest.len());
+        return (name == b"sst" || name.ends_with(b":sst")).then_some(&rest[..tag_len]);
+    }
 }
 
 /// The `uniqueCount` of a shared strings part's start tag (`u64::MAX` when it is not a
@@ -1132,6 +1159,28 @@ mod tests {
         c.write_all(b"<mergeCell ref=\"A1:B1\"/>").unwrap();
         assert!(!c.saw_merge(), "only worksheets are searched");
         assert_eq!(merged_note(&[]), None);
+    }
+
+    #[test]
+    fn only_a_string_table_root_is_taken_for_one() {
+        let t = |x: &str| string_table_head(x.as_bytes()).map(unique_count);
+        let decl = r#"<?xml version="1.0"?><!-- note -->"#;
+        assert_eq!(
+            t(&format!(r#"{decl}<sst count="3" uniqueCount="2"><si>"#)),
+            Some(Some(2))
+        );
+        assert_eq!(t(r#"<x:sst xmlns:x="m" uniqueCount="9">"#), Some(Some(9)));
+        assert_eq!(t(r#"<sst uniqueCount="lots">"#), Some(Some(u64::MAX)));
+        // No count on the root: a count later in the part is not the table's.
+        assert_eq!(t(r#"<sst><si><t>uniqueCount="x"</t></si>"#), Some(None));
+        // A worksheet whose text holds the words is no table.
+        assert_eq!(
+            t(r#"<worksheet><c><is><t>&lt;sst uniqueCount="x"</t></is></c>"#),
+            None
+        );
+        assert_eq!(t("no markup"), None);
+        assert!(shared_strings_count_fits(Some(100), 2000).is_ok());
+        assert!(shared_strings_count_fits(Some(1000), 2000).is_err());
     }
 
     #[test]
