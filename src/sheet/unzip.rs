@@ -55,7 +55,7 @@ struct Part {
     source_at: u64,
     compressed: u64,
     method: Method,
-    /// Look for a merged cell's mark in it (worksheets).
+    /// Look for a merged cell's mark in it (see `scan_for_merges`).
     scan: bool,
 }
 
@@ -127,7 +127,6 @@ impl Unzipped {
                 // A name that is not text is no part calamine looks for.
                 _ => format!("#{i}"),
             };
-            let lower = name.to_ascii_lowercase();
             // Every part is presented (calamine finds parts by the names the relationships
             // give), but only the parts calamine reads are ever inflated.
             if entry.encrypted() {
@@ -192,7 +191,7 @@ impl Unzipped {
                 source_at,
                 compressed,
                 method,
-                scan: lower.starts_with("xl/worksheets/"),
+                scan: false,
                 name,
             });
         }
@@ -218,7 +217,14 @@ impl Unzipped {
         }))))
     }
 
-    /// Whether a worksheet held a merged cell's mark. The rest of the part being read is
+    /// Which parts to scan for a merged cell's mark as they are served, by index and name.
+    pub fn scan_for_merges(&self, scan: impl Fn(usize, &str) -> bool) {
+        for (i, part) in self.0.borrow_mut().parts.iter_mut().enumerate() {
+            part.scan = scan(i, &part.name);
+        }
+    }
+
+    /// Whether a scanned part held a merged cell's mark. The rest of the part being read is
     /// scanned first (calamine stops at the end of the cells; the merge list follows them).
     pub fn saw_merge(&self) -> bool {
         let mut s = self.0.borrow_mut();
@@ -524,21 +530,29 @@ mod tests {
         sheet.extend_from_slice(
             b"</sheetData><mergeCells><mergeCell ref=\"A2:B2\"/></mergeCells></worksheet>",
         );
+        // Wherever the package's relationships put its worksheets.
         let f = archive(&[(
-            "xl/worksheets/sheet1.xml",
+            "data/sheets/s1.xml",
             &sheet,
             zip::CompressionMethod::Deflated,
         )]);
         let u = open(&f, &Limits::default()).unwrap();
+        u.scan_for_merges(|i, name| i == 0 && name == "data/sheets/s1.xml");
         let mut z = zip::ZipArchive::new(u.clone()).unwrap();
         // Read only the cells' part, as calamine does, then ask.
         let mut head = vec![0u8; 1000];
-        z.by_name("xl/worksheets/sheet1.xml")
+        z.by_name("data/sheets/s1.xml")
             .unwrap()
             .read_exact(&mut head)
             .unwrap();
         drop(z);
         assert!(u.saw_merge());
+        // A part that is not scanned tells nothing.
+        let u = open(&f, &Limits::default()).unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        std::io::copy(&mut z.by_index(0).unwrap(), &mut std::io::sink()).unwrap();
+        drop(z);
+        assert!(!u.saw_merge());
 
         let limits = Limits {
             max_zip_ratio: 10,

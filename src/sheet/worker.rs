@@ -269,12 +269,19 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
         // it opens the file. The table is whichever part the relationships name, so every
         // XML part's first KiB is looked at: a count its declared size cannot hold is
         // refused first.
+        // Indices of the string tables, in order.
+        let mut tables = Vec::new();
         for i in 0..zip.len() {
             let xml = matches!(zip.name_for_index(i), Some(Ok(n)) if n.to_ascii_lowercase().ends_with(".xml"));
-            if xml {
-                check_shared_strings_count(&mut zip, i)?;
+            if xml && check_shared_strings_count(&mut zip, i)? {
+                tables.push(i);
             }
         }
+        // A merged cell is marked in its worksheet, whatever folder the relationships put it
+        // in: every XML part but the string tables (large, and never marked) is scanned.
+        unzipped.scan_for_merges(|i, name| {
+            name.to_ascii_lowercase().ends_with(".xml") && tables.binary_search(&i).is_err()
+        });
         return Ok(Format::Xlsx(unzipped));
     }
     // calamine reads an .ods whole: every part is inflated once with counters first.
@@ -422,11 +429,11 @@ fn check_zip_entries<R: Read + Seek>(
 
 /// Refuses a string table (a part whose root element is `sst`) whose `uniqueCount` is more
 /// than its declared size could hold (`Unzipped` never presents more of it), from the
-/// part's first KiB. Other parts pass.
+/// part's first KiB. Other parts pass. Says whether the part is a string table.
 fn check_shared_strings_count<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     index: usize,
-) -> Result<(), Fail> {
+) -> Result<bool, Fail> {
     let entry = zip.by_index(index).map_err(|e| {
         fatal(
             "file_damaged",
@@ -438,8 +445,8 @@ fn check_shared_strings_count<R: Read + Seek>(
     // A part that cannot be inflated is reported when calamine reads it.
     let _ = entry.take(1024).read_to_end(&mut head);
     match string_table_head(&head) {
-        Some(tag) => shared_strings_count_fits(unique_count(tag), declared),
-        None => Ok(()),
+        Some(tag) => shared_strings_count_fits(unique_count(tag), declared).map(|()| true),
+        None => Ok(false),
     }
 }
 
