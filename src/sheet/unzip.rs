@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
-use super::worker::{Fail, MarkScan, XLSX_MERGE, check_declared_size, fatal};
+use super::worker::{Fail, MarkScan, XLSX_MERGE, check_declared_size, fatal, too_many_parts};
 use crate::config::Limits;
 
 const LOCAL_HEADER: u32 = 0x0403_4b50;
@@ -103,13 +103,7 @@ impl Unzipped {
         limits: &Limits,
     ) -> Result<Unzipped, Fail> {
         if zip.len() > MAX_PARTS {
-            return Err(fatal(
-                "zip_too_many_entries",
-                format!(
-                    "The file holds {} parts; a spreadsheet has far fewer. It is damaged or not a real spreadsheet.",
-                    zip.len()
-                ),
-            ));
+            return Err(too_many_parts(zip.len()));
         }
         let mut parts = Vec::with_capacity(zip.len());
         let mut at = 0u64;
@@ -253,19 +247,25 @@ fn low32(x: u64) -> u32 {
     u32::try_from(x).unwrap_or(u32::MAX)
 }
 
+/// The fields a local header and a central directory header share, from the version
+/// needed to the extra field's length.
+fn common_fields(v: &mut Vec<u8>, p: &Part) {
+    u16le(v, 20); // version needed
+    u16le(v, UTF8_NAME);
+    u16le(v, 0); // stored
+    u16le(v, 0); // time
+    u16le(v, 0x21); // date: 1980-01-01
+    u32le(v, p.crc);
+    u32le(v, low32(p.size));
+    u32le(v, low32(p.size));
+    u16le(v, p.name.len() as u16);
+    u16le(v, 0); // extra
+}
+
 fn local_header(p: &Part) -> Vec<u8> {
     let mut v = Vec::with_capacity(LOCAL_LEN as usize + p.name.len());
     u32le(&mut v, LOCAL_HEADER);
-    u16le(&mut v, 20); // version needed
-    u16le(&mut v, UTF8_NAME);
-    u16le(&mut v, 0); // stored
-    u16le(&mut v, 0); // time
-    u16le(&mut v, 0x21); // date: 1980-01-01
-    u32le(&mut v, p.crc);
-    u32le(&mut v, low32(p.size));
-    u32le(&mut v, low32(p.size));
-    u16le(&mut v, p.name.len() as u16);
-    u16le(&mut v, 0); // extra
+    common_fields(&mut v, p);
     v.extend_from_slice(p.name.as_bytes());
     v
 }
@@ -275,16 +275,7 @@ fn central_directory(parts: &[Part], at: u64) -> Vec<u8> {
     for p in parts {
         u32le(&mut v, CENTRAL_HEADER);
         u16le(&mut v, 20); // made by
-        u16le(&mut v, 20); // needed
-        u16le(&mut v, UTF8_NAME);
-        u16le(&mut v, 0); // stored
-        u16le(&mut v, 0);
-        u16le(&mut v, 0x21);
-        u32le(&mut v, p.crc);
-        u32le(&mut v, low32(p.size));
-        u32le(&mut v, low32(p.size));
-        u16le(&mut v, p.name.len() as u16);
-        u16le(&mut v, 0); // extra
+        common_fields(&mut v, p);
         u16le(&mut v, 0); // comment
         u16le(&mut v, 0); // disk
         u16le(&mut v, 0); // internal attributes

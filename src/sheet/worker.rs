@@ -1,8 +1,9 @@
 //! The parsing worker: the same binary re-executed as `rollcall __read-worker`, run by
 //! `sheet::reader` under memory, CPU and time limits. It detects the file's real format,
 //! checks archives against the zip limits (an .xlsx through `unzip`, an .ods by inflating
-//! it once with counters), opens the file with calamine (or the csv reader) and streams the data sheet's rows to stdout (see `codec`). Anything hostile that
-//! makes a library abort kills only this process; the parent turns that into one message.
+//! it once with counters), opens the file with calamine (or the csv reader) and streams the
+//! data sheet's rows to stdout (see `codec`). Anything hostile that makes a library abort
+//! kills only this process; the parent turns that into one message.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -54,6 +55,19 @@ pub(super) fn fatal(code: &str, message: impl Into<String>) -> Fail {
         code: code.to_string(),
         message: message.into(),
     })
+}
+
+fn unreadable(e: io::Error) -> Fail {
+    fatal("file_unreadable", format!("The file cannot be read: {e}."))
+}
+
+pub(super) fn too_many_parts(n: usize) -> Fail {
+    fatal(
+        "zip_too_many_entries",
+        format!(
+            "The file holds {n} parts; a spreadsheet has far fewer. It is damaged or not a real spreadsheet."
+        ),
+    )
 }
 
 #[derive(Debug)]
@@ -113,8 +127,6 @@ fn extension(name: &str) -> String {
 }
 
 fn detect(path: &Path, declared: &str, limits: &Limits) -> Result<Format, Fail> {
-    let unreadable =
-        |e: io::Error| fatal("file_unreadable", format!("The file cannot be read: {e}."));
     let mut f = File::open(path).map_err(unreadable)?;
     let mut head = vec![0u8; 64 * 1024];
     let mut n = 0;
@@ -251,19 +263,12 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
         ));
     };
     if zip.len() > 10_000 {
-        return Err(fatal(
-            "zip_too_many_entries",
-            format!(
-                "The file holds {} parts; a spreadsheet has far fewer. It is damaged or not a real spreadsheet.",
-                zip.len()
-            ),
-        ));
+        return Err(too_many_parts(zip.len()));
     }
     if xlsx {
         // calamine reads an .xlsx through `Unzipped`, which checks every part's declared
         // sizes now and never inflates a part past them, each part once, as it is read.
-        let file = File::open(path)
-            .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
+        let file = File::open(path).map_err(unreadable)?;
         let unzipped = Unzipped::new(&mut zip, file, limits)?;
         // calamine reserves room for as many shared strings as the string table claims when
         // it opens the file. The table is whichever part the relationships name, so every
@@ -294,8 +299,7 @@ fn detect_zip(path: &Path, limits: &Limits) -> Result<Format, Fail> {
 }
 
 fn open_zip(path: &Path) -> Result<zip::ZipArchive<BufReader<File>>, Fail> {
-    let f = File::open(path)
-        .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?;
+    let f = File::open(path).map_err(unreadable)?;
     zip::ZipArchive::new(BufReader::new(f)).map_err(|e| {
         fatal(
             "file_damaged",
@@ -1037,10 +1041,7 @@ fn ods_merges(path: &Path, sheet: &str) -> Option<Vec<calamine::Dimensions>> {
 }
 
 fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
-    let mut file = BufReader::new(
-        File::open(&args.path)
-            .map_err(|e| fatal("file_unreadable", format!("The file cannot be read: {e}.")))?,
-    );
+    let mut file = BufReader::new(File::open(&args.path).map_err(unreadable)?);
     // Skip a UTF-8 byte-order mark, then find the delimiter from the first line.
     let mut bom = [0u8; 3];
     let n = file
@@ -1164,7 +1165,7 @@ mod tests {
         assert!(!c.saw_merge());
         let mut c = Counter::new(None);
         c.write_all(b"<mergeCell ref=\"A1:B1\"/>").unwrap();
-        assert!(!c.saw_merge(), "only worksheets are searched");
+        assert!(!c.saw_merge(), "without a mark nothing is searched");
         assert_eq!(merged_note(&[]), None);
     }
 
