@@ -1,11 +1,14 @@
 //! The byte stream between the parsing worker process and its parent.
 //!
 //! Frames: `I` + JSON (workbook info, first), then `R` rows, then `N` + JSON notes (optional),
-//! then `Z` + the worker's peak memory in KiB (end) or `X` + JSON (a fatal problem). Numbers are little-endian; lengths are LEB128 varints.
+//! then `Z` + the worker's peak memory in KiB (end) or `X` + JSON (a fatal problem). Numbers
+//! are little-endian; lengths are LEB128 varints, but for a row frame's own length (u32).
 //! A row is its zero-based sheet index and its non-empty cells, each with its column index.
-//! Decoding reuses the caller's buffers so a million rows cost no allocation per cell.
+//! The worker encodes straight into one buffer ([`RowWriter`]); the parent decodes a row
+//! from its reader's buffer in one pass, reusing the caller's cells, so a million rows cost
+//! no allocation per cell on either side.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 pub const FRAME_INFO: u8 = b'I';
 pub const FRAME_ROW: u8 = b'R';
@@ -32,6 +35,11 @@ pub enum CellKind {
 }
 
 impl CellKind {
+    /// Whether the value travels as text (otherwise as a number).
+    pub fn has_text(self) -> bool {
+        matches!(self, CellKind::Text | CellKind::DateIso | CellKind::Error)
+    }
+
     fn from_u8(b: u8) -> io::Result<CellKind> {
         Ok(match b {
             1 => CellKind::Text,
@@ -64,6 +72,8 @@ pub struct RawRow {
     pub index: u32,
     cells: Vec<RawCell>,
     len: usize,
+    /// The parent's scratch for a row frame cut by its reader's buffer.
+    frame: Vec<u8>,
 }
 
 impl RawRow {
@@ -166,23 +176,86 @@ pub fn write_json_frame(w: &mut impl Write, tag: u8, json: &str) -> io::Result<(
     w.write_all(json.as_bytes())
 }
 
-/// Writes one row.
-pub fn write_row(w: &mut impl Write, row: &RawRow) -> io::Result<()> {
-    w.write_all(&[FRAME_ROW])?;
-    write_varint(w, u64::from(row.index))?;
-    write_varint(w, row.len as u64)?;
-    for c in row.cells() {
-        write_varint(w, u64::from(c.col))?;
-        w.write_all(&[c.kind as u8])?;
-        match c.kind {
-            CellKind::Text | CellKind::DateIso | CellKind::Error => {
-                write_varint(w, c.text.len() as u64)?;
-                w.write_all(c.text.as_bytes())?;
-            }
-            _ => w.write_all(&c.num.to_le_bytes())?,
+/// Appends `v` to `buf` as a LEB128 varint.
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// How many encoded bytes the worker gathers before writing them to the pipe.
+const CHUNK: usize = 1 << 16;
+
+/// The worker's side: rows are encoded cell by cell straight into one byte buffer (no
+/// per-cell copy into a row structure, no small writes), which goes to the pipe in 64 KiB
+/// chunks.
+///
+/// A row frame is `R`, the length of the rest of the frame (u32, patched when the row
+/// ends), the row index, then its cells: column, kind, and the text (length + UTF-8) or the
+/// number (f64).
+#[derive(Debug, Default)]
+pub struct RowWriter {
+    buf: Vec<u8>,
+    /// Where the open row's frame starts.
+    open: Option<usize>,
+}
+
+impl RowWriter {
+    pub fn new() -> Self {
+        RowWriter {
+            buf: Vec::with_capacity(CHUNK + CHUNK / 2),
+            open: None,
         }
     }
-    Ok(())
+
+    /// Starts row `index` (call `end` first if a row is open).
+    pub fn begin(&mut self, index: u32) {
+        self.open = Some(self.buf.len());
+        self.buf.push(FRAME_ROW);
+        self.buf.extend_from_slice(&[0; 4]);
+        put_varint(&mut self.buf, u64::from(index));
+    }
+
+    /// Adds a cell whose value is text (`Text`, `DateIso`, `Error`).
+    pub fn text(&mut self, col: u32, kind: CellKind, text: &str) {
+        debug_assert!(kind.has_text());
+        put_varint(&mut self.buf, u64::from(col));
+        self.buf.push(kind as u8);
+        put_varint(&mut self.buf, text.len() as u64);
+        self.buf.extend_from_slice(text.as_bytes());
+    }
+
+    /// Adds a cell whose value is a number (every other kind).
+    pub fn num(&mut self, col: u32, kind: CellKind, num: f64) {
+        debug_assert!(!kind.has_text());
+        put_varint(&mut self.buf, u64::from(col));
+        self.buf.push(kind as u8);
+        self.buf.extend_from_slice(&num.to_le_bytes());
+    }
+
+    /// Ends the open row, if any; writes the buffer out once it holds a chunk.
+    pub fn end(&mut self, w: &mut impl Write) -> io::Result<()> {
+        if let Some(start) = self.open.take() {
+            let len =
+                u32::try_from(self.buf.len() - start - 5).map_err(|_| bad("row over 4 GiB"))?;
+            self.buf[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
+        }
+        if self.buf.len() >= CHUNK {
+            w.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Ends the open row and writes out everything buffered.
+    pub fn finish(&mut self, w: &mut impl Write) -> io::Result<()> {
+        self.end(w)?;
+        w.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
 }
 
 /// A frame as read by the parent.
@@ -195,8 +268,14 @@ pub enum Frame {
     End(u64),
 }
 
-/// Reads the next frame; rows are decoded into `row`. Lengths are bounded by `max_text`.
-pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io::Result<Frame> {
+/// Reads the next frame; rows are decoded into `row`. A cell's text may be at most
+/// `max_text` bytes, a row frame at most `max_row` bytes.
+pub fn read_frame(
+    r: &mut impl BufRead,
+    row: &mut RawRow,
+    max_text: usize,
+    max_row: usize,
+) -> io::Result<Frame> {
     let tag = read_u8(r)?;
     match tag {
         FRAME_INFO | FRAME_FATAL | FRAME_NOTES => {
@@ -211,57 +290,30 @@ pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io
         }
         FRAME_END => Ok(Frame::End(read_varint(r)?)),
         FRAME_ROW => {
-            let index = u32::try_from(read_varint(r)?).map_err(|_| bad("row index"))?;
-            row.clear(index);
-            let n = read_varint(r)? as usize;
-            let mut scratch = Vec::new();
-            for _ in 0..n {
-                let col = u32::try_from(read_varint(r)?).map_err(|_| bad("column index"))?;
-                let kind = CellKind::from_u8(read_u8(r)?)?;
-                match kind {
-                    CellKind::Text | CellKind::DateIso | CellKind::Error => {
-                        let len = read_varint(r)? as usize;
-                        if len > max_text {
-                            return Err(bad("oversized cell"));
-                        }
-                        // Decode straight into the reused slot's buffer.
-                        if row.len == row.cells.len() {
-                            row.cells.push(RawCell {
-                                col,
-                                kind,
-                                text: String::new(),
-                                num: 0.0,
-                            });
-                        }
-                        let slot = &mut row.cells[row.len];
-                        slot.col = col;
-                        slot.kind = kind;
-                        slot.num = 0.0;
-                        slot.text.clear();
-                        if len == 0 {
-                            // An empty text: nothing to read (and no wait for more bytes).
-                        } else if let Some(text) = r.fill_buf()?.get(..len) {
-                            // The usual case: the text is in the reader's buffer already.
-                            slot.text.push_str(
-                                std::str::from_utf8(text).map_err(|_| bad("cell not UTF-8"))?,
-                            );
-                            r.consume(len);
-                        } else {
-                            scratch.clear();
-                            scratch.resize(len, 0);
-                            r.read_exact(&mut scratch)?;
-                            slot.text.push_str(
-                                std::str::from_utf8(&scratch).map_err(|_| bad("cell not UTF-8"))?,
-                            );
-                        }
-                        row.len += 1;
-                    }
-                    _ => {
-                        let mut b = [0u8; 8];
-                        r.read_exact(&mut b)?;
-                        row.push(col, kind, "", f64::from_le_bytes(b));
-                    }
-                }
+            let mut len = [0u8; 4];
+            r.read_exact(&mut len)?;
+            let len = u32::from_le_bytes(len) as usize;
+            if len > max_row {
+                return Err(bad("oversized row"));
+            }
+            let available = r.fill_buf()?;
+            if let Some(frame) = available.get(..len) {
+                // The usual case: the whole row is in the reader's buffer already.
+                decode_row(frame, row, max_text)?;
+                r.consume(len);
+            } else {
+                // A row cut by the buffer's end: gathered (growing with the bytes that
+                // really come, not with the claimed length), then decoded.
+                let mut frame = std::mem::take(&mut row.frame);
+                frame.clear();
+                r.by_ref().take(len as u64).read_to_end(&mut frame)?;
+                let decoded = if frame.len() == len {
+                    decode_row(&frame, row, max_text)
+                } else {
+                    Err(bad("row cut short"))
+                };
+                row.frame = frame;
+                decoded?;
             }
             Ok(Frame::Row)
         }
@@ -269,9 +321,82 @@ pub fn read_frame(r: &mut impl BufRead, row: &mut RawRow, max_text: usize) -> io
     }
 }
 
+/// Takes a varint from the front of `b`.
+fn take_varint(b: &mut &[u8]) -> io::Result<u64> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            *b = &b[i + 1..];
+            return Ok(v);
+        }
+    }
+    Err(bad("bad varint"))
+}
+
+/// Takes `n` bytes from the front of `b`.
+fn take<'a>(b: &mut &'a [u8], n: usize) -> io::Result<&'a [u8]> {
+    if n > b.len() {
+        return Err(bad("row cut short"));
+    }
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Ok(head)
+}
+
+/// Decodes one row frame's body into `row`, reusing its cells' buffers.
+fn decode_row(mut b: &[u8], row: &mut RawRow, max_text: usize) -> io::Result<()> {
+    let index = u32::try_from(take_varint(&mut b)?).map_err(|_| bad("row index"))?;
+    row.clear(index);
+    while !b.is_empty() {
+        let col = u32::try_from(take_varint(&mut b)?).map_err(|_| bad("column index"))?;
+        let kind = CellKind::from_u8(take(&mut b, 1)?[0])?;
+        if row.len == row.cells.len() {
+            row.cells.push(RawCell {
+                col,
+                kind,
+                text: String::new(),
+                num: 0.0,
+            });
+        }
+        let slot = &mut row.cells[row.len];
+        slot.col = col;
+        slot.kind = kind;
+        slot.text.clear();
+        if kind.has_text() {
+            let len = take_varint(&mut b)? as usize;
+            if len > max_text {
+                return Err(bad("oversized cell"));
+            }
+            let text = take(&mut b, len)?;
+            slot.text
+                .push_str(std::str::from_utf8(text).map_err(|_| bad("cell not UTF-8"))?);
+            slot.num = 0.0;
+        } else {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(take(&mut b, 8)?);
+            slot.num = f64::from_le_bytes(n);
+        }
+        row.len += 1;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Encodes `row` as the worker does.
+    fn encode(w: &mut RowWriter, row: &RawRow) {
+        w.begin(row.index);
+        for c in row.cells() {
+            if c.kind.has_text() {
+                w.text(c.col, c.kind, &c.text);
+            } else {
+                w.num(c.col, c.kind, c.num);
+            }
+        }
+    }
 
     #[test]
     fn rows_round_trip() {
@@ -279,57 +404,121 @@ mod tests {
         row.clear(7);
         row.push(0, CellKind::Text, "ada@example.com", 0.0);
         row.push(3, CellKind::Float, "", 12.5);
+        row.push(4, CellKind::Text, "", 0.0);
         row.push(300, CellKind::Date, "", 45000.25);
+        let mut second = RawRow::default();
+        second.clear(200_000);
+        second.push(1, CellKind::Error, "#N/A", 0.0);
         let mut buf = Vec::new();
         write_json_frame(&mut buf, FRAME_INFO, "{\"a\":1}").unwrap();
-        write_row(&mut buf, &row).unwrap();
+        let mut w = RowWriter::new();
+        encode(&mut w, &row);
+        w.end(&mut buf).unwrap();
+        encode(&mut w, &second);
+        w.finish(&mut buf).unwrap();
         buf.push(FRAME_END);
         write_varint(&mut buf, 1234).unwrap();
         let mut r = io::BufReader::new(&buf[..]);
         let mut out = RawRow::default();
         assert_eq!(
-            read_frame(&mut r, &mut out, 100).unwrap(),
+            read_frame(&mut r, &mut out, 100, 1000).unwrap(),
             Frame::Json(FRAME_INFO, "{\"a\":1}".into())
         );
-        assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::Row);
+        assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
         assert_eq!(out.index, 7);
         assert_eq!(out.cells(), row.cells());
         assert_eq!(out.get(300).unwrap().num, 45000.25);
-        assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::End(1234));
-        assert!(read_frame(&mut r, &mut out, 100).is_err());
+        assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
+        assert_eq!(out.index, 200_000);
+        assert_eq!(out.cells(), second.cells());
+        assert_eq!(
+            read_frame(&mut r, &mut out, 100, 1000).unwrap(),
+            Frame::End(1234)
+        );
+        assert!(read_frame(&mut r, &mut out, 100, 1000).is_err());
 
-        // Texts cut by the reader's buffer (any capacity) decode the same; a text that is not
-        // UTF-8 is refused on either path.
-        for cap in 1..24 {
+        // Rows cut by the reader's buffer (any capacity) decode the same.
+        for cap in 1..48 {
             let mut r = io::BufReader::with_capacity(cap, &buf[..]);
             let mut out = RawRow::default();
-            read_frame(&mut r, &mut out, 100).unwrap();
-            assert_eq!(read_frame(&mut r, &mut out, 100).unwrap(), Frame::Row);
+            read_frame(&mut r, &mut out, 100, 1000).unwrap();
+            assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
             assert_eq!(out.cells(), row.cells(), "capacity {cap}");
-        }
-        let mut bad_row = Vec::new();
-        let mut one = RawRow::default();
-        one.clear(1);
-        one.push(0, CellKind::Text, "ab", 0.0);
-        write_row(&mut bad_row, &one).unwrap();
-        let at = bad_row.len() - 2;
-        bad_row[at] = 0xff;
-        for cap in [1, 64] {
-            let mut r = io::BufReader::with_capacity(cap, &bad_row[..]);
-            assert!(read_frame(&mut r, &mut RawRow::default(), 100).is_err());
+            assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
+            assert_eq!(out.cells(), second.cells(), "capacity {cap}");
         }
     }
 
     #[test]
+    fn rows_are_written_in_chunks() {
+        let mut w = RowWriter::new();
+        let mut pipe = Vec::new();
+        let mut rows = 0u32;
+        while pipe.is_empty() {
+            w.begin(rows);
+            w.text(0, CellKind::Text, "a text of some length");
+            w.end(&mut pipe).unwrap();
+            rows += 1;
+        }
+        assert!(pipe.len() >= CHUNK, "written before a chunk was full");
+        w.begin(rows);
+        w.num(2, CellKind::Int, 5.0);
+        w.finish(&mut pipe).unwrap();
+        let mut r = io::BufReader::with_capacity(1000, &pipe[..]);
+        let mut out = RawRow::default();
+        for i in 0..rows {
+            assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
+            assert_eq!(out.index, i);
+            assert_eq!(out.cells()[0].text, "a text of some length");
+        }
+        assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
+        assert_eq!((out.index, out.cells()[0].num), (rows, 5.0));
+        assert!(read_frame(&mut r, &mut out, 100, 1000).is_err());
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for junk in [
-            &b"R\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..],
-            b"Q",
-            b"R\x01\x01\x00\x09",
-        ] {
-            let mut r = io::BufReader::new(junk);
-            let mut out = RawRow::default();
-            assert!(read_frame(&mut r, &mut out, 100).is_err());
+        let mut one = RawRow::default();
+        one.clear(1);
+        one.push(0, CellKind::Text, "ab", 0.0);
+        let mut w = RowWriter::new();
+        let mut good = Vec::new();
+        encode(&mut w, &one);
+        w.finish(&mut good).unwrap();
+        // A text that is not UTF-8, on the buffered path and the cut one.
+        let mut not_utf8 = good.clone();
+        let at = not_utf8.len() - 2;
+        not_utf8[at] = 0xff;
+        // The frame claims more bytes than follow; fewer than its cells need; more than allowed.
+        let mut long = good.clone();
+        long[1] += 1;
+        let mut short = good.clone();
+        short[1] -= 1;
+        let mut huge = good.clone();
+        huge[1..5].copy_from_slice(&2000u32.to_le_bytes());
+        // A text longer than allowed.
+        let mut w = RowWriter::new();
+        let mut too_long = Vec::new();
+        w.begin(1);
+        w.text(0, CellKind::Text, &"x".repeat(101));
+        w.finish(&mut too_long).unwrap();
+        for cap in [1, 3, 64] {
+            for junk in [
+                &not_utf8[..],
+                &long[..],
+                &short[..],
+                &huge[..],
+                &too_long[..],
+                b"R\x05\x00\x00\x00\xff\xff\xff\xff\xff",
+                b"R\x03\x00\x00\x00\x01\x00\x09",
+                b"R\x0c\x00\x00\x00\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+                b"Q",
+                b"",
+            ] {
+                let mut r = io::BufReader::with_capacity(cap, junk);
+                let mut out = RawRow::default();
+                assert!(read_frame(&mut r, &mut out, 100, 1000).is_err(), "{junk:?}");
+            }
         }
     }
 }

@@ -184,8 +184,8 @@ impl SheetReader {
             notes: Vec::new(),
         };
         let mut scratch = RawRow::default();
-        let max = reader.max_text();
-        match codec::read_frame(&mut reader.out, &mut scratch, max) {
+        let (max, max_row) = (reader.max_text(), reader.max_row());
+        match codec::read_frame(&mut reader.out, &mut scratch, max, max_row) {
             Ok(Frame::Json(codec::FRAME_INFO, json)) => {
                 reader.info = serde_json::from_str(&json)
                     .map_err(|e| failure("internal", format!("bad reader output: {e}")))?;
@@ -218,13 +218,21 @@ impl SheetReader {
         (self.limits.max_cell_chars as usize).saturating_mul(4) + 16
     }
 
+    /// The longest row frame: every column filled with the longest text, with its column,
+    /// kind and length (at most 16 bytes), and the row index.
+    fn max_row(&self) -> usize {
+        (self.max_text() + 16)
+            .saturating_mul(self.limits.max_columns as usize)
+            .saturating_add(16)
+    }
+
     /// Reads the next row into `row`; `Ok(false)` at the end of the sheet.
     pub fn next_row(&mut self, row: &mut RawRow) -> Result<bool, ReadFailure> {
         if self.done {
             return Ok(false);
         }
-        let max = self.max_text();
-        match codec::read_frame(&mut self.out, row, max) {
+        let (max, max_row) = (self.max_text(), self.max_row());
+        match codec::read_frame(&mut self.out, row, max, max_row) {
             Ok(Frame::Row) => Ok(true),
             Ok(Frame::End(peak)) => {
                 self.done = true;

@@ -15,6 +15,9 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::worker::{Fail, MarkScan, XLSX_MERGE, check_declared_size, fatal, too_many_parts};
 use crate::config::Limits;
@@ -34,6 +37,12 @@ const GAP: u64 = 66 * 1024;
 /// Fewer parts than the 16-bit count's all-ones value, which zip takes as a sign of a
 /// zip64 archive (and would then look for a zip64 record in bytes a part's name gives).
 const MAX_PARTS: usize = 0xFFFE;
+/// A deflated part at least this large is inflated on a thread of its own, ahead of the
+/// parsing (see `Ahead`).
+const AHEAD_MIN: u64 = 1 << 20;
+/// The bytes that thread hands over at a time, and how many it may have waiting.
+const AHEAD_CHUNK: usize = 1 << 16;
+const AHEAD_DEPTH: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Method {
@@ -77,8 +86,8 @@ struct State {
     pos: u64,
     open: Option<Inflating>,
     marks: MarkScan,
-    /// Bytes inflated so far (skipped ones included).
-    inflated: u64,
+    /// Bytes inflated so far (skipped ones included), by either thread.
+    inflated: Arc<AtomicU64>,
 }
 
 /// A handle on the presented archive. calamine owns one; the worker keeps a clone to ask,
@@ -207,7 +216,7 @@ impl Unzipped {
             pos: 0,
             open: None,
             marks: MarkScan::new(XLSX_MERGE),
-            inflated: 0,
+            inflated: Arc::new(AtomicU64::new(0)),
         }))))
     }
 
@@ -231,7 +240,7 @@ impl Unzipped {
     /// Bytes inflated so far, skipped ones included (for tests of what is never inflated).
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn inflated(&self) -> u64 {
-        self.0.borrow().inflated
+        self.0.borrow().inflated.load(Ordering::Relaxed)
     }
 }
 
@@ -344,9 +353,23 @@ impl State {
         let mut f = self.file.try_clone()?;
         f.seek(SeekFrom::Start(part.source_at))?;
         let raw = BufReader::with_capacity(1 << 16, f.take(part.compressed));
+        let counted = |r| Counted {
+            inner: r,
+            count: self.inflated.clone(),
+        };
+        // Never more than the declared size: that is all the presented archive holds.
         let reader: Box<dyn Read> = match part.method {
-            Method::Stored => Box::new(raw),
-            Method::Deflated => Box::new(flate2::bufread::DeflateDecoder::new(raw)),
+            Method::Stored => Box::new(counted(Box::new(raw.take(part.size)))),
+            Method::Deflated => {
+                let inflate = counted(Box::new(
+                    flate2::bufread::DeflateDecoder::new(raw).take(part.size),
+                ));
+                if part.size >= AHEAD_MIN {
+                    Ahead::start(inflate)
+                } else {
+                    Box::new(inflate)
+                }
+            }
         };
         Ok(Inflating {
             part: k,
@@ -374,7 +397,6 @@ impl State {
             let skipped = io::copy(&mut (&mut open.reader).take(o - open.pos), &mut io::sink())
                 .map_err(damaged)?;
             open.pos += skipped;
-            self.inflated += skipped;
             if open.pos < o {
                 return Ok(0);
             }
@@ -384,7 +406,6 @@ impl State {
             .min(buf.len());
         let n = open.reader.read(&mut buf[..want]).map_err(damaged)?;
         open.pos += n as u64;
-        self.inflated += n as u64;
         if part.scan {
             self.marks.feed(&buf[..n]);
         }
@@ -408,12 +429,119 @@ impl State {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     open.pos += n as u64;
-                    self.inflated += n as u64;
                     left -= n as u64;
                     self.marks.feed(&chunk[..n]);
                 }
             }
         }
+    }
+}
+
+/// A part's bytes as they are inflated, counted in the archive's total.
+struct Counted {
+    inner: Box<dyn Read + Send>,
+    count: Arc<AtomicU64>,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A large part inflated on a thread of its own, a few chunks ahead of the parser: the
+/// worker's second core takes the inflating (a tenth of the reading), the parsing thread
+/// only copies. The thread never inflates past the part's declared size, and ends when the
+/// part ends, on an error (handed over in order), or when the part is dropped.
+struct Ahead {
+    chunks: Receiver<io::Result<Vec<u8>>>,
+    /// Chunks already read, handed back for the thread to fill again.
+    spent: SyncSender<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+    ended: bool,
+}
+
+impl Ahead {
+    /// Starts the thread; where no thread can be started, `inflate` is read in place.
+    fn start(mut inflate: Counted) -> Box<dyn Read> {
+        let (filled, chunks) = sync_channel::<io::Result<Vec<u8>>>(AHEAD_DEPTH);
+        let (spent, empties) = sync_channel::<Vec<u8>>(AHEAD_DEPTH + 2);
+        let (ready, go) = sync_channel::<Counted>(1);
+        let thread = std::thread::Builder::new()
+            .name("inflate".into())
+            .stack_size(1 << 20)
+            .spawn(move || {
+                let Ok(mut inflate) = go.recv() else {
+                    return;
+                };
+                loop {
+                    let mut chunk = empties
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(AHEAD_CHUNK));
+                    chunk.resize(AHEAD_CHUNK, 0);
+                    let mut n = 0;
+                    while n < AHEAD_CHUNK {
+                        match inflate.read(&mut chunk[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                let _ = filled.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    chunk.truncate(n);
+                    // Ends at the part's end, or when the reader is gone.
+                    if n == 0 || filled.send(Ok(chunk)).is_err() || n < AHEAD_CHUNK {
+                        return;
+                    }
+                }
+            });
+        if thread.is_err() {
+            return Box::new(inflate);
+        }
+        if let Err(back) = ready.send(inflate) {
+            inflate = back.0;
+            return Box::new(inflate);
+        }
+        Box::new(Ahead {
+            chunks,
+            spent,
+            current: Vec::new(),
+            at: 0,
+            ended: false,
+        })
+    }
+}
+
+impl Read for Ahead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            if self.ended || buf.is_empty() {
+                return Ok(0);
+            }
+            match self.chunks.recv() {
+                Ok(Ok(chunk)) => {
+                    let spent = std::mem::replace(&mut self.current, chunk);
+                    let _ = self.spent.try_send(spent);
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.ended = true;
+                    return Err(e);
+                }
+                // The thread ended: the part is read.
+                Err(_) => self.ended = true,
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -559,5 +687,59 @@ mod tests {
             Err(Fail::Fatal(e)) => assert_eq!(e.code, "zip_bomb", "{}", e.message),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_large_part_is_inflated_ahead_within_bounds_and_its_damage_comes_through() {
+        // Varied text, so that its deflated stream is long enough to damage in the middle.
+        let big: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| {
+                format!("<c r=\"A{i}\"><v>{}</v></c>", i.wrapping_mul(2_654_435_761)).into_bytes()
+            })
+            .collect();
+        assert!(big.len() as u64 > AHEAD_MIN);
+        let f = archive(&[(
+            "xl/worksheets/sheet1.xml",
+            &big,
+            zip::CompressionMethod::Deflated,
+        )]);
+        let u = open(&f, &Limits::default()).unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        let mut v = Vec::new();
+        z.by_index(0).unwrap().read_to_end(&mut v).unwrap();
+        assert!(v == big);
+        assert_eq!(u.inflated(), big.len() as u64);
+
+        // Read a little and stop: the thread keeps only a few chunks ahead, then ends.
+        let u = open(&f, &Limits::default()).unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        let mut head = vec![0u8; 100];
+        z.by_index(0).unwrap().read_exact(&mut head).unwrap();
+        assert_eq!(head, big[..100]);
+        drop(z);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let ahead = u.inflated();
+        assert!(
+            ahead <= ((AHEAD_DEPTH + 2) * AHEAD_CHUNK) as u64,
+            "{ahead} bytes inflated ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(u.inflated(), ahead);
+
+        // Damage in the middle of the deflated bytes is an error, not a hang or a panic.
+        let data_at = {
+            let mut zip = zip::ZipArchive::new(File::open(f.path()).unwrap()).unwrap();
+            let e = zip.by_index_raw(0).unwrap();
+            e.data_start().unwrap() + e.compressed_size() / 2
+        };
+        let mut bytes = std::fs::read(f.path()).unwrap();
+        for b in &mut bytes[data_at as usize..data_at as usize + 64] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(f.path(), &bytes).unwrap();
+        let u = open(&f, &Limits::default()).unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        let mut v = Vec::new();
+        assert!(z.by_index(0).unwrap().read_to_end(&mut v).is_err());
     }
 }

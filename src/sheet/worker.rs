@@ -13,7 +13,7 @@ use std::path::Path;
 use calamine::{Data, DataRef, Ods, Reader, Xls, Xlsx};
 use serde::{Deserialize, Serialize};
 
-use super::codec::{self, CellKind, RawRow};
+use super::codec::{self, CellKind, RowWriter};
 use super::unzip::Unzipped;
 use crate::config::Limits;
 use crate::model::META_SHEET;
@@ -90,7 +90,9 @@ pub struct WorkerArgs {
 /// Runs the worker; returns the process exit code.
 pub fn run(args: &WorkerArgs) -> i32 {
     let stdout = io::stdout();
-    let mut out = BufWriter::with_capacity(1 << 18, stdout.lock());
+    // Rows come in 64 KiB chunks (`RowWriter`), which pass this small buffer by; it only
+    // gathers the small frames.
+    let mut out = BufWriter::with_capacity(1 << 13, stdout.lock());
     let result = read_file(args, &mut out);
     let written = match result {
         Ok(()) => codec::write_end(&mut out),
@@ -636,11 +638,12 @@ fn value_owned(d: &Data, date_offset: f64) -> Value<'_> {
     }
 }
 
-/// Groups cells into rows, enforces the row/column/cell limits and writes finished rows.
+/// Groups cells into rows, enforces the row/column/cell limits and encodes the rows.
 struct RowSink<'w, W: Write> {
     out: &'w mut W,
-    row: RawRow,
-    open: bool,
+    rows: RowWriter,
+    /// The open row's index, once a cell of it was seen.
+    open: Option<u32>,
     limits: Limits,
 }
 
@@ -648,8 +651,8 @@ impl<'w, W: Write> RowSink<'w, W> {
     fn new(out: &'w mut W, limits: &Limits) -> Self {
         RowSink {
             out,
-            row: RawRow::default(),
-            open: false,
+            rows: RowWriter::new(),
+            open: None,
             limits: limits.clone(),
         }
     }
@@ -679,49 +682,48 @@ impl<'w, W: Write> RowSink<'w, W> {
                 ),
             ));
         }
-        if !self.open || r != self.row.index {
-            if self.open && r < self.row.index {
-                return Err(fatal(
-                    "file_damaged",
-                    format!(
-                        "The file is damaged: row {} appears after row {}.",
-                        r + 1,
-                        self.row.index + 1
-                    ),
-                ));
+        if self.open != Some(r) {
+            if let Some(open) = self.open {
+                if r < open {
+                    return Err(fatal(
+                        "file_damaged",
+                        format!(
+                            "The file is damaged: row {} appears after row {}.",
+                            u64::from(r) + 1,
+                            u64::from(open) + 1
+                        ),
+                    ));
+                }
+                self.rows.end(self.out).map_err(Fail::Pipe)?;
             }
-            self.flush_row()?;
-            self.row.clear(r);
-            self.open = true;
+            self.rows.begin(r);
+            self.open = Some(r);
         }
         let max = self.limits.max_cell_chars as usize;
+        let rows = &mut self.rows;
         match v {
             Value::Skip => {}
-            Value::Text(s) | Value::DateIso(s) if s.len() > max && s.chars().count() > max => self
-                .row
-                .push(c, CellKind::TooLong, "", s.chars().count() as f64),
-            Value::Text(s) => self.row.push(c, CellKind::Text, s, 0.0),
-            Value::DateIso(s) => self.row.push(c, CellKind::DateIso, s, 0.0),
-            Value::Int(i) if i.unsigned_abs() < (1u64 << 53) => {
-                self.row.push(c, CellKind::Int, "", i as f64)
+            Value::Text(s) | Value::DateIso(s) if s.len() > max && s.chars().count() > max => {
+                rows.num(c, CellKind::TooLong, s.chars().count() as f64)
             }
-            Value::Int(i) => self.row.push(c, CellKind::Text, &i.to_string(), 0.0),
-            Value::Float(f) => self.row.push(c, CellKind::Float, "", f),
-            Value::Bool(b) => self
-                .row
-                .push(c, CellKind::Bool, "", if b { 1.0 } else { 0.0 }),
-            Value::Date(f) => self.row.push(c, CellKind::Date, "", f),
-            Value::Error(e) => self.row.push(c, CellKind::Error, &e, 0.0),
+            Value::Text(s) => rows.text(c, CellKind::Text, s),
+            Value::DateIso(s) => rows.text(c, CellKind::DateIso, s),
+            Value::Int(i) if i.unsigned_abs() < (1u64 << 53) => {
+                rows.num(c, CellKind::Int, i as f64)
+            }
+            Value::Int(i) => rows.text(c, CellKind::Text, &i.to_string()),
+            Value::Float(f) => rows.num(c, CellKind::Float, f),
+            Value::Bool(b) => rows.num(c, CellKind::Bool, if b { 1.0 } else { 0.0 }),
+            Value::Date(f) => rows.num(c, CellKind::Date, f),
+            Value::Error(e) => rows.text(c, CellKind::Error, &e),
         }
         Ok(())
     }
 
-    fn flush_row(&mut self) -> Result<(), Fail> {
-        if self.open && !self.row.cells().is_empty() {
-            codec::write_row(self.out, &self.row).map_err(Fail::Pipe)?;
-        }
-        self.open = false;
-        Ok(())
+    /// Ends the last row and writes out every row still buffered.
+    fn finish(&mut self) -> Result<(), Fail> {
+        self.open = None;
+        self.rows.finish(self.out).map_err(Fail::Pipe)
     }
 }
 
@@ -748,7 +750,10 @@ fn meta_from_range(range: &calamine::Range<Data>) -> BTreeMap<String, String> {
 
 fn send_info<W: Write>(out: &mut W, info: &WorkbookInfo) -> Result<(), Fail> {
     let json = serde_json::to_string(info).unwrap_or_default();
-    codec::write_json_frame(out, codec::FRAME_INFO, &json).map_err(Fail::Pipe)
+    // Sent at once: the parent checks the sheets while the rows are being read.
+    codec::write_json_frame(out, codec::FRAME_INFO, &json)
+        .and_then(|_| out.flush())
+        .map_err(Fail::Pipe)
 }
 
 fn damaged(e: impl std::fmt::Display) -> Fail {
@@ -909,7 +914,7 @@ fn stream_xlsx<W: Write>(
         }
         sink.cell(r, c, value_ref(&cell.value, offset))?;
     }
-    sink.flush_row()?;
+    sink.finish()?;
     drop(cells);
     let mut notes = Vec::new();
     if let Some((r, c)) = first_formula {
@@ -961,7 +966,7 @@ where
     for (r, c, v) in range.used_cells() {
         sink.cell(r0 + r as u32, c0 + c as u32, value_owned(v, 0.0))?;
     }
-    sink.flush_row()?;
+    sink.finish()?;
     drop(sink);
     drop(range);
     let notes: Vec<String> = merges(&wb, &name)
@@ -1135,7 +1140,7 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         }
         index = index.saturating_add(1);
     }
-    sink.flush_row()
+    sink.finish()
 }
 
 #[cfg(test)]
