@@ -520,6 +520,28 @@ fn two_values_for_one_cell_are_refused_not_joined() {
     let o = check_path(&env, &t, &p);
     let codes: Vec<_> = o.problems.iter().map(|p| p.code).collect();
     assert!(codes.contains(&"cell_repeated"), "{codes:?}");
+    // A flood of one cell (more cells in a row than it may have columns) is refused whole,
+    // naming the row, however long each text is.
+    let p = env.path("flood.xlsx");
+    let mut sheet = deactivate_sheet(0);
+    // Varied letters, so that the sheet does not compress like a bomb.
+    let mut seed = 7u32;
+    let cells: String = (0..65)
+        .map(|_| {
+            let text: String = (0..30_000)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    char::from(b'a' + (seed >> 16) as u8 % 26)
+                })
+                .collect();
+            format!(r#"<c r="A2" t="inlineStr"><is><t>{text}</t></is></c>"#)
+        })
+        .collect();
+    sheet.rows.push(vec![C::Raw(cells)]);
+    write_xlsx(&p, &[sheet]);
+    let (code, msg) = refused(&check_path(&env, &t, &p));
+    assert_eq!(code, "file_damaged", "{msg}");
+    assert!(msg.contains("row 2 holds more than 64 cells"), "{msg}");
 }
 
 #[test]

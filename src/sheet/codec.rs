@@ -212,6 +212,10 @@ impl RowWriter {
 
     /// Starts row `index` (call `end` first if a row is open).
     pub fn begin(&mut self, index: u32) {
+        debug_assert!(
+            self.open.is_none(),
+            "a row was begun before the last one ended"
+        );
         self.open = Some(self.buf.len());
         self.buf.push(FRAME_ROW);
         self.buf.extend_from_slice(&[0; 4]);
@@ -246,6 +250,17 @@ impl RowWriter {
             w.write_all(&self.buf)?;
             self.buf.clear();
         }
+        Ok(())
+    }
+
+    /// Writes out the complete rows buffered and drops the open one (the worker is about
+    /// to report a problem in it: the rows before it still reach the parent first).
+    pub fn flush_complete(&mut self, w: &mut impl Write) -> io::Result<()> {
+        if let Some(start) = self.open.take() {
+            self.buf.truncate(start);
+        }
+        w.write_all(&self.buf)?;
+        self.buf.clear();
         Ok(())
     }
 
@@ -310,7 +325,11 @@ pub fn read_frame(
                 let decoded = if frame.len() == len {
                     decode_row(&frame, row, max_text)
                 } else {
-                    Err(bad("row cut short"))
+                    // The stream ended inside the row: the worker's end tells why.
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "worker stream: ended inside a row",
+                    ))
                 };
                 row.frame = frame;
                 decoded?;
@@ -463,6 +482,12 @@ mod tests {
         assert!(pipe.len() >= CHUNK, "written before a chunk was full");
         w.begin(rows);
         w.num(2, CellKind::Int, 5.0);
+        w.end(&mut pipe).unwrap();
+        // A row left open when the worker stops on a problem is dropped; those before it
+        // are written.
+        w.begin(rows + 1);
+        w.text(0, CellKind::Text, "cut");
+        w.flush_complete(&mut pipe).unwrap();
         w.finish(&mut pipe).unwrap();
         let mut r = io::BufReader::with_capacity(1000, &pipe[..]);
         let mut out = RawRow::default();

@@ -250,6 +250,19 @@ impl SheetReader {
                 self.done = true;
                 Err(self.refusal(&json))
             }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::InvalidData
+                    && matches!(self.child.try_wait(), Ok(None)) =>
+            {
+                // The stream itself is wrong while the worker still runs (not cut short by
+                // its end, which `diagnose` explains).
+                let _ = self.stop();
+                self.done = true;
+                Err(failure(
+                    "internal",
+                    format!("The file reader's output could not be read ({e})."),
+                ))
+            }
             Err(_) => {
                 self.done = true;
                 Err(self.diagnose())

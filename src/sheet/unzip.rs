@@ -1,6 +1,7 @@
 //! The archive calamine reads an .xlsx from: the upload's own parts, presented as a stored
 //! (uncompressed) zip whose bytes are inflated from the upload on demand, as calamine asks
-//! for them — each part once, on the thread that parses it.
+//! for them — each part once; a large one on a thread of its own, a few chunks ahead of the
+//! parser (`Ahead`).
 //!
 //! Every size limit is checked on the upload's central directory before a byte is inflated
 //! (`Unzipped::new`), and a part is never inflated past the size it declares: that size is
@@ -76,7 +77,7 @@ struct Inflating {
 }
 
 struct State {
-    file: File,
+    file: Arc<File>,
     parts: Vec<Part>,
     /// Where the last part ends: zeros follow up to `central_at`.
     parts_end: u64,
@@ -208,7 +209,7 @@ impl Unzipped {
             ));
         }
         Ok(Unzipped(Rc::new(RefCell::new(State {
-            file,
+            file: Arc::new(file),
             parts,
             parts_end,
             central,
@@ -237,7 +238,8 @@ impl Unzipped {
         s.marks.seen()
     }
 
-    /// Bytes inflated so far, skipped ones included (for tests of what is never inflated).
+    /// Bytes inflated so far, skipped ones and those inflated ahead of the parser included
+    /// (for tests of what is never inflated).
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn inflated(&self) -> u64 {
         self.0.borrow().inflated.load(Ordering::Relaxed)
@@ -350,9 +352,14 @@ impl State {
     /// Starts inflating part `k` from its first byte.
     fn inflate(&self, k: usize) -> io::Result<Inflating> {
         let part = &self.parts[k];
-        let mut f = self.file.try_clone()?;
-        f.seek(SeekFrom::Start(part.source_at))?;
-        let raw = BufReader::with_capacity(1 << 16, f.take(part.compressed));
+        let raw = BufReader::with_capacity(
+            1 << 16,
+            Compressed {
+                file: self.file.clone(),
+                at: part.source_at,
+                end: part.source_at.saturating_add(part.compressed),
+            },
+        );
         let counted = |r| Counted {
             inner: r,
             count: self.inflated.clone(),
@@ -383,6 +390,8 @@ impl State {
     fn read_data(&mut self, k: usize, o: u64, buf: &mut [u8]) -> io::Result<usize> {
         let reuse = matches!(&self.open, Some(i) if i.part == k && i.pos <= o);
         if !reuse {
+            // The old reader (and its thread) goes first.
+            self.open = None;
             self.open = Some(self.inflate(k)?);
             self.marks.restart();
         }
@@ -451,14 +460,47 @@ impl Read for Counted {
     }
 }
 
+/// A part's compressed bytes in the upload, read at their own offsets (`read_at`): readers
+/// of different parts, or of one part twice, never share a file position.
+struct Compressed {
+    file: Arc<File>,
+    at: u64,
+    end: u64,
+}
+
+impl Read for Compressed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let left = usize::try_from(self.end.saturating_sub(self.at)).unwrap_or(usize::MAX);
+        let want = left.min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// What the inflating thread hands over.
+enum Handed {
+    Chunk(Vec<u8>),
+    /// The part is complete.
+    End,
+    Failed(io::Error),
+}
+
 /// A large part inflated on a thread of its own, a few chunks ahead of the parser: the
 /// worker's second core takes the inflating (a tenth of the reading), the parsing thread
-/// only copies. The thread never inflates past the part's declared size, and ends when the
-/// part ends, on an error (handed over in order), or when the part is dropped.
+/// only copies. At most `AHEAD_DEPTH + 1` chunks beyond the one being read are inflated,
+/// never past the part's declared size. The thread ends at the part's end, on an error
+/// (after the bytes inflated before it), or soon after the part is dropped (it checks
+/// between reads; a thread blocked handing over is woken by the drop).
 struct Ahead {
-    chunks: Receiver<io::Result<Vec<u8>>>,
+    chunks: Receiver<Handed>,
     /// Chunks already read, handed back for the thread to fill again.
     spent: SyncSender<Vec<u8>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     current: Vec<u8>,
     at: usize,
     ended: bool,
@@ -466,9 +508,12 @@ struct Ahead {
 
 impl Ahead {
     /// Starts the thread; where no thread can be started, `inflate` is read in place.
-    fn start(mut inflate: Counted) -> Box<dyn Read> {
-        let (filled, chunks) = sync_channel::<io::Result<Vec<u8>>>(AHEAD_DEPTH);
+    fn start(inflate: Counted) -> Box<dyn Read> {
+        let (filled, chunks) = sync_channel::<Handed>(AHEAD_DEPTH);
         let (spent, empties) = sync_channel::<Vec<u8>>(AHEAD_DEPTH + 2);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        // The reader goes to the thread once it runs, so that it stays here if it cannot.
         let (ready, go) = sync_channel::<Counted>(1);
         let thread = std::thread::Builder::new()
             .name("inflate".into())
@@ -483,38 +528,60 @@ impl Ahead {
                         .unwrap_or_else(|_| Vec::with_capacity(AHEAD_CHUNK));
                     chunk.resize(AHEAD_CHUNK, 0);
                     let mut n = 0;
+                    let mut failed = None;
                     while n < AHEAD_CHUNK {
+                        if stopped.load(Ordering::Relaxed) {
+                            return;
+                        }
                         match inflate.read(&mut chunk[n..]) {
                             Ok(0) => break,
                             Ok(k) => n += k,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) => {
-                                let _ = filled.send(Err(e));
-                                return;
+                                failed = Some(e);
+                                break;
                             }
                         }
                     }
+                    let full = n == AHEAD_CHUNK;
                     chunk.truncate(n);
-                    // Ends at the part's end, or when the reader is gone.
-                    if n == 0 || filled.send(Ok(chunk)).is_err() || n < AHEAD_CHUNK {
+                    if n > 0 && filled.send(Handed::Chunk(chunk)).is_err() {
+                        return;
+                    }
+                    if let Some(e) = failed {
+                        let _ = filled.send(Handed::Failed(e));
+                        return;
+                    }
+                    if !full {
+                        let _ = filled.send(Handed::End);
                         return;
                     }
                 }
             });
-        if thread.is_err() {
-            return Box::new(inflate);
-        }
-        if let Err(back) = ready.send(inflate) {
-            inflate = back.0;
+        let inflate = match thread {
+            Ok(_) => match ready.send(inflate) {
+                Ok(()) => None,
+                Err(back) => Some(back.0),
+            },
+            Err(_) => Some(inflate),
+        };
+        if let Some(inflate) = inflate {
             return Box::new(inflate);
         }
         Box::new(Ahead {
             chunks,
             spent,
+            stop,
             current: Vec::new(),
             at: 0,
             ended: false,
         })
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -525,17 +592,22 @@ impl Read for Ahead {
                 return Ok(0);
             }
             match self.chunks.recv() {
-                Ok(Ok(chunk)) => {
+                Ok(Handed::Chunk(chunk)) => {
                     let spent = std::mem::replace(&mut self.current, chunk);
                     let _ = self.spent.try_send(spent);
                     self.at = 0;
                 }
-                Ok(Err(e)) => {
+                Ok(Handed::End) => self.ended = true,
+                Ok(Handed::Failed(e)) => {
                     self.ended = true;
                     return Err(e);
                 }
-                // The thread ended: the part is read.
-                Err(_) => self.ended = true,
+                Err(_) => {
+                    self.ended = true;
+                    return Err(io::Error::other(
+                        "the inflating thread stopped before the part's end",
+                    ));
+                }
             }
         }
         let n = buf.len().min(self.current.len() - self.at);
@@ -710,21 +782,28 @@ mod tests {
         assert!(v == big);
         assert_eq!(u.inflated(), big.len() as u64);
 
-        // Read a little and stop: the thread keeps only a few chunks ahead, then ends.
+        // Read a little and stop: the thread inflates only a few chunks ahead, however long
+        // it is given (it waits to hand over the next one).
         let u = open(&f, &Limits::default()).unwrap();
         let mut z = zip::ZipArchive::new(u.clone()).unwrap();
         let mut head = vec![0u8; 100];
         z.by_index(0).unwrap().read_exact(&mut head).unwrap();
         assert_eq!(head, big[..100]);
         drop(z);
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let ahead = u.inflated();
-        assert!(
-            ahead <= ((AHEAD_DEPTH + 2) * AHEAD_CHUNK) as u64,
-            "{ahead} bytes inflated ahead"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert_eq!(u.inflated(), ahead);
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let ahead = u.inflated();
+            assert!(
+                ahead <= ((AHEAD_DEPTH + 2) * AHEAD_CHUNK) as u64,
+                "{ahead} bytes inflated ahead"
+            );
+        }
+        // Reading the part again from its start (as a second pass over a sheet does) gives
+        // the same bytes: the new reader does not share the old one's file position.
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        let mut v = Vec::new();
+        z.by_index(0).unwrap().read_to_end(&mut v).unwrap();
+        assert!(v == big);
 
         // Damage in the middle of the deflated bytes is an error, not a hang or a panic.
         let data_at = {

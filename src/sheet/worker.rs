@@ -642,9 +642,17 @@ fn value_owned(d: &Data, date_offset: f64) -> Value<'_> {
 struct RowSink<'w, W: Write> {
     out: &'w mut W,
     rows: RowWriter,
-    /// The open row's index, once a cell of it was seen.
-    open: Option<u32>,
+    /// The open row's index and its cells so far, once a cell of it was seen.
+    open: Option<(u32, u32)>,
     limits: Limits,
+}
+
+impl<W: Write> Drop for RowSink<'_, W> {
+    /// On a problem, the complete rows still buffered go out before it is reported (after
+    /// `finish`, nothing is left).
+    fn drop(&mut self) {
+        let _ = self.rows.flush_complete(self.out);
+    }
 }
 
 impl<'w, W: Write> RowSink<'w, W> {
@@ -682,22 +690,42 @@ impl<'w, W: Write> RowSink<'w, W> {
                 ),
             ));
         }
-        if self.open != Some(r) {
-            if let Some(open) = self.open {
-                if r < open {
+        match self.open {
+            Some((open, cells)) if open == r => {
+                // A row holds no more cells than it has columns (a cell given twice is
+                // reported on its row by the checks; a flood of them is refused here, and
+                // the row's frame stays within the parent's bound).
+                if cells >= self.limits.max_columns {
                     return Err(fatal(
                         "file_damaged",
                         format!(
-                            "The file is damaged: row {} appears after row {}.",
+                            "The file is damaged: row {} holds more than {} cells (the same cell given again and again). Save it again from your spreadsheet program and upload the new copy.",
                             u64::from(r) + 1,
-                            u64::from(open) + 1
+                            self.limits.max_columns
                         ),
                     ));
                 }
-                self.rows.end(self.out).map_err(Fail::Pipe)?;
+                self.open = Some((r, cells + 1));
             }
-            self.rows.begin(r);
-            self.open = Some(r);
+            Some((open, _)) if r < open => {
+                return Err(fatal(
+                    "file_damaged",
+                    format!(
+                        "The file is damaged: row {} appears after row {}.",
+                        u64::from(r) + 1,
+                        u64::from(open) + 1
+                    ),
+                ));
+            }
+            Some(_) => {
+                self.rows.end(self.out).map_err(Fail::Pipe)?;
+                self.rows.begin(r);
+                self.open = Some((r, 1));
+            }
+            None => {
+                self.rows.begin(r);
+                self.open = Some((r, 1));
+            }
         }
         let max = self.limits.max_cell_chars as usize;
         let rows = &mut self.rows;
