@@ -224,7 +224,8 @@ pub enum Command {
         /// Row counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,1048575")]
         rows: Vec<usize>,
-        /// Runs of each stage; the fastest counts (timings vary on a busy machine).
+        /// Runs of each stage, in rounds over all stages; the median counts (timings vary on a
+        /// busy machine).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
         /// Where generated files go (default: rollcall-bench in the temporary directory).
