@@ -115,21 +115,10 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("worker stream: {what}"))
 }
 
-pub fn write_varint(w: &mut impl Write, mut v: u64) -> io::Result<()> {
-    let mut buf = [0u8; 10];
-    let mut i = 0;
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            buf[i] = byte;
-            i += 1;
-            break;
-        }
-        buf[i] = byte | 0x80;
-        i += 1;
-    }
-    w.write_all(&buf[..i])
+pub fn write_varint(w: &mut impl Write, v: u64) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(10);
+    put_varint(&mut buf, v);
+    w.write_all(&buf)
 }
 
 fn read_u8(r: &mut impl BufRead) -> io::Result<u8> {

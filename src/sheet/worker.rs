@@ -717,12 +717,11 @@ impl<'w, W: Write> RowSink<'w, W> {
                     ),
                 ));
             }
-            Some(_) => {
-                self.rows.end(self.out).map_err(Fail::Pipe)?;
-                self.rows.begin(r);
-                self.open = Some((r, 1));
-            }
-            None => {
+            // A new row (the first, or one after the open row).
+            _ => {
+                if self.open.is_some() {
+                    self.rows.end(self.out).map_err(Fail::Pipe)?;
+                }
                 self.rows.begin(r);
                 self.open = Some((r, 1));
             }
