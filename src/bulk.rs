@@ -22,7 +22,7 @@ use crate::model::{
     column_letter,
 };
 use crate::sheet::codec::{CellKind, RawCell, RawRow};
-use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader};
+use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader, Starting};
 use crate::sheet::worker::WorkbookInfo;
 
 /// How a normalisation changed values of one column, counted over the file.
@@ -162,16 +162,29 @@ pub struct RulesInput<'a> {
 pub type EffectSink<'a> = dyn FnMut(u32, &str, &Effect) + 'a;
 
 /// Runs one pass. Database errors are returned as `Err`; everything wrong with the file
-/// is in the `Outcome`.
+/// is in the `Outcome`. `started` is a worker already started on the file, if any (one
+/// for another file is stopped and a new one started).
 pub fn process(
     conn: &Connection,
     setup: &ReaderSetup,
     req: &Request<'_>,
+    started: Option<Starting>,
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
-    match SheetReader::open(setup, req.path, req.file_name, &req.op.sheet_name()) {
-        Ok(mut reader) => process_rows(conn, &setup.limits, req, &mut reader, on_effect, progress),
+    // The rules worker loads the scripts while the file's worker opens the file.
+    let rules = begin_rules(conn, req)?;
+    let sheet = req.op.sheet_name();
+    match SheetReader::open_started(started, setup, req.path, req.file_name, &sheet) {
+        Ok(mut reader) => process_from(
+            conn,
+            &setup.limits,
+            req,
+            &mut reader,
+            rules,
+            on_effect,
+            progress,
+        ),
         Err(f) => {
             let mut out = Outcome::new(req.op);
             refuse(&mut out, &f.code, f.message);
@@ -209,6 +222,20 @@ pub fn process_rows(
     limits: &crate::config::Limits,
     req: &Request<'_>,
     reader: &mut (dyn RowSource + Send),
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Outcome> {
+    let rules = begin_rules(conn, req)?;
+    process_from(conn, limits, req, reader, rules, on_effect, progress)
+}
+
+/// The pass itself, with the rules worker begun (`begin_rules`).
+fn process_from(
+    conn: &Connection,
+    limits: &crate::config::Limits,
+    req: &Request<'_>,
+    reader: &mut (dyn RowSource + Send),
+    rules: Option<RulesBegun>,
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
@@ -266,15 +293,15 @@ pub fn process_rows(
         }
     };
 
-    let stage = match req.rules {
-        Some(r) => match start_rules(conn, req, r, &cols)? {
+    let stage = match (req.rules, rules) {
+        (Some(r), Some(begun)) => match finish_rules(begun, req, r, &cols) {
             Ok(stage) => stage,
             Err(message) => {
                 refuse(&mut out, "rules_unavailable", message);
                 return Ok(out);
             }
         },
-        None => None,
+        _ => None,
     };
     // A dry run reads the roster in one read transaction: one snapshot for the whole file,
     // and no lock taken and released per looked-up row. (Apply runs in the caller's.)
@@ -322,6 +349,9 @@ pub fn process_rows(
                 }
                 room.unwrap_or_else(|| Vec::with_capacity(CHECK_BATCH))
             };
+            // The first batches are small, so that the writer starts on the first rows
+            // at once; then they grow to `CHECK_BATCH`.
+            let mut limit = FIRST_BATCH;
             'rows: loop {
                 match reader.next_row(&mut row) {
                     Ok(true) => {
@@ -331,7 +361,8 @@ pub fn process_rows(
                             }
                             batch.push(c);
                         }
-                        if batch.len() == CHECK_BATCH {
+                        if batch.len() >= limit {
+                            limit = (limit * 2).min(CHECK_BATCH);
                             let full = std::mem::replace(&mut batch, recycled());
                             for mut ready in checker.through_rules(&mut stage, full, false) {
                                 checker.prepare(&mut ready);
@@ -425,6 +456,9 @@ impl Drop for ReadSnapshot<'_> {
 /// Rows per message from the checking thread (and per batch sent to the rules worker).
 const CHECK_BATCH: usize = 256;
 
+/// Rows in the first message (doubling up to `CHECK_BATCH`).
+const FIRST_BATCH: usize = 16;
+
 /// The rules worker of a pass, with the batch it is checking.
 struct RulesStage {
     proc: crate::rules::client::RulesProcess,
@@ -435,51 +469,74 @@ struct RulesStage {
     rules_folder: String,
 }
 
-/// Starts the rules worker of a pass; `Ok(Err(message))` when the rules cannot run (the
-/// file is then refused with that message), `Ok(Ok(None))` when they do nothing here.
-fn start_rules(
-    conn: &Connection,
+/// A pass's rules worker as begun: loading the scripts, or why it could not start.
+type RulesBegun = Result<crate::rules::client::Loading, String>;
+
+/// Starts the rules worker of a pass, when the tenant has rules, without waiting for the
+/// scripts to load (`finish_rules` does); `Some(Err(message))` when it cannot start.
+fn begin_rules(conn: &Connection, req: &Request<'_>) -> AppResult<Option<RulesBegun>> {
+    use crate::rules::client::RulesProcess;
+    let Some(r) = req.rules else {
+        return Ok(None);
+    };
+    let ctx = crate::rules::context(conn, req.tenant)?;
+    Ok(Some(
+        RulesProcess::begin(
+            r.setup,
+            &r.active.scripts,
+            &ctx,
+            req.op,
+            r.database.map(Path::to_path_buf),
+            req.tenant.id,
+        )
+        .map_err(|e| start_message(req, r, e)),
+    ))
+}
+
+/// What the administrator is told when the rules cannot run.
+fn start_message(
     req: &Request<'_>,
     r: RulesInput<'_>,
-    cols: &[Column],
-) -> AppResult<Result<Option<RulesStage>, String>> {
-    use crate::rules::client::{RulesProcess, StartError};
-    let ctx = crate::rules::context(conn, req.tenant)?;
-    let proc = match RulesProcess::start(
-        r.setup,
-        &r.active.scripts,
-        &ctx,
-        req.op,
-        r.database.map(Path::to_path_buf),
-        req.tenant.id,
-    ) {
-        Ok(p) => p,
-        Err(StartError::Problems(p)) => {
+    e: crate::rules::client::StartError,
+) -> String {
+    use crate::rules::client::StartError;
+    match e {
+        StartError::Problems(p) => {
             let list: Vec<String> = p.iter().take(5).map(|p| p.to_string()).collect();
-            return Ok(Err(format!(
+            format!(
                 "The rules of {} ({}) do not load, so this file cannot be checked: {}. Nothing was changed; tell whoever maintains the rules.",
                 req.tenant.name,
                 r.active.origin,
                 list.join("; ")
-            )));
+            )
         }
-        Err(StartError::Failed(f)) => {
-            return Ok(Err(format!(
-                "The rules of {} cannot run, so this file cannot be checked: {f}. Nothing was changed; tell whoever maintains the rules.",
-                req.tenant.name
-            )));
-        }
-    };
+        StartError::Failed(f) => format!(
+            "The rules of {} cannot run, so this file cannot be checked: {f}. Nothing was changed; tell whoever maintains the rules.",
+            req.tenant.name
+        ),
+    }
+}
+
+/// Waits for the rules worker begun by `begin_rules` to load the scripts; `Err(message)`
+/// when the rules cannot run (the file is then refused with that message), `Ok(None)` when
+/// they do nothing here.
+fn finish_rules(
+    begun: RulesBegun,
+    req: &Request<'_>,
+    r: RulesInput<'_>,
+    cols: &[Column],
+) -> Result<Option<RulesStage>, String> {
+    let proc = begun?.ready().map_err(|e| start_message(req, r, e))?;
     let expected: Vec<&str> = cols.iter().map(|c| c.header.as_str()).collect();
     if proc.headers() != expected.as_slice() {
-        return Ok(Err(format!(
+        return Err(format!(
             "The rules of {} changed while this file was being checked; upload it again.",
             req.tenant.name
-        )));
+        ));
     }
     if proc.loaded.idle {
         proc.finish();
-        return Ok(Ok(None));
+        return Ok(None);
     }
     let normaliser_of = cols
         .iter()
@@ -491,13 +548,13 @@ fn start_rules(
                 .map(|s| (i, s.to_string()))
         })
         .collect();
-    Ok(Ok(Some(RulesStage {
+    Ok(Some(RulesStage {
         proc,
         inflight: None,
         failed: false,
         normaliser_of,
         rules_folder: r.active.folder.clone(),
-    })))
+    }))
 }
 
 fn file_problem(sheet: &str, code: &str, message: String) -> Problem {

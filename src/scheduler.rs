@@ -25,6 +25,7 @@ use crate::db;
 use crate::error::{AppError, AppResult};
 use crate::model::Operation;
 use crate::service::{self, App, StoredFile};
+use crate::sheet::reader::Starting;
 use crate::sheet::report;
 
 /// Held by the one worker of a data directory; released when dropped.
@@ -515,27 +516,31 @@ pub fn progress(data: &DataDir, job_id: i64) -> Option<Progress> {
 }
 
 /// Runs one queued job: validates and applies its file in one transaction.
+///
+/// `started` is a file worker already started on the job's stored file (by `import`, while
+/// it recorded the job), or `None`.
 pub fn run_job(
     app: &App,
     job_id: i64,
     run: RunOptions,
+    started: Option<Starting>,
     on_effect: &mut EffectSink<'_>,
     on_rows: &mut dyn FnMut(u64),
 ) -> AppResult<Option<JobRun>> {
-    let started = db::now();
+    let started_at = db::now();
     let tx = app.conn.unchecked_transaction()?;
     let n = tx.execute(
         "UPDATE jobs SET state = 'running', started_at = ?2 WHERE id = ?1 AND state = 'queued'",
-        params![job_id, started],
+        params![job_id, started_at],
     )?;
     if n == 0 {
         return Ok(None);
     }
-    notify_started(app, &tx, job_id, &started)?;
+    notify_started(app, &tx, job_id, &started_at)?;
     tx.commit()?;
     // Whatever goes wrong from here, the job must not stay 'running' (it would be retried
     // for ever and hold up the queue): it fails with the reason, its transaction undone.
-    match run_started(app, job_id, run, on_effect, on_rows) {
+    match run_started(app, job_id, run, started, on_effect, on_rows) {
         Ok(r) => Ok(Some(r)),
         Err(e) => {
             let _ = std::fs::remove_file(app.data.progress_file(job_id));
@@ -564,6 +569,7 @@ fn run_started(
     app: &App,
     job_id: i64,
     run: RunOptions,
+    started: Option<Starting>,
     on_effect: &mut EffectSink<'_>,
     on_rows: &mut dyn FnMut(u64),
 ) -> AppResult<JobRun> {
@@ -641,6 +647,7 @@ fn run_started(
             rules: service::rules_input(app, rules.as_ref(), &db_path),
             default_pool: opts.default_pool.as_deref(),
         },
+        started,
         on_effect,
         &mut |rows| {
             on_rows(rows);
@@ -990,6 +997,7 @@ pub fn run_or_wait(app: &App, job_id: i64) -> AppResult<(String, Option<String>)
                     app,
                     next,
                     RunOptions::default(),
+                    None,
                     &mut |_, _, _| {},
                     &mut |_| {},
                 )?;
@@ -1197,12 +1205,13 @@ pub fn work(
             Some(id) => {
                 send_mail(app);
                 let run = if Some(id) == watch {
-                    run_job(app, id, RunOptions::default(), on_effect, on_rows)?
+                    run_job(app, id, RunOptions::default(), None, on_effect, on_rows)?
                 } else {
                     run_job(
                         app,
                         id,
                         RunOptions::default(),
+                        None,
                         &mut |_, _, _| {},
                         &mut |_| {},
                     )?

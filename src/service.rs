@@ -16,7 +16,7 @@ use crate::db::{self, Tenant};
 use crate::error::{AppError, AppResult, StartupError};
 use crate::model::{Operation, Severity};
 use crate::scheduler;
-use crate::sheet::reader::ReaderSetup;
+use crate::sheet::reader::{ReaderSetup, SheetReader, Starting};
 use crate::sheet::template::TemplateLists;
 
 /// Everything a command needs, wired once.
@@ -271,6 +271,7 @@ fn dry_run(
     file_sha256: Option<&str>,
     rules: Option<&crate::rules::ActiveRules>,
     default_pool: Option<&str>,
+    started: Option<Starting>,
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
@@ -289,6 +290,7 @@ fn dry_run(
             rules: rules_input(app, rules, &db_path),
             default_pool,
         },
+        started,
         on_effect,
         progress,
     )
@@ -319,6 +321,8 @@ pub fn validate_with(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
+    // The file's worker opens the file while it is hashed and the rules are looked up.
+    let started = SheetReader::start(&app.reader, file, file_name, &op.sheet_name()).ok();
     let sha = store_hash(file)?;
     let rules = active_rules(app, tenant)?;
     let outcome = dry_run(
@@ -330,6 +334,7 @@ pub fn validate_with(
         Some(&sha),
         rules.as_ref(),
         default_pool,
+        started,
         on_effect,
         progress,
     )?;
@@ -362,6 +367,8 @@ pub fn test_rules(
     file_name: &str,
     on_effect: &mut EffectSink<'_>,
 ) -> AppResult<Result<(Option<crate::rules::ActiveRules>, Outcome), (String, Vec<String>)>> {
+    // The file's worker opens the file while the scripts load.
+    let started = SheetReader::start(&app.reader, file, file_name, &op.sheet_name()).ok();
     let files = crate::rules::find_files(&app.data, &tenant.name)?;
     let ctx = crate::rules::context(&app.conn, tenant)?;
     let active = if files.scripts.is_empty() {
@@ -394,6 +401,7 @@ pub fn test_rules(
         None,
         active.as_ref(),
         None,
+        started,
         on_effect,
         &mut |_| {},
     )?;
@@ -441,6 +449,8 @@ pub fn upload_with(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Uploaded> {
     let stored = store_upload(&app.data, file, file_name)?;
+    // The file's worker opens the file while the rules and the pool are looked up.
+    let started = SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
     let rules = active_rules(app, tenant)?;
     // Kept as the pool is spelt (any case finds it).
     let canonical: Option<String> = match default_pool {
@@ -459,6 +469,7 @@ pub fn upload_with(
         Some(&stored.sha256),
         rules.as_ref(),
         default_pool,
+        started,
         on_effect,
         progress,
     )?;
@@ -629,6 +640,10 @@ pub fn import(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<ImportResult> {
     let stored = store_upload(&app.data, file, file_name)?;
+    // The file's worker opens the file while the job is recorded and started. (A worker
+    // that cannot start here is started again, and its reason told, when the job runs.)
+    let mut started =
+        SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
     let job_opts = scheduler::JobOptions {
         acknowledge_warnings: opts.acknowledge_warnings,
         confirm: opts.confirm.clone(),
@@ -652,12 +667,17 @@ pub fn import(
                     break;
                 };
                 let run = if next == job_id {
-                    scheduler::run_job(app, next, run_opts, on_effect, progress)?
+                    let started = started.take();
+                    scheduler::run_job(app, next, run_opts, started, on_effect, progress)?
                 } else {
+                    // Jobs are ahead of this one: the worker started for it would wait
+                    // (its wall-clock limit running) for as long as they take.
+                    started = None;
                     scheduler::run_job(
                         app,
                         next,
                         scheduler::RunOptions::default(),
+                        None,
                         &mut |_, _, _| {},
                         &mut |_| {},
                     )?
@@ -673,6 +693,7 @@ pub fn import(
             break;
         }
         // Another process is the worker: follow the job's progress until it ends.
+        started = None;
         if scheduler::is_finished(&app.conn, job_id)? {
             break;
         }

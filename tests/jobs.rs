@@ -1100,3 +1100,100 @@ fn the_reader_estimates_the_rows_to_come_for_progress() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deactivate.xls");
     assert_eq!(open(&xls, "deactivate.xls", "Deactivate Users"), Some(2));
 }
+
+/// The processes whose command line names `path` (a file worker reading it).
+fn workers_on(path: &std::path::Path) -> usize {
+    let needle = path.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
+        .count()
+}
+
+#[test]
+fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
+    use rollcall::sheet::reader::SheetReader;
+    let (env, t) = setup();
+    let setup = rollcall::sheet::reader::ReaderSetup {
+        worker_exe: std::path::PathBuf::from(BIN),
+        limits: env.app.config.limits.clone(),
+    };
+    // Files that declare their size, so each reader tells which file it read.
+    let (a, b) = (env.path("a.xlsx"), env.path("b.xlsx"));
+    rollcall::bench::generate(&a, 30).unwrap();
+    rollcall::bench::generate(&b, 40).unwrap();
+    let sheet = Operation::Add.sheet_name();
+    let rows = |r: &SheetReader| r.info().estimated_rows;
+
+    // Started on a, opened for a: the same worker.
+    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    assert!(started.is_for(&a, "a.xlsx", &sheet));
+    assert!(
+        !started.is_for(&a, "a.csv", &sheet),
+        "the declared name matters"
+    );
+    assert!(!started.is_for(&a, "a.xlsx", "Update Users"));
+    let r = SheetReader::open_started(Some(started), &setup, &a, "a.xlsx", &sheet).unwrap();
+    assert_eq!(rows(&r), Some(30));
+    drop(r);
+    assert_eq!(workers_on(&a), 0);
+
+    // Started on a, opened for b: a's worker is stopped, b is read.
+    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    assert_eq!(workers_on(&a), 1);
+    let r = SheetReader::open_started(Some(started), &setup, &b, "b.xlsx", &sheet).unwrap();
+    assert_eq!(rows(&r), Some(40));
+    assert_eq!(
+        workers_on(&a),
+        0,
+        "the worker for another file was left running"
+    );
+    drop(r);
+
+    // Dropped unopened: stopped, nothing waits.
+    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    drop(started);
+    assert_eq!(workers_on(&a), 0);
+
+    // A file the worker refuses is refused when opened, as without starting early.
+    let png = env.path("picture.xlsx");
+    std::fs::write(&png, b"\x89PNG\r\n\x1a\n0000000000000000").unwrap();
+    let started = SheetReader::start(&setup, &png, "picture.xlsx", &sheet).unwrap();
+    let early = started.open().err().unwrap();
+    let late = SheetReader::open(&setup, &png, "picture.xlsx", &sheet)
+        .err()
+        .unwrap();
+    assert_eq!(early, late);
+
+    // An import with jobs ahead of it in the queue runs them first, then its own, whose
+    // early reader was stopped (it would have waited for them) and started again.
+    let a = add_file(&env, "a2.xlsx", 0, 30);
+    let b = add_file(&env, "b2.xlsx", 100, 40);
+    let ahead = submit(&env, &t, &a, None);
+    let mut app = env.app.reopen().unwrap();
+    let r = service::import(
+        &mut app,
+        &t,
+        Operation::Add,
+        &b,
+        "b2.xlsx",
+        service::ImportOptions::new(false),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(r.applied, "{:?}", r.error);
+    assert_eq!(r.outcome.rows, 40);
+    assert_eq!(state(&env, ahead), "succeeded");
+    let users: i64 = env
+        .app
+        .conn
+        .query_row(
+            "SELECT count(*) FROM users WHERE tenant_id = ?1",
+            [t.id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(users, 70);
+}

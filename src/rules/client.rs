@@ -80,6 +80,32 @@ fn internal(message: impl Into<String>) -> RuleFailure {
     }
 }
 
+/// A rules worker given its scripts, still loading them: the caller does other work (opens
+/// the file) meanwhile, then waits with `ready`. Dropped, the worker is stopped.
+pub struct Loading(RulesProcess);
+
+impl Loading {
+    /// Waits until the scripts are loaded (or for why they are not).
+    pub fn ready(self) -> Result<RulesProcess, StartError> {
+        let mut p = self.0;
+        let loaded = p.wait_for_frame();
+        match loaded {
+            Ok(Some(TAG_LOADED)) => {
+                let loaded: Loaded = serde_json::from_slice(&p.buf).map_err(|e| {
+                    StartError::Failed(internal(format!("bad answer from the rules process: {e}")))
+                })?;
+                if !loaded.problems.is_empty() {
+                    return Err(StartError::Problems(loaded.problems));
+                }
+                p.loaded = loaded;
+                Ok(p)
+            }
+            Ok(Some(TAG_FAILED)) => Err(StartError::Failed(p.failure_frame())),
+            _ => Err(StartError::Failed(p.diagnose())),
+        }
+    }
+}
+
 impl RulesProcess {
     /// Starts a worker and loads the scripts for `op`.
     pub fn start(
@@ -90,6 +116,18 @@ impl RulesProcess {
         database: Option<PathBuf>,
         tenant_id: i64,
     ) -> Result<RulesProcess, StartError> {
+        Self::begin(setup, scripts, context, op, database, tenant_id)?.ready()
+    }
+
+    /// Starts a worker and hands it the scripts for `op`, without waiting (see `Loading`).
+    pub fn begin(
+        setup: &ReaderSetup,
+        scripts: &[Script],
+        context: &Context,
+        op: Operation,
+        database: Option<PathBuf>,
+        tenant_id: i64,
+    ) -> Result<Loading, StartError> {
         let limits = engine_limits(&setup.limits);
         let builtin: Vec<String> = crate::model::columns(op)
             .into_iter()
@@ -206,21 +244,7 @@ impl RulesProcess {
         {
             return Err(StartError::Failed(p.diagnose()));
         }
-        let loaded = p.wait_for_frame();
-        match loaded {
-            Ok(Some(TAG_LOADED)) => {
-                let loaded: Loaded = serde_json::from_slice(&p.buf).map_err(|e| {
-                    StartError::Failed(internal(format!("bad answer from the rules process: {e}")))
-                })?;
-                if !loaded.problems.is_empty() {
-                    return Err(StartError::Problems(loaded.problems));
-                }
-                p.loaded = loaded;
-                Ok(p)
-            }
-            Ok(Some(TAG_FAILED)) => Err(StartError::Failed(p.failure_frame())),
-            _ => Err(StartError::Failed(p.diagnose())),
-        }
+        Ok(Loading(p))
     }
 
     /// The run's columns: built-in, then custom.

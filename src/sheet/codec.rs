@@ -177,6 +177,11 @@ fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
 /// How many encoded bytes the worker gathers before writing them to the pipe.
 const CHUNK: usize = 1 << 16;
 
+/// The first chunks are smaller (the first row, the header, goes alone, then 4 KiB, 16 KiB,
+/// then `CHUNK`): the parent checks the header and starts its checks on the first rows
+/// while the worker reads on, instead of waiting for a full chunk.
+const FIRST_CHUNK: usize = 1 << 12;
+
 /// The worker's side: rows are encoded cell by cell straight into one byte buffer (no
 /// per-cell copy into a row structure, no small writes), which goes to the pipe in 64 KiB
 /// chunks.
@@ -184,11 +189,19 @@ const CHUNK: usize = 1 << 16;
 /// A row frame is `R`, the length of the rest of the frame (u32, patched when the row
 /// ends), the row index, then its cells: column, kind, and the text (length + UTF-8) or the
 /// number (f64).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RowWriter {
     buf: Vec<u8>,
     /// Where the open row's frame starts.
     open: Option<usize>,
+    /// The size of the next chunk (growing to `CHUNK`, see `FIRST_CHUNK`).
+    chunk: usize,
+}
+
+impl Default for RowWriter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl RowWriter {
@@ -196,6 +209,7 @@ impl RowWriter {
         RowWriter {
             buf: Vec::with_capacity(CHUNK + CHUNK / 2),
             open: None,
+            chunk: 1,
         }
     }
 
@@ -235,9 +249,10 @@ impl RowWriter {
                 u32::try_from(self.buf.len() - start - 5).map_err(|_| bad("row over 4 GiB"))?;
             self.buf[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
         }
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= self.chunk {
             w.write_all(&self.buf)?;
             self.buf.clear();
+            self.chunk = (self.chunk * 4).clamp(FIRST_CHUNK, CHUNK);
         }
         Ok(())
     }
@@ -462,13 +477,35 @@ mod tests {
         let mut w = RowWriter::new();
         let mut pipe = Vec::new();
         let mut rows = 0u32;
-        while pipe.is_empty() {
+        // The first row goes alone, then chunks grow to `CHUNK`.
+        let mut writes = Vec::new();
+        while writes.last().is_none_or(|&n| n < CHUNK) {
+            let before = pipe.len();
+            w.begin(rows);
+            w.text(0, CellKind::Text, "a text of some length");
+            w.end(&mut pipe).unwrap();
+            rows += 1;
+            if pipe.len() > before {
+                writes.push(pipe.len() - before);
+            }
+            assert!(rows < 100_000, "chunks do not grow to CHUNK: {writes:?}");
+        }
+        assert_eq!(writes[0], 1 + 4 + 1 + 1 + 1 + 1 + 21, "the first row alone");
+        assert!(writes[1] >= FIRST_CHUNK && writes[1] < 2 * FIRST_CHUNK);
+        assert!(writes[2] >= 4 * FIRST_CHUNK && writes[2] < 8 * FIRST_CHUNK);
+        assert!(writes[3] >= CHUNK && writes[3] < CHUNK + 100);
+        // Once full size, chunks stay so.
+        let before = pipe.len();
+        while pipe.len() == before {
             w.begin(rows);
             w.text(0, CellKind::Text, "a text of some length");
             w.end(&mut pipe).unwrap();
             rows += 1;
         }
-        assert!(pipe.len() >= CHUNK, "written before a chunk was full");
+        assert!(
+            pipe.len() - before >= CHUNK,
+            "written before a chunk was full"
+        );
         w.begin(rows);
         w.num(2, CellKind::Int, 5.0);
         w.end(&mut pipe).unwrap();

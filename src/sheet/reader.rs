@@ -76,6 +76,45 @@ pub struct SheetReader {
     notes: Vec<String>,
 }
 
+/// A worker started on a file whose first answer (the workbook information) has not been
+/// read yet: the caller does other work (stores, records, starts the rules) while the
+/// worker opens the file, then `open`s it. Dropped unopened, the worker is killed.
+pub struct Starting {
+    reader: SheetReader,
+    path: std::path::PathBuf,
+    declared_name: String,
+    expected_sheet: String,
+}
+
+impl Starting {
+    /// Whether this worker reads `path` as `declared_name`, streaming `expected_sheet`.
+    pub fn is_for(&self, path: &Path, declared_name: &str, expected_sheet: &str) -> bool {
+        self.path == path
+            && self.declared_name == declared_name
+            && self.expected_sheet == expected_sheet
+    }
+
+    /// Waits for the workbook information (or the worker's refusal of the file).
+    pub fn open(self) -> Result<SheetReader, ReadFailure> {
+        let mut reader = self.reader;
+        let mut scratch = RawRow::default();
+        let (max, max_row) = (reader.max_text(), reader.max_row());
+        match codec::read_frame(&mut reader.out, &mut scratch, max, max_row) {
+            Ok(Frame::Json(codec::FRAME_INFO, json)) => {
+                reader.info = serde_json::from_str(&json)
+                    .map_err(|e| failure("internal", format!("bad reader output: {e}")))?;
+                Ok(reader)
+            }
+            Ok(Frame::Json(_, json)) => Err(reader.refusal(&json)),
+            Ok(_) => Err(failure(
+                "internal",
+                "The file reader answered out of order.",
+            )),
+            Err(_) => Err(reader.diagnose()),
+        }
+    }
+}
+
 impl SheetReader {
     /// Starts the worker on `path` and reads the workbook information.
     /// `declared_name` is the name the file was uploaded under (its extension matters);
@@ -86,6 +125,34 @@ impl SheetReader {
         declared_name: &str,
         expected_sheet: &str,
     ) -> Result<SheetReader, ReadFailure> {
+        Self::start(setup, path, declared_name, expected_sheet)?.open()
+    }
+
+    /// `open` when `started` (a worker started earlier, if any) is not for this file.
+    pub fn open_started(
+        started: Option<Starting>,
+        setup: &ReaderSetup,
+        path: &Path,
+        declared_name: &str,
+        expected_sheet: &str,
+    ) -> Result<SheetReader, ReadFailure> {
+        if let Some(s) = started {
+            if s.is_for(path, declared_name, expected_sheet) {
+                return s.open();
+            }
+            // Another file's worker is of no use: stopped before a new one starts.
+            drop(s);
+        }
+        Self::open(setup, path, declared_name, expected_sheet)
+    }
+
+    /// Starts the worker on `path` without waiting for it (see `Starting`).
+    pub fn start(
+        setup: &ReaderSetup,
+        path: &Path,
+        declared_name: &str,
+        expected_sheet: &str,
+    ) -> Result<Starting, ReadFailure> {
         let limits = &setup.limits;
         let size = std::fs::metadata(path)
             .map_err(|e| failure("file_unreadable", format!("The file cannot be read: {e}.")))?
@@ -163,7 +230,7 @@ impl SheetReader {
                 }
             }
         });
-        let mut reader = SheetReader {
+        let reader = SheetReader {
             child,
             out: BufReader::with_capacity(1 << 18, stdout),
             info: WorkbookInfo {
@@ -183,21 +250,12 @@ impl SheetReader {
             worker_peak_kib: 0,
             notes: Vec::new(),
         };
-        let mut scratch = RawRow::default();
-        let (max, max_row) = (reader.max_text(), reader.max_row());
-        match codec::read_frame(&mut reader.out, &mut scratch, max, max_row) {
-            Ok(Frame::Json(codec::FRAME_INFO, json)) => {
-                reader.info = serde_json::from_str(&json)
-                    .map_err(|e| failure("internal", format!("bad reader output: {e}")))?;
-                Ok(reader)
-            }
-            Ok(Frame::Json(_, json)) => Err(reader.refusal(&json)),
-            Ok(_) => Err(failure(
-                "internal",
-                "The file reader answered out of order.",
-            )),
-            Err(_) => Err(reader.diagnose()),
-        }
+        Ok(Starting {
+            reader,
+            path: path.to_path_buf(),
+            declared_name: declared_name.to_string(),
+            expected_sheet: expected_sheet.to_string(),
+        })
     }
 
     pub fn info(&self) -> &WorkbookInfo {
