@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_admins.sql")),
     (7, include_str!("../migrations/0007_web.sql")),
     (8, include_str!("../migrations/0008_settings.sql")),
+    (9, include_str!("../migrations/0009_users_checks.sql")),
 ];
 
 /// Newest schema this binary knows.
@@ -527,6 +528,94 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn writing_a_user_builds_no_temporary_btree_and_schema_9_keeps_every_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = open(&path, &DatabaseConfig::default()).unwrap();
+        let insert = "INSERT INTO users (tenant_id, email, email_norm, first_name, last_name, role, language, pool_id, status, created_at, updated_at) VALUES (?1, ?2, ?2, 'Ada', 'Lovelace', ?3, 'en', ?4, 'active', 't', 't')";
+        let update = "UPDATE users SET role = ?2, status = ?3 WHERE id = ?1";
+        // An IN list in a CHECK would show as OpenEphemeral in the program of every write.
+        let ephemeral = |conn: &Connection, sql: &str| -> bool {
+            let mut st = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            // Unbound parameters are NULL: EXPLAIN only compiles the statement.
+            let mut ops = st.raw_query();
+            let mut found = false;
+            while let Some(r) = ops.next().unwrap() {
+                found |= r.get::<_, String>(1).unwrap() == "OpenEphemeral";
+            }
+            found
+        };
+        assert!(!ephemeral(&conn, insert));
+        assert!(!ephemeral(&conn, update));
+
+        // A schema 8 database (the check as an IN list) with users in it.
+        let t = create_tenant(&conn, "Acme").unwrap();
+        let pool = set_pool(&conn, t.id, "Standard", 10).unwrap();
+        conn.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             CREATE TABLE users_old AS SELECT * FROM users;
+             DROP TABLE users;",
+        )
+        .unwrap();
+        let old_users = include_str!("../migrations/0001_initial.sql");
+        let start = old_users.find("CREATE TABLE users (").unwrap();
+        let end = start + old_users[start..].find(");").unwrap() + 2;
+        let old = old_users[start..end].replace(
+            "UNIQUE (tenant_id, email_norm)",
+            "welcome_sent_at TEXT, welcome_count INTEGER NOT NULL DEFAULT 0, UNIQUE (tenant_id, email_norm)",
+        );
+        assert!(old.contains("role IN ('Learner', 'Manager', 'Admin')"));
+        conn.execute_batch(&old).unwrap();
+        conn.execute_batch("DROP TABLE users_old; PRAGMA foreign_keys = ON;")
+            .unwrap();
+        assert!(ephemeral(&conn, insert), "the old check is an IN list");
+        for (i, role) in ["Learner", "Manager", "Admin"].iter().enumerate() {
+            conn.execute(
+                insert,
+                params![t.id, format!("u{i}@example.com"), role, pool.id],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "UPDATE users SET id = 42, welcome_count = 2, custom = '{\"k\":1}' WHERE email = 'u1@example.com'",
+            [],
+        )
+        .unwrap();
+        let rows = |conn: &Connection| -> Vec<String> {
+            let mut st = conn
+                .prepare("SELECT json_array(id, tenant_id, email, role, status, custom, welcome_count) FROM users ORDER BY id")
+                .unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let before = rows(&conn);
+        conn.pragma_update(None, "user_version", 8).unwrap();
+        drop(conn);
+
+        let conn = open(&path, &DatabaseConfig::default()).unwrap();
+        assert_eq!(rows(&conn), before);
+        assert!(!ephemeral(&conn, insert));
+        assert!(!ephemeral(&conn, update));
+        // The rules are the same: a role or status outside the lists is refused.
+        let bad = conn.execute(insert, params![t.id, "x@example.com", "Boss", pool.id]);
+        assert!(bad.unwrap_err().to_string().contains("CHECK"));
+        let bad = conn.execute(update, params![42, "Admin", "gone"]);
+        assert!(bad.unwrap_err().to_string().contains("CHECK"));
+        conn.execute(update, params![42, "Admin", "deactivated"])
+            .unwrap();
+        let indexes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'users' AND sql IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 6);
     }
 
     #[test]
