@@ -128,7 +128,8 @@ impl SheetReader {
         Self::start(setup, path, declared_name, expected_sheet)?.open()
     }
 
-    /// `open` when `started` (a worker started earlier, if any) is not for this file.
+    /// Opens `path` with `started` (a worker started earlier) when that worker is for this
+    /// very file, name and sheet; else with a new worker, the other one stopped first.
     pub fn open_started(
         started: Option<Starting>,
         setup: &ReaderSetup,
