@@ -339,6 +339,8 @@ fn process_from(
     let (applied, checked) = std::thread::scope(|scope| {
         let mut stage = stage;
         let check = scope.spawn(move || {
+            // The writer (this thread) is the one the pass waits for: see `priority`.
+            crate::priority::lower_this_thread();
             let mut row = RawRow::default();
             let mut batch = Vec::with_capacity(CHECK_BATCH);
             let recycled = || {

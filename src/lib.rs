@@ -13,6 +13,7 @@ pub mod inbox;
 pub mod mail;
 pub mod model;
 pub mod ops;
+pub mod priority;
 pub mod rules;
 pub mod scheduler;
 pub mod serve;

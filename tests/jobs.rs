@@ -1197,3 +1197,56 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
         .unwrap();
     assert_eq!(users, 70);
 }
+
+/// The nice value of a process or thread, from its `/proc/.../stat` (field 19).
+fn nice_of(stat: &str) -> i32 {
+    let text = std::fs::read_to_string(stat).unwrap();
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &text[text.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
+    use rollcall::priority::HELPER_NICE;
+    let (env, _t) = setup();
+    let setup = rollcall::sheet::reader::ReaderSetup {
+        worker_exe: std::path::PathBuf::from(BIN),
+        limits: env.app.config.limits.clone(),
+    };
+    let ours = nice_of("/proc/thread-self/stat");
+    let expected = (ours + HELPER_NICE).min(19);
+    assert!(HELPER_NICE > 0);
+
+    // The file's worker.
+    let a = env.path("n.xlsx");
+    rollcall::bench::generate(&a, 20).unwrap();
+    let sheet = Operation::Add.sheet_name();
+    let started =
+        rollcall::sheet::reader::SheetReader::start(&setup, &a, "n.xlsx", &sheet).unwrap();
+    assert_eq!(nice_of(&format!("/proc/{}/stat", started.pid())), expected);
+    drop(started);
+
+    // The rules worker.
+    let p = rollcall::rules::client::RulesProcess::start(
+        &setup,
+        &[],
+        &rollcall::rules::Context::default(),
+        Operation::Add,
+        None,
+        0,
+    )
+    .unwrap_or_else(|_| panic!("the rules worker did not start"));
+    assert_eq!(nice_of(&format!("/proc/{}/stat", p.pid())), expected);
+    p.finish();
+
+    // The checking thread lowers only itself: the thread that writes keeps its priority.
+    let inner = std::thread::spawn(move || {
+        rollcall::priority::lower_this_thread();
+        nice_of("/proc/thread-self/stat")
+    })
+    .join()
+    .unwrap();
+    assert_eq!(inner, expected);
+    assert_eq!(nice_of("/proc/thread-self/stat"), ours);
+}

@@ -151,7 +151,7 @@ impl RulesProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear();
-        // SAFETY: only async-signal-safe calls (setrlimit) run between fork and exec.
+        // SAFETY: only async-signal-safe calls (setrlimit, setpriority) run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let set = |res, v: u64| {
@@ -167,6 +167,7 @@ impl RulesProcess {
                 set(libc::RLIMIT_AS, mem)?;
                 set(libc::RLIMIT_CPU, cpu)?;
                 set(libc::RLIMIT_CORE, 0)?;
+                crate::priority::lower_this_thread();
                 Ok(())
             });
         }
@@ -245,6 +246,11 @@ impl RulesProcess {
             return Err(StartError::Failed(p.diagnose()));
         }
         Ok(Loading(p))
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The run's columns: built-in, then custom.

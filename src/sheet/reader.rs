@@ -94,6 +94,11 @@ impl Starting {
             && self.expected_sheet == expected_sheet
     }
 
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.reader.child.id()
+    }
+
     /// Waits for the workbook information (or the worker's refusal of the file).
     pub fn open(self) -> Result<SheetReader, ReadFailure> {
         let mut reader = self.reader;
@@ -185,13 +190,14 @@ impl SheetReader {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear();
-        // SAFETY: only async-signal-safe calls (setrlimit) run between fork and exec.
+        // SAFETY: only async-signal-safe calls (setrlimit, setpriority) run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 set_limit(libc::RLIMIT_AS, mem)?;
                 set_limit(libc::RLIMIT_CPU, cpu)?;
                 set_limit(libc::RLIMIT_CORE, 0)?;
                 set_limit(libc::RLIMIT_FSIZE, 0)?;
+                crate::priority::lower_this_thread();
                 Ok(())
             });
         }
