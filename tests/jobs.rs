@@ -1072,10 +1072,7 @@ fn a_validated_upload_is_submitted_later_and_rechecked_when_it_runs() {
 #[test]
 fn the_reader_estimates_the_rows_to_come_for_progress() {
     let env = Env::new();
-    let setup = rollcall::sheet::reader::ReaderSetup {
-        worker_exe: std::path::PathBuf::from(BIN),
-        limits: env.app.config.limits.clone(),
-    };
+    let setup = reader_setup(&env);
     let open = |p: &std::path::Path, name: &str, sheet: &str| {
         rollcall::sheet::reader::SheetReader::open(&setup, p, name, sheet)
             .unwrap()
@@ -1101,6 +1098,14 @@ fn the_reader_estimates_the_rows_to_come_for_progress() {
     assert_eq!(open(&xls, "deactivate.xls", "Deactivate Users"), Some(2));
 }
 
+/// The file and rules workers of the tests: the built binary, with the test data's limits.
+fn reader_setup(env: &Env) -> rollcall::sheet::reader::ReaderSetup {
+    rollcall::sheet::reader::ReaderSetup {
+        worker_exe: std::path::PathBuf::from(BIN),
+        limits: env.app.config.limits.clone(),
+    }
+}
+
 /// The processes whose command line names `path` (a file worker reading it).
 fn workers_on(path: &std::path::Path) -> usize {
     let needle = path.to_string_lossy().to_string();
@@ -1115,10 +1120,7 @@ fn workers_on(path: &std::path::Path) -> usize {
 fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     use rollcall::sheet::reader::SheetReader;
     let (env, t) = setup();
-    let setup = rollcall::sheet::reader::ReaderSetup {
-        worker_exe: std::path::PathBuf::from(BIN),
-        limits: env.app.config.limits.clone(),
-    };
+    let setup = reader_setup(&env);
     // Files that declare their size, so each reader tells which file it read.
     let (a, b) = (env.path("a.xlsx"), env.path("b.xlsx"));
     rollcall::bench::generate(&a, 30).unwrap();
@@ -1210,10 +1212,7 @@ fn nice_of(stat: &str) -> i32 {
 fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
     use rollcall::priority::HELPER_NICE;
     let (env, _t) = setup();
-    let setup = rollcall::sheet::reader::ReaderSetup {
-        worker_exe: std::path::PathBuf::from(BIN),
-        limits: env.app.config.limits.clone(),
-    };
+    let setup = reader_setup(&env);
     let ours = nice_of("/proc/thread-self/stat");
     let expected = (ours + HELPER_NICE).min(19);
     assert!(HELPER_NICE > 0);
