@@ -780,7 +780,7 @@ pub fn check_email(s: &str) -> Result<(), &'static str> {
     if local.len() > 64 {
         return Err("the part before the @ is longer than 64 characters");
     }
-    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+    if local.starts_with('.') || local.ends_with('.') || local.as_bytes().windows(2).any(|w| w == b"..") {
         return Err("dots cannot start or end the name or follow each other");
     }
     let local_ok = local
@@ -792,11 +792,10 @@ pub fn check_email(s: &str) -> Result<(), &'static str> {
     if domain.is_empty() {
         return Err("nothing after the @");
     }
-    let labels: Vec<&str> = domain.split('.').collect();
-    if labels.len() < 2 {
+    let Some((_, tld)) = domain.rsplit_once('.') else {
         return Err("the domain needs a dot, as in example.com");
-    }
-    for l in &labels {
+    };
+    for l in domain.split('.') {
         if l.is_empty() || l.len() > 63 {
             return Err("the domain has an empty or overlong part");
         }
@@ -807,7 +806,6 @@ pub fn check_email(s: &str) -> Result<(), &'static str> {
             return Err("the domain has a character a domain cannot have");
         }
     }
-    let tld = labels[labels.len() - 1];
     if tld.len() < 2 || tld.chars().all(|c| c.is_ascii_digit()) {
         return Err("the domain must end in a real top-level domain, as in .com");
     }
@@ -849,7 +847,7 @@ struct RowValues {
 /// A new user's custom values (as the users table keeps them) and after-image.
 struct PreparedCreate {
     custom: Option<String>,
-    after: Vec<u8>,
+    after: String,
 }
 
 /// The after-image of a new user made from a row (the defaults of an add filled in).
@@ -900,29 +898,92 @@ struct Image<'a> {
     custom: Option<&'a str>,
 }
 
-impl Serialize for Image<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        (
-            self.email,
-            self.first_name,
-            self.last_name,
-            self.job_title,
-            self.team_id,
-            self.team,
-            self.role,
-            self.language,
-            self.pool_id,
-            self.pool,
-            self.status,
-            self.custom,
-        )
-            .serialize(s)
+impl Image<'_> {
+    /// Appends the image as a compact JSON array in the order of `model::IMAGE_KEYS`: the
+    /// same text serde_json writes for the tuple of its fields, without its byte-by-byte
+    /// escaping of text that needs none (a million-row job writes a million images).
+    fn write_json(&self, out: &mut String) {
+        out.push('[');
+        json_str(out, self.email);
+        out.push(',');
+        json_str(out, self.first_name);
+        out.push(',');
+        json_str(out, self.last_name);
+        out.push(',');
+        json_opt_str(out, self.job_title);
+        out.push(',');
+        match self.team_id {
+            Some(id) => json_int(out, id),
+            None => out.push_str("null"),
+        }
+        out.push(',');
+        json_opt_str(out, self.team);
+        out.push(',');
+        json_str(out, self.role);
+        out.push(',');
+        json_str(out, self.language);
+        out.push(',');
+        json_int(out, self.pool_id);
+        out.push(',');
+        json_str(out, self.pool);
+        out.push(',');
+        json_str(out, self.status);
+        out.push(',');
+        json_opt_str(out, self.custom);
+        out.push(']');
     }
+}
+
+/// Appends `s` as a JSON string, the same text as serde_json's: text with nothing to escape
+/// (nearly all of it) is copied whole, quotes and backslashes (a custom-values object inside
+/// an image) are escaped here, and text with a control character (never in a checked value)
+/// is left to serde_json.
+fn json_str(out: &mut String, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
+    if bytes.iter().any(|&b| b < 0x20) {
+        // Writing a string cannot fail.
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+        return;
+    }
+    out.push('"');
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'"' || b == b'\\' {
+            // `i` is at an ASCII byte, so both slices end on character boundaries.
+            out.push_str(&s[start..i]);
+            out.push('\\');
+            start = i;
+        }
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn json_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+fn json_int(out: &mut String, n: i64) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{n}");
 }
 
 /// A user's recorded image as JSON (what `job_changes` holds).
 pub fn image_json(u: &User) -> String {
-    serde_json::to_string(&image_of(u)).unwrap_or_default()
+    let mut out = String::with_capacity(256);
+    image_of(u).write_json(&mut out);
+    out
 }
 
 fn image_of(u: &User) -> Image<'_> {
@@ -940,6 +1001,28 @@ fn image_of(u: &User) -> Image<'_> {
         status: &u.status,
         custom: u.custom.as_deref(),
     }
+}
+
+/// The spelling a choice cell is corrected to: one of ours, or the tenant's team or pool.
+#[derive(Clone, Copy)]
+enum Canon {
+    Name(&'static str),
+    Team(i64),
+    /// Index into `Checker::pools`.
+    Pool(usize),
+}
+
+/// `s` lowercased into `buf`, as `str::to_lowercase` would (ASCII text, nearly all of it,
+/// without a new string).
+fn lower_into<'b>(buf: &'b mut String, s: &str) -> &'b str {
+    buf.clear();
+    if s.is_ascii() {
+        buf.push_str(s);
+        buf.make_ascii_lowercase();
+    } else {
+        buf.push_str(&s.to_lowercase());
+    }
+    buf
 }
 
 /// One row's values after the checks that need no database, with whether they passed.
@@ -978,6 +1061,8 @@ struct Checker {
     /// Team names by id and the custom columns' names by number, for those records.
     team_names: HashMap<i64, String>,
     custom_names: Vec<String>,
+    /// Scratch for the lowercased key of a team or pool looked up.
+    lower: String,
 }
 
 impl Checker {
@@ -991,12 +1076,9 @@ impl Checker {
             let rv = &c.rv;
             let custom = new_custom_json(&self.custom_names, &rv.custom);
             let (team, pool) = team_and_pool(&self.team_names, &self.pools, rv);
-            let mut after = Vec::with_capacity(256);
-            if serde_json::to_writer(&mut after, &create_image(rv, team, pool, custom.as_deref()))
-                .is_ok()
-            {
-                c.rv.prepared = Some(PreparedCreate { custom, after });
-            }
+            let mut after = String::with_capacity(256);
+            create_image(rv, team, pool, custom.as_deref()).write_json(&mut after);
+            c.rv.prepared = Some(PreparedCreate { custom, after });
         }
     }
 
@@ -1015,13 +1097,13 @@ impl Checker {
         if !rv.email.is_empty() {
             rv.email_norm = rv.email.to_lowercase();
             let email_col = self.col_of(Field::Email);
-            let email = rv.email.clone();
-            ok &= self.claim(&email, row, email_col);
-            if let Some(ne) = rv.new_email.clone()
-                && ne.to_lowercase() != rv.email_norm
-            {
-                let c = self.col_of(Field::NewEmail);
-                ok &= self.claim(&ne, row, c);
+            ok &= self.claim(&rv.email_norm, &rv.email, row, email_col);
+            if let Some(ne) = rv.new_email.as_deref() {
+                let ne_norm = ne.to_lowercase();
+                if ne_norm != rv.email_norm {
+                    let c = self.col_of(Field::NewEmail);
+                    ok &= self.claim(&ne_norm, ne, row, c);
+                }
             }
         }
         Some(Checked {
@@ -1033,7 +1115,7 @@ impl Checker {
     }
 
     fn note(&mut self, col: usize, kind: &'static str, row: u32, example: impl FnOnce() -> String) {
-        let header = self.cols[col].header.clone();
+        let header = &self.cols[col].header;
         self.norms
             .entry((col, kind))
             .and_modify(|n| n.count += 1)
@@ -1103,7 +1185,7 @@ impl Checker {
                 }
                 CellKind::Text => {
                     let t = &cell.text;
-                    let has_nbsp = t.contains(['\u{a0}', '\u{2007}', '\u{202f}']);
+                    let has_nbsp = !t.is_ascii() && t.contains(['\u{a0}', '\u{2007}', '\u{202f}']);
                     let cleaned: std::borrow::Cow<'_, str> = if has_nbsp {
                         t.replace(['\u{a0}', '\u{2007}', '\u{202f}'], " ").into()
                     } else {
@@ -1173,6 +1255,11 @@ impl Checker {
         }
         // Control characters (line breaks, tabs inside a value) are never valid here.
         for c in 0..n {
+            let v = &self.values[c];
+            // ASCII text (nearly all of it) has no control character but C0 and DEL.
+            if v.is_ascii() && !v.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                continue;
+            }
             if let Some(bad) = self.values[c].chars().find(|ch| ch.is_control()) {
                 let v = self.values[c].clone();
                 self.problem(Severity::Error, Some(row), Some(c), Some(&v), "control_character", format!("The value contains a line break or control character (U+{:04X}). Remove it.", bad as u32));
@@ -1189,7 +1276,7 @@ impl Checker {
         for (c, col) in cols.iter().enumerate() {
             let raw = std::mem::take(&mut self.values[c]);
             let v = raw.as_str();
-            let mut canon: Option<String> = None;
+            let mut canon: Option<Canon> = None;
             let clear = v.eq_ignore_ascii_case(CLEAR_TOKEN);
             if v.is_empty()
                 && col.field == Field::Pool
@@ -1308,7 +1395,7 @@ impl Checker {
                                 });
                             }
                             rv.role = Some(r);
-                            canon = Some(r.to_string());
+                            canon = Some(Canon::Name(r));
                         }
                         None => {
                             self.problem(
@@ -1332,22 +1419,23 @@ impl Checker {
                                 });
                             }
                             rv.language = Some(name);
-                            canon = Some(name.to_string());
+                            canon = Some(Canon::Name(name));
                         }
                         None => {
                             self.problem(Severity::Error, Some(row), Some(c), Some(v), "invalid_choice", format!("Language must be one of the drop-down's languages (for example {}).", LANGUAGES.iter().take(6).map(|l| l.0).collect::<Vec<_>>().join(", ")));
                             ok = false;
                         }
                     },
-                    Field::Team => match self.teams.get(&v.to_lowercase()).cloned() {
-                        Some((id, name)) => {
+                    Field::Team => match self.teams.get(lower_into(&mut self.lower, v)) {
+                        Some(&(id, ref name)) => {
                             if name != v {
+                                let name = name.clone();
                                 self.note(c, "case of value corrected", row, || {
                                     format!("{v:?} -> {name:?}")
                                 });
                             }
                             rv.team = Some(Some(id));
-                            canon = Some(name);
+                            canon = Some(Canon::Team(id));
                         }
                         None => {
                             let mut names: Vec<&str> =
@@ -1382,7 +1470,7 @@ impl Checker {
                             ok = false;
                         }
                     },
-                    Field::Pool => match self.pool_index.get(&v.to_lowercase()) {
+                    Field::Pool => match self.pool_index.get(lower_into(&mut self.lower, v)) {
                         Some(&i) => {
                             if self.pools[i].name != v {
                                 let name = self.pools[i].name.clone();
@@ -1391,7 +1479,7 @@ impl Checker {
                                 });
                             }
                             rv.pool = Some(self.pools[i].id);
-                            canon = Some(self.pools[i].name.clone());
+                            canon = Some(Canon::Pool(i));
                         }
                         None => {
                             let names: Vec<&str> =
@@ -1419,8 +1507,19 @@ impl Checker {
                     _ => {}
                 },
             }
-            // The rules see the corrected spelling ("manager" -> "Manager").
-            self.values[c] = canon.unwrap_or(raw);
+            // The rules see the corrected spelling ("manager" -> "Manager"), written into the
+            // row's own buffer (kept for the next row).
+            let mut raw = raw;
+            if let Some(canon) = canon {
+                let name = match canon {
+                    Canon::Name(name) => name,
+                    Canon::Team(id) => self.team_names.get(&id).map_or("", String::as_str),
+                    Canon::Pool(i) => self.pools[i].name.as_str(),
+                };
+                raw.clear();
+                raw.push_str(name);
+            }
+            self.values[c] = raw;
         }
         ok
     }
@@ -1541,12 +1640,12 @@ impl Checker {
         }
     }
 
-    /// Records that `email` is used by `row`; reports both rows when it was used before.
-    fn claim(&mut self, email: &str, row: u32, col: Option<usize>) -> bool {
-        let key = email.to_lowercase();
-        match self.seen.get_mut(key.as_str()) {
+    /// Records that `email` (lowercased: `key`) is used by `row`; reports both rows when it
+    /// was used before.
+    fn claim(&mut self, key: &str, email: &str, row: u32, col: Option<usize>) -> bool {
+        match self.seen.get_mut(key) {
             None => {
-                self.seen.insert(key.into_boxed_str(), (row, false));
+                self.seen.insert(key.into(), (row, false));
                 true
             }
             Some((first, flagged)) => {
@@ -1555,7 +1654,7 @@ impl Checker {
                 if !first_flagged {
                     let first_value = self
                         .seen
-                        .get_key_value(key.as_str())
+                        .get_key_value(key)
                         .map(|(k, _)| k.to_string())
                         .unwrap_or_default();
                     self.problem(Severity::Error, Some(first), col, Some(&first_value), "duplicate_in_file", format!("The email {email} appears again in row {row}; each user may appear only once in a file. Keep one of the rows."));
@@ -1702,8 +1801,8 @@ struct Writer<'c> {
     set_status: Statement<'c>,
     delete: Statement<'c>,
     change: Statement<'c>,
-    before: Vec<u8>,
-    after: Vec<u8>,
+    before: String,
+    after: String,
 }
 
 impl<'c> Validator<'c> {
@@ -1753,8 +1852,8 @@ impl<'c> Validator<'c> {
                 change: conn.prepare(
                     "INSERT INTO job_changes (job_id, row_number, user_id, action, before, after, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?,
-                before: Vec::with_capacity(512),
-                after: Vec::with_capacity(512),
+                before: String::with_capacity(512),
+                after: String::with_capacity(512),
             }),
         };
         let mut out = Outcome::new(req.op);
@@ -1827,6 +1926,7 @@ impl<'c> Validator<'c> {
             prepare_creates: self.op == Operation::Add && self.writer.is_some(),
             team_names: self.team_names.clone(),
             custom_names: self.custom_names.clone(),
+            lower: String::new(),
         }
     }
 
@@ -2289,10 +2389,6 @@ impl<'c> Validator<'c> {
         };
         w.before.clear();
         w.after.clear();
-        let ser = |buf: &mut Vec<u8>, img: &Image<'_>| {
-            serde_json::to_writer(buf, img)
-                .map_err(|e| crate::error::AppError::internal("recording a change", e))
-        };
         let (user_id, action) = match effect {
             Effect::Create => {
                 let custom = match prepared {
@@ -2326,19 +2422,19 @@ impl<'c> Validator<'c> {
                 }
                 let id = self.conn.last_insert_rowid();
                 match prepared {
-                    Some(p) => w.after.extend_from_slice(&p.after),
-                    None => ser(&mut w.after, &img)?,
+                    Some(p) => w.after.push_str(&p.after),
+                    None => img.write_json(&mut w.after),
                 }
                 (id, "create")
             }
             Effect::Unchanged { .. } => {
                 let Some(u) = existing else { return Ok(true) };
-                ser(&mut w.before, &image_of(u))?;
+                image_of(u).write_json(&mut w.before);
                 (u.id, "unchanged")
             }
             _ => {
                 let Some(u) = existing else { return Ok(true) };
-                ser(&mut w.before, &image_of(u))?;
+                image_of(u).write_json(&mut w.before);
                 match (effect, after_user.as_ref()) {
                     (Effect::Delete, _) => {
                         w.delete.execute([u.id])?;
@@ -2359,23 +2455,21 @@ impl<'c> Validator<'c> {
                             now,
                             a.custom
                         ])?;
-                        ser(&mut w.after, &image_of(a))?;
+                        image_of(a).write_json(&mut w.after);
                         (u.id, "change")
                     }
                     (Effect::Deactivate | Effect::Reactivate, Some(a)) => {
                         w.set_status
                             .execute(params![u.id, a.status, a.pool_id, now])?;
-                        ser(&mut w.after, &image_of(a))?;
+                        image_of(a).write_json(&mut w.after);
                         (u.id, effect.label())
                     }
                     _ => return Ok(true),
                 }
             }
         };
-        let before =
-            (!w.before.is_empty()).then(|| std::str::from_utf8(&w.before).unwrap_or_default());
-        let after =
-            (!w.after.is_empty()).then(|| std::str::from_utf8(&w.after).unwrap_or_default());
+        let before = (!w.before.is_empty()).then_some(w.before.as_str());
+        let after = (!w.after.is_empty()).then_some(w.after.as_str());
         w.change.execute(params![
             w.job_id,
             row,
@@ -2473,21 +2567,21 @@ fn new_custom_json(names: &[String], custom: &[(u16, Option<String>)]) -> Option
     // Stable, so a column given twice keeps its last value (as a map insert would).
     pairs.sort_by(|a, b| a.0.cmp(b.0));
     let room: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
-    let mut out = Vec::with_capacity(2 + room);
-    out.push(b'{');
+    let mut out = String::with_capacity(2 + room);
+    out.push('{');
     for (i, (k, v)) in pairs.iter().enumerate() {
         if pairs.get(i + 1).is_some_and(|next| next.0 == *k) {
             continue;
         }
         if out.len() > 1 {
-            out.push(b',');
+            out.push(',');
         }
-        serde_json::to_writer(&mut out, k).ok()?;
-        out.push(b':');
-        serde_json::to_writer(&mut out, v).ok()?;
+        json_str(&mut out, k);
+        out.push(':');
+        json_str(&mut out, v);
     }
-    out.push(b'}');
-    String::from_utf8(out).ok()
+    out.push('}');
+    Some(out)
 }
 
 #[cfg(test)]
@@ -2520,6 +2614,63 @@ mod tests {
         );
         assert_eq!(new_custom_json(&names, &[(2, None)]), None);
         assert_eq!(new_custom_json(&names, &[]), None);
+    }
+
+    #[test]
+    fn images_are_the_text_serde_json_writes_for_their_fields() {
+        let texts = [
+            "plain",
+            "",
+            "quote \" and back\\slash",
+            "tab\there, line\nbreak, \u{1}\u{1f}\u{7f}",
+            "ünïcödé — 東京 \u{a0}",
+            "</script>",
+        ];
+        for (i, t) in texts.iter().enumerate() {
+            let some = (i % 2 == 0).then_some(*t);
+            let img = Image {
+                email: t,
+                first_name: t,
+                last_name: "Lovelace",
+                job_title: some,
+                team_id: some.map(|_| -7 * i as i64),
+                team: some,
+                role: "Learner",
+                language: t,
+                pool_id: i64::MAX - i as i64,
+                pool: t,
+                status: "active",
+                custom: some,
+            };
+            let tuple = (
+                img.email,
+                img.first_name,
+                img.last_name,
+                img.job_title,
+                img.team_id,
+                img.team,
+                img.role,
+                img.language,
+                img.pool_id,
+                img.pool,
+                img.status,
+                img.custom,
+            );
+            let mut ours = String::new();
+            img.write_json(&mut ours);
+            assert_eq!(ours, serde_json::to_string(&tuple).unwrap(), "{t:?}");
+            let mut s = String::from("x");
+            json_str(&mut s, t);
+            assert_eq!(s, format!("x{}", serde_json::to_string(t).unwrap()));
+        }
+    }
+
+    #[test]
+    fn lowercase_keys_match_str_to_lowercase() {
+        let mut buf = String::from("left over");
+        for s in ["Sales", "ÉQUIPE Nord", "ΣΑΣ", "İstanbul", "", "a-B_c 1"] {
+            assert_eq!(lower_into(&mut buf, s), s.to_lowercase());
+        }
     }
 
     #[test]
