@@ -203,6 +203,11 @@ pub struct StageResult {
     /// CPU time of the rules worker (the `validate_*` stages), seconds.
     #[serde(default)]
     pub rules_cpu_secs: f64,
+    /// Seconds before the first cell of the data sheet could be read: `bare_read`, calamine
+    /// opening the workbook (it reads the shared strings whole first); `read`, the first
+    /// data row reaching the parent (0 for the other stages).
+    #[serde(default)]
+    pub first_row_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,6 +351,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
     let file_name = "bench.xlsx";
     let mut rows = 0u64;
     let mut audit_bytes = 0u64;
+    let mut first_row_secs = 0.0;
     let secs;
     let cpu;
     match a.stage.as_str() {
@@ -353,6 +359,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             let start = Timer::start();
             let mut wb: calamine::Xlsx<_> =
                 calamine::open_workbook(&a.file).map_err(|e| AppError::internal("bare read", e))?;
+            first_row_secs = start.stop().0;
             let mut cells = wb
                 .worksheet_cells_reader(&op.sheet_name())
                 .map_err(|e| AppError::internal("bare read", e))?;
@@ -462,6 +469,10 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 .map_err(|e| AppError::internal("read", e))?
             {
                 rows += 1;
+                // The header is the first row; the first data row follows it.
+                if rows == 2 {
+                    first_row_secs = start.stop().0;
+                }
             }
             rows = rows.saturating_sub(1);
             (secs, cpu) = start.stop();
@@ -642,6 +653,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
         rules_cpu_secs: crate::rules::client::RULES_WORKER_CPU_MS
             .load(std::sync::atomic::Ordering::Relaxed) as f64
             / 1000.0,
+        first_row_secs,
     })
 }
 
@@ -736,6 +748,25 @@ pub fn run(
                 runs.entry(stage).or_default().push(r);
             }
         }
+        // Each round's own ratio of two stages (run minutes apart at most), then their median:
+        // a drift in the machine's speed between rounds cancels out of it.
+        let round_ratio = |num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
+            let mut v: Vec<f64> = (0..repeat.max(1)).map(|i| num(i) / den(i)).collect();
+            v.sort_by(f64::total_cmp);
+            v[(v.len() - 1) / 2]
+        };
+        let secs_of = |stage: &str, i: usize| {
+            runs.get(stage)
+                .and_then(|v| v.get(i))
+                .map_or(f64::NAN, |r| r.secs)
+        };
+        let per_round = [
+            round_ratio(&|i| secs_of("import", i), &|i| {
+                secs_of("read", i).max(secs_of("apply", i))
+            }),
+            round_ratio(&|i| secs_of("read", i), &|i| secs_of("bare_read", i)),
+            round_ratio(&|i| secs_of("apply", i), &|i| secs_of("bare_insert", i)),
+        ];
         let results: std::collections::HashMap<&str, StageResult> = runs
             .into_iter()
             .filter_map(|(stage, mut v)| {
@@ -785,6 +816,22 @@ pub fn run(
             t("read") / t("bare_read"),
             t("apply") / t("bare_insert"),
             peak
+        )
+        .map_err(w)?;
+        writeln!(
+            out,
+            "the same goals, median of each round's own ratio: {:.2}; {:.2}; {:.2}",
+            per_round[0], per_round[1], per_round[2]
+        )
+        .map_err(w)?;
+        let first = |s: &str| results.get(s).map(|r| r.first_row_secs).unwrap_or(f64::NAN);
+        writeln!(
+            out,
+            "before the first row: calamine opening the workbook (shared strings read whole) {:.3} s = {:.0}% of bare_read; the first data row reaching the parent {:.3} s = {:.0}% of read",
+            first("bare_read"),
+            100.0 * first("bare_read") / t("bare_read"),
+            first("read"),
+            100.0 * first("read") / t("read"),
         )
         .map_err(w)?;
         let c = |s: &str| results.get(s).map(|r| r.cpu_secs).unwrap_or(f64::NAN);

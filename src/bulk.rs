@@ -780,7 +780,10 @@ pub fn check_email(s: &str) -> Result<(), &'static str> {
     if local.len() > 64 {
         return Err("the part before the @ is longer than 64 characters");
     }
-    if local.starts_with('.') || local.ends_with('.') || local.as_bytes().windows(2).any(|w| w == b"..") {
+    if local.starts_with('.')
+        || local.ends_with('.')
+        || local.as_bytes().windows(2).any(|w| w == b"..")
+    {
         return Err("dots cannot start or end the name or follow each other");
     }
     let local_ok = local
