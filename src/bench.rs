@@ -750,10 +750,13 @@ pub fn run(
         }
         // Each round's own ratio of two stages (run minutes apart at most), then their median:
         // a drift in the machine's speed between rounds cancels out of it.
-        let round_ratio = |num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
-            let mut v: Vec<f64> = (0..repeat.max(1)).map(|i| num(i) / den(i)).collect();
+        let round_median = |of_round: &dyn Fn(usize) -> f64| {
+            let mut v: Vec<f64> = (0..repeat.max(1)).map(of_round).collect();
             v.sort_by(f64::total_cmp);
             v[(v.len() - 1) / 2]
+        };
+        let round_ratio = |num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
+            round_median(&|i| num(i) / den(i))
         };
         let secs_of = |stage: &str, i: usize| {
             runs.get(stage)
@@ -767,6 +770,9 @@ pub fn run(
             round_ratio(&|i| secs_of("read", i), &|i| secs_of("bare_read", i)),
             round_ratio(&|i| secs_of("apply", i), &|i| secs_of("bare_insert", i)),
         ];
+        // What the Lua rules add, per round (validate and validate_rowrule run side by side).
+        let lua_per_round =
+            round_median(&|i| secs_of("validate_rowrule", i) - secs_of("validate", i));
         let results: std::collections::HashMap<&str, StageResult> = runs
             .into_iter()
             .filter_map(|(stage, mut v)| {
@@ -852,6 +858,12 @@ pub fn run(
             per_100k(t("validate_rowrule") - t("validate")),
             n as f64 / t("validate_rules"),
             per_100k(t("validate_rules") - t("validate")),
+        )
+        .map_err(w)?;
+        writeln!(
+            out,
+            "the same, median of each round's own difference: Lua adds {:.3} s per 100k rows",
+            per_100k(lua_per_round)
         )
         .map_err(w)?;
         let cpu = |s: &str| results.get(s).map(|r| r.rules_cpu_secs).unwrap_or(f64::NAN);
