@@ -183,10 +183,17 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
             .unwrap_or_else(|| "bin".into());
         let path = data.upload_file(&sha256, &ext);
         if !path.exists() {
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(internal)?;
-            }
+            let sync_dir = |d: &Path| fs::File::open(d).and_then(|f| f.sync_all());
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let new_dir = !dir.exists();
+            fs::create_dir_all(dir).map_err(internal)?;
             fs::rename(&tmp, &path).map_err(internal)?;
+            // The new names reach the disk before a job can name the file: a power cut after
+            // the job's commit must not lose the rename (nor the folder it went into).
+            sync_dir(dir).map_err(internal)?;
+            if new_dir && let Some(parent) = dir.parent() {
+                sync_dir(parent).map_err(internal)?;
+            }
         }
         Ok(StoredFile { sha256, size, path })
     })();
