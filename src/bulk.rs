@@ -1263,7 +1263,7 @@ impl Checker {
             if v.is_ascii() && !v.bytes().any(|b| b < 0x20 || b == 0x7f) {
                 continue;
             }
-            if let Some(bad) = self.values[c].chars().find(|ch| ch.is_control()) {
+            if let Some(bad) = v.chars().find(|ch| ch.is_control()) {
                 let v = self.values[c].clone();
                 self.problem(Severity::Error, Some(row), Some(c), Some(&v), "control_character", format!("The value contains a line break or control character (U+{:04X}). Remove it.", bad as u32));
                 ok = false;
