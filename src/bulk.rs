@@ -303,6 +303,7 @@ fn process_from(
         },
         _ => None,
     };
+    let declared = declared_columns(req);
     // A dry run reads the roster in one read transaction: one snapshot for the whole file,
     // and no lock taken and released per looked-up row. (Apply runs in the caller's.)
     let _snapshot = ReadSnapshot::begin(conn, req.mode)?;
@@ -357,9 +358,11 @@ fn process_from(
             'rows: loop {
                 match reader.next_row(&mut row) {
                     Ok(true) => {
-                        if let Some(c) = checker.check(&row) {
+                        if let Some(mut c) = checker.check(&row) {
                             if let Some(st) = stage.as_mut().filter(|s| !s.failed) {
                                 st.proc.push_row(c.row, &checker.values);
+                            } else if !declared.is_empty() {
+                                checker.check_declared(&declared, &mut c);
                             }
                             batch.push(c);
                         }
@@ -433,6 +436,25 @@ fn process_from(
     Ok(out2)
 }
 
+/// The custom columns with their index among the pass's columns, when the tenant's rules
+/// declare columns and register no functions: their declared checks then run in the
+/// checking thread (`Checker::check_declared`), as the rules worker would run them.
+/// Empty otherwise (no rules, or the worker checks them).
+fn declared_columns(req: &Request<'_>) -> Vec<(usize, crate::rules::ColumnDecl)> {
+    let Some(r) = req.rules else {
+        return Vec::new();
+    };
+    let d = &r.active.description;
+    if d.has_functions() {
+        return Vec::new();
+    }
+    let builtin = model::columns(req.op).len();
+    d.columns_of(req.op)
+        .enumerate()
+        .map(|(n, c)| (builtin + n, c.clone()))
+        .collect()
+}
+
 /// A read transaction held for a dry run when the connection has none open; ended on drop.
 struct ReadSnapshot<'c>(Option<&'c Connection>);
 
@@ -481,6 +503,10 @@ fn begin_rules(conn: &Connection, req: &Request<'_>) -> AppResult<Option<RulesBe
     let Some(r) = req.rules else {
         return Ok(None);
     };
+    if !r.active.description.has_functions() {
+        // Declared columns alone: the checking thread checks them (`declared_columns`).
+        return Ok(None);
+    }
     let ctx = crate::rules::context(conn, req.tenant)?;
     Ok(Some(
         RulesProcess::begin(
@@ -1570,7 +1596,7 @@ impl Checker {
             return;
         }
         match st.proc.receive() {
-            Ok(findings) => self.merge_findings(st, batch, findings),
+            Ok(findings) => self.merge_findings(&st.normaliser_of, batch, findings),
             Err(f) => self.rules_failed(st, f),
         }
     }
@@ -1586,9 +1612,43 @@ impl Checker {
         self.problem(Severity::Error, None, None, None, "rule_failed", msg);
     }
 
+    /// The declared checks of custom columns on the row just checked (`declared_columns`),
+    /// merged as the rules worker's findings are.
+    fn check_declared(&mut self, declared: &[(usize, crate::rules::ColumnDecl)], c: &mut Checked) {
+        use crate::rules::engine::{Finding, declared_checks};
+        let mut found = Vec::new();
+        declared_checks(
+            declared,
+            self.op == Operation::Update,
+            &mut self.values,
+            &mut found,
+        );
+        if found.is_empty() {
+            return;
+        }
+        // With each finding, what the worker's answer carries: the cell's value for an
+        // error, the value before the correction for a correction.
+        let findings = found
+            .into_iter()
+            .map(|f| {
+                let extra = match &f {
+                    Finding::Error { col, .. } | Finding::Warning { col, .. } => col
+                        .and_then(|i| self.values.get(i))
+                        .cloned()
+                        .unwrap_or_default(),
+                    Finding::Normalised { from, .. } | Finding::CaseCorrected { from, .. } => {
+                        from.clone()
+                    }
+                };
+                (c.row, f, extra)
+            })
+            .collect();
+        self.merge_findings(&HashMap::new(), std::slice::from_mut(c), findings);
+    }
+
     fn merge_findings(
         &mut self,
-        st: &RulesStage,
+        normaliser_of: &HashMap<usize, String>,
         batch: &mut [Checked],
         findings: Vec<(u32, crate::rules::engine::Finding, String)>,
     ) {
@@ -1627,7 +1687,7 @@ impl Checker {
                     );
                 }
                 Finding::Normalised { col, value, from } => {
-                    let script = st.normaliser_of.get(&col).cloned().unwrap_or_default();
+                    let script = normaliser_of.get(&col).cloned().unwrap_or_default();
                     self.note(col, "changed by the tenant's rules", row, || {
                         format!("{from:?} -> {value:?} ({script})")
                     });

@@ -677,3 +677,78 @@ end)"#,
         messages(&o)
     );
 }
+
+/// Rules that only declare columns are checked in the checking thread, without a rules
+/// worker; rules with a function go through the worker. Both must find the same: the same
+/// problems (code, row, column, value, message) and the same corrections, in add and update
+/// files (where `#CLEAR` is not checked).
+#[test]
+fn declared_columns_are_checked_alike_with_and_without_the_rules_worker() {
+    let env = Env::new();
+    let declared = "rollcall.column { name = \"Employee ID\", max_length = 8 }\n\
+                    rollcall.column { name = \"Cost Centre\", choices = { \"CC-100\", \"CC-200\" } }\n";
+    let local = tenant(&env, "Declared Only");
+    let worker = tenant(&env, "With A Function");
+    script(
+        &env,
+        &rollcall::rules::folder_name(&local.name),
+        "a.lua",
+        declared,
+    );
+    script(
+        &env,
+        &rollcall::rules::folder_name(&worker.name),
+        "a.lua",
+        &format!("{declared}rollcall.check_row(function(row) end)\n"),
+    );
+    let add = csv(
+        &env,
+        "declared-add.csv",
+        "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool,Employee ID,Cost Centre\n\
+         a@example.com,Ada,Lovelace,,Research,Learner,,Standard,AB123456789,cc-100\n\
+         b@example.com,Bo,Brown,,Research,Learner,,Standard,AB1,CC-999\n\
+         c@example.com,Cy,Cole,,Research,Learner,,Standard,ÄÖÜäöüßé,cC-200\n\
+         d@example.com,Di,Dee,,Research,Learner,,Standard,,\n",
+    );
+    let update = csv(
+        &env,
+        "declared-update.csv",
+        "Email,New Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool,Employee ID,Cost Centre\n\
+         a@example.com,,,,,,,,,#clear,#CLEAR\n\
+         b@example.com,,,,,,,,,ABCDEFGHI,Cc-100\n",
+    );
+    let seen = |t: &Tenant, op: Operation, file: &Path| {
+        let o = validate(&env, t, op, file);
+        let problems: Vec<String> = o
+            .problems
+            .iter()
+            .filter(|p| p.code.starts_with("rule_"))
+            .map(|p| {
+                format!(
+                    "{:?} {:?} {:?} {:?} {}",
+                    p.row, p.column_name, p.value, p.code, p.message
+                )
+            })
+            .collect();
+        (problems, serde_json::to_string(&o.normalisations).unwrap())
+    };
+    for (op, file) in [(Operation::Add, &add), (Operation::Update, &update)] {
+        let (lp, ln) = seen(&local, op, file);
+        let (wp, wn) = seen(&worker, op, file);
+        assert_eq!(lp, wp, "{op:?}: problems differ");
+        assert_eq!(ln, wn, "{op:?}: corrections differ");
+        assert!(ln.contains("case of value corrected"), "{op:?}: {ln}");
+        if op == Operation::Add {
+            // Too long, not a choice: the same two errors either way.
+            assert_eq!(lp.len(), 2, "{lp:?}");
+            assert!(
+                lp[0].contains("Employee ID has 11 characters; at most 8"),
+                "{lp:?}"
+            );
+            assert!(lp[1].contains("Cost Centre must be one of"), "{lp:?}");
+        } else {
+            assert_eq!(lp.len(), 1, "{lp:?}");
+            assert!(lp[0].contains("Employee ID has 9 characters"), "{lp:?}");
+        }
+    }
+}

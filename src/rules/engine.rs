@@ -673,50 +673,7 @@ impl Engine {
                 }
             }
         }
-        for (c, decl) in &self.custom {
-            let v = &values[*c];
-            // (An empty required cell is reported by rollcall's own checks.)
-            if v.is_empty() {
-                continue;
-            }
-            if update && v.eq_ignore_ascii_case(CLEAR_TOKEN) {
-                continue;
-            }
-            if let Some(max) = decl.max_length {
-                let n = v.chars().count();
-                if n > max {
-                    out.push(Finding::Error {
-                        col: Some(*c),
-                        message: format!(
-                            "{} has {n} characters; at most {max} are allowed.",
-                            decl.name
-                        ),
-                    });
-                    continue;
-                }
-            }
-            if !decl.choices.is_empty() {
-                match decl.choices.iter().find(|ch| ch.eq_ignore_ascii_case(v)) {
-                    Some(ch) if ch == v => {}
-                    Some(ch) => {
-                        let from = std::mem::replace(&mut values[*c], ch.clone());
-                        out.push(Finding::CaseCorrected {
-                            col: *c,
-                            value: ch.clone(),
-                            from,
-                        });
-                    }
-                    None => out.push(Finding::Error {
-                        col: Some(*c),
-                        message: format!(
-                            "{} must be one of {}.",
-                            decl.name,
-                            list_choices(&decl.choices)
-                        ),
-                    }),
-                }
-            }
-        }
+        declared_checks(&self.custom, update, values, out);
         if self.checks.is_empty() && self.row_checks.is_empty() {
             return Ok(());
         }
@@ -975,6 +932,68 @@ fn list_choices(choices: &[String]) -> String {
         choices.join(", ")
     } else {
         format!("{}, ... (see the drop-down)", choices[..12].join(", "))
+    }
+}
+
+/// Step 2 of the order of evaluation (docs/RULES.md): the declared checks of custom columns
+/// (`max_length`, then `choices`, whose case is corrected in `values`) on one row. `custom`
+/// holds each custom column's index in `values`. Plain Rust: the engine runs it after the
+/// normalisers, and the checking thread itself when the rules register no functions
+/// (`Description::has_functions`), so that no rules worker has to start.
+pub fn declared_checks(
+    custom: &[(usize, ColumnDecl)],
+    update: bool,
+    values: &mut [String],
+    out: &mut Findings,
+) {
+    for (c, decl) in custom {
+        let Some(v) = values.get(*c) else {
+            continue;
+        };
+        // (An empty required cell is reported by rollcall's own checks.)
+        if v.is_empty() {
+            continue;
+        }
+        if update && v.eq_ignore_ascii_case(CLEAR_TOKEN) {
+            continue;
+        }
+        if let Some(max) = decl.max_length {
+            let n = v.chars().count();
+            if n > max {
+                out.push(Finding::Error {
+                    col: Some(*c),
+                    message: format!(
+                        "{} has {n} characters; at most {max} are allowed.",
+                        decl.name
+                    ),
+                });
+                continue;
+            }
+        }
+        if !decl.choices.is_empty() {
+            match decl.choices.iter().find(|ch| ch.eq_ignore_ascii_case(v)) {
+                Some(ch) if ch == v => {}
+                Some(ch) => {
+                    let Some(slot) = values.get_mut(*c) else {
+                        continue;
+                    };
+                    let from = std::mem::replace(slot, ch.clone());
+                    out.push(Finding::CaseCorrected {
+                        col: *c,
+                        value: ch.clone(),
+                        from,
+                    });
+                }
+                None => out.push(Finding::Error {
+                    col: Some(*c),
+                    message: format!(
+                        "{} must be one of {}.",
+                        decl.name,
+                        list_choices(&decl.choices)
+                    ),
+                }),
+            }
+        }
     }
 }
 

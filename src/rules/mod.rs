@@ -97,6 +97,13 @@ pub struct Description {
 }
 
 impl Description {
+    /// Whether the scripts register functions (normalisers, cell or row checks). Without
+    /// any, the rules are their declared columns alone, whose checks need no Lua
+    /// (`engine::declared_checks`): a pass then starts no rules worker.
+    pub fn has_functions(&self) -> bool {
+        !(self.checks.is_empty() && self.row_checks.is_empty() && self.normalisers.is_empty())
+    }
+
     /// The custom columns of `op`, in declaration order.
     pub fn columns_of(&self, op: Operation) -> impl Iterator<Item = &ColumnDecl> {
         self.columns
