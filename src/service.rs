@@ -3,7 +3,7 @@
 //! in one pass inside one transaction, then the results workbook).
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, params};
@@ -150,8 +150,8 @@ pub struct StoredFile {
 
 /// Copies an upload into the data directory under its content hash (once per content).
 pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<StoredFile> {
-    // Copy first, then hash the copy: a file still changing cannot end up stored under the
-    // hash of other content.
+    // The hash is taken of the very bytes written to the copy, in the same pass: a file still
+    // changing cannot end up stored under the hash of other content.
     let read = |e: std::io::Error| AppError::Usage(format!("cannot read {}: {e}", src.display()));
     let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
     let tmp = data.tmp_dir().join(format!(
@@ -159,21 +159,24 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
         std::process::id(),
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     ));
-    fs::copy(src, &tmp).map_err(read)?;
+    let mut input = fs::File::open(src).map_err(read)?;
     let stored = (|| {
-        let mut f = fs::File::open(&tmp).map_err(internal)?;
-        f.sync_all().map_err(internal)?;
+        let mut f = fs::File::create(&tmp).map_err(internal)?;
         let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
+        let mut buf = vec![0u8; 1 << 20];
         let mut size = 0u64;
         loop {
-            let n = f.read(&mut buf).map_err(internal)?;
-            if n == 0 {
-                break;
-            }
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read(e)),
+            };
             size += n as u64;
             h.update(&buf[..n]);
+            f.write_all(&buf[..n]).map_err(internal)?;
         }
+        f.sync_all().map_err(internal)?;
         let sha256 = hex::encode(h.finalize());
         let ext = Path::new(file_name)
             .extension()

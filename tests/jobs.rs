@@ -1249,3 +1249,32 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
     assert_eq!(inner, expected);
     assert_eq!(nice_of("/proc/thread-self/stat"), ours);
 }
+
+/// An upload is stored once per content, under the SHA-256 of exactly its bytes (hashed in
+/// the pass that copies it), with the declared name's extension; the temporary copy is gone.
+#[test]
+fn uploads_are_stored_under_the_hash_of_their_bytes() {
+    use sha2::Digest;
+    let env = Env::new();
+    // Larger than the copying buffer, so that the hash spans several reads.
+    let bytes: Vec<u8> = (0..(3 << 20) + 12345)
+        .map(|i: u32| (i % 251) as u8)
+        .collect();
+    let p = env.path("big.bin");
+    std::fs::write(&p, &bytes).unwrap();
+    let stored = service::store_upload(&env.app.data, &p, "Big.XLSX").unwrap();
+    assert_eq!(stored.sha256, hex::encode(sha2::Sha256::digest(&bytes)));
+    assert_eq!(stored.size, bytes.len() as u64);
+    assert_eq!(std::fs::read(&stored.path).unwrap(), bytes);
+    assert!(
+        stored.path.to_string_lossy().ends_with(".xlsx"),
+        "{:?}",
+        stored.path
+    );
+    let again = service::store_upload(&env.app.data, &p, "again.xlsx").unwrap();
+    assert_eq!(again.path, stored.path);
+    let left: Vec<_> = std::fs::read_dir(env.app.data.tmp_dir()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    let missing = service::store_upload(&env.app.data, &env.path("nope.xlsx"), "nope.xlsx");
+    assert!(missing.unwrap_err().to_string().contains("cannot read"));
+}
