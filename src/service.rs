@@ -177,31 +177,66 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
             f.write_all(&buf[..n]).map_err(internal)?;
         }
         f.sync_all().map_err(internal)?;
-        let sha256 = hex::encode(h.finalize());
-        let ext = Path::new(file_name)
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase())
-            .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
-            .unwrap_or_else(|| "bin".into());
-        let path = data.upload_file(&sha256, &ext);
-        if !path.exists() {
-            let sync_dir = |d: &Path| fs::File::open(d).and_then(|f| f.sync_all());
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let new_dir = !dir.exists();
-            fs::create_dir_all(dir).map_err(internal)?;
-            fs::rename(&tmp, &path).map_err(internal)?;
-            // The new names reach the disk before a job can name the file: a power cut after
-            // the job's commit must not lose the rename (nor the folder it went into).
-            sync_dir(dir).map_err(internal)?;
-            if new_dir && let Some(parent) = dir.parent() {
-                sync_dir(parent).map_err(internal)?;
-            }
-        }
-        Ok(StoredFile { sha256, size, path })
+        place(data, &tmp, hex::encode(h.finalize()), size, file_name)
     })();
     let _ = fs::remove_file(&tmp);
     stored
+}
+
+/// Stores a file received into the data directory's `tmp/` (a web upload's body) under its
+/// content hash by renaming it there: one pass to hash it, no second copy. When that content
+/// is stored already, `received` is left for its owner to remove.
+pub fn store_received(data: &DataDir, received: &Path, file_name: &str) -> AppResult<StoredFile> {
+    let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
+    let mut f = fs::File::open(received).map_err(internal)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(internal(e)),
+        };
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    f.sync_all().map_err(internal)?;
+    place(data, received, hex::encode(h.finalize()), size, file_name)
+}
+
+/// Moves `tmp` (its bytes on disk already, hashed to `sha256`) to its place under
+/// `uploads/`, unless that content is stored already.
+fn place(
+    data: &DataDir,
+    tmp: &Path,
+    sha256: String,
+    size: u64,
+    file_name: &str,
+) -> AppResult<StoredFile> {
+    let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
+    let ext = Path::new(file_name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "bin".into());
+    let path = data.upload_file(&sha256, &ext);
+    if !path.exists() {
+        let sync_dir = |d: &Path| fs::File::open(d).and_then(|f| f.sync_all());
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let new_dir = !dir.exists();
+        fs::create_dir_all(dir).map_err(internal)?;
+        fs::rename(tmp, &path).map_err(internal)?;
+        // The new names reach the disk before a job can name the file: a power cut after
+        // the job's commit must not lose the rename (nor the folder it went into).
+        sync_dir(dir).map_err(internal)?;
+        if new_dir && let Some(parent) = dir.parent() {
+            sync_dir(parent).map_err(internal)?;
+        }
+    }
+    Ok(StoredFile { sha256, size, path })
 }
 
 /// Appends the queued audit entries to the log (fsync'd); returns how many.
@@ -459,6 +494,32 @@ pub fn upload_with(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Uploaded> {
     let stored = store_upload(&app.data, file, file_name)?;
+    upload_stored(
+        app,
+        tenant,
+        op,
+        stored,
+        file_name,
+        notify,
+        default_pool,
+        on_effect,
+        progress,
+    )
+}
+
+/// `upload_with` of a file stored already (`store_upload`, `store_received`).
+#[allow(clippy::too_many_arguments)]
+pub fn upload_stored(
+    app: &App,
+    tenant: &Tenant,
+    op: Operation,
+    stored: StoredFile,
+    file_name: &str,
+    notify: Option<&str>,
+    default_pool: Option<&str>,
+    on_effect: &mut EffectSink<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> AppResult<Uploaded> {
     // The file's worker opens the file while the rules and the pool are looked up.
     let started = SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
     let rules = active_rules(app, tenant)?;

@@ -1252,6 +1252,7 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
 
 /// An upload is stored once per content, under the SHA-256 of exactly its bytes (hashed in
 /// the pass that copies it), with the declared name's extension; the temporary copy is gone.
+/// A web upload's body, received into tmp/ already, is moved into place instead.
 #[test]
 fn uploads_are_stored_under_the_hash_of_their_bytes() {
     use sha2::Digest;
@@ -1277,4 +1278,18 @@ fn uploads_are_stored_under_the_hash_of_their_bytes() {
     assert!(left.is_empty(), "{left:?}");
     let missing = service::store_upload(&env.app.data, &env.path("nope.xlsx"), "nope.xlsx");
     assert!(missing.unwrap_err().to_string().contains("cannot read"));
+
+    // A body received into tmp/ (the web server's uploads) is moved into place, not copied;
+    // content stored already leaves it where it is, for its owner to remove.
+    let received = env.app.data.tmp_dir().join("web-upload-1.partial");
+    let other: Vec<u8> = bytes.iter().rev().copied().collect();
+    std::fs::write(&received, &other).unwrap();
+    let moved = service::store_received(&env.app.data, &received, "b.xlsx").unwrap();
+    assert_eq!(moved.sha256, hex::encode(sha2::Sha256::digest(&other)));
+    assert_eq!(std::fs::read(&moved.path).unwrap(), other);
+    assert!(!received.exists());
+    std::fs::write(&received, &bytes).unwrap();
+    let known = service::store_received(&env.app.data, &received, "c.xlsx").unwrap();
+    assert_eq!(known.path, stored.path);
+    assert!(received.exists());
 }

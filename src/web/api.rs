@@ -1796,11 +1796,14 @@ async fn upload(
                     preview.push(json!({"row": row, "email": email, "effect": e}));
                 }
             };
-            let up = service::upload_with(
+            // The body is in the data directory already: it is moved into place, not
+            // copied again.
+            let stored = service::store_received(&app.data, &tmp.0, &file_name)?;
+            let up = service::upload_stored(
                 app,
                 &t,
                 op,
-                &tmp.0,
+                stored,
                 &file_name,
                 p.email.as_deref(),
                 default_pool.as_deref(),
@@ -1820,7 +1823,8 @@ async fn upload(
 }
 
 /// A received file in the data directory's tmp/, removed when dropped (whatever happens to
-/// the request: a refusal, an error, the client going away).
+/// the request: a refusal, an error, the client going away) unless it was moved into
+/// `uploads/` (`service::store_received`).
 struct TempFile(PathBuf);
 
 impl TempFile {
