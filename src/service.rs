@@ -162,22 +162,9 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
     let mut input = fs::File::open(src).map_err(read)?;
     let stored = (|| {
         let mut f = fs::File::create(&tmp).map_err(internal)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(read(e)),
-            };
-            size += n as u64;
-            h.update(&buf[..n]);
-            f.write_all(&buf[..n]).map_err(internal)?;
-        }
+        let (sha256, size) = hash_through(&mut input, &mut f, read, internal)?;
         f.sync_all().map_err(internal)?;
-        place(data, &tmp, hex::encode(h.finalize()), size, file_name)
+        place(data, &tmp, sha256, size, file_name)
     })();
     let _ = fs::remove_file(&tmp);
     stored
@@ -189,21 +176,34 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
 pub fn store_received(data: &DataDir, received: &Path, file_name: &str) -> AppResult<StoredFile> {
     let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
     let mut f = fs::File::open(received).map_err(internal)?;
+    let (sha256, size) = hash_through(&mut f, std::io::sink(), internal, internal)?;
+    f.sync_all().map_err(internal)?;
+    place(data, received, sha256, size, file_name)
+}
+
+/// Reads `input` to its end, handing every byte to `out` and to SHA-256 in the same pass;
+/// returns the hash (hex) and the size. Errors reading and writing are told apart.
+fn hash_through(
+    input: &mut impl Read,
+    mut out: impl Write,
+    read_failed: impl Fn(std::io::Error) -> AppError,
+    write_failed: impl Fn(std::io::Error) -> AppError,
+) -> AppResult<(String, u64)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match input.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(internal(e)),
+            Err(e) => return Err(read_failed(e)),
         };
         size += n as u64;
         h.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(&write_failed)?;
     }
-    f.sync_all().map_err(internal)?;
-    place(data, received, hex::encode(h.finalize()), size, file_name)
+    Ok((hex::encode(h.finalize()), size))
 }
 
 /// Moves `tmp` (its bytes on disk already, hashed to `sha256`) to its place under
