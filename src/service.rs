@@ -162,36 +162,71 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
     let mut input = fs::File::open(src).map_err(read)?;
     let stored = (|| {
         let mut f = fs::File::create(&tmp).map_err(internal)?;
-        let (sha256, size) = hash_through(&mut input, &mut f, read, internal)?;
+        let hashed = hash_through(&mut input, &mut f, read, internal)?;
         f.sync_all().map_err(internal)?;
-        place(data, &tmp, sha256, size, file_name)
+        place(data, &tmp, hashed.sha256, hashed.size, file_name)
     })();
     let _ = fs::remove_file(&tmp);
     stored
 }
 
 /// Stores a file received into the data directory's `tmp/` (a web upload's body) under its
-/// content hash by renaming it there: one pass to hash it, no second copy. When that content
-/// is stored already, `received` is left for its owner to remove.
-pub fn store_received(data: &DataDir, received: &Path, file_name: &str) -> AppResult<StoredFile> {
-    let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
-    let mut f = fs::File::open(received).map_err(internal)?;
-    let (sha256, size) = hash_through(&mut f, std::io::sink(), internal, internal)?;
-    f.sync_all().map_err(internal)?;
-    place(data, received, sha256, size, file_name)
+/// content hash by renaming it there: no second copy, and no second read either, since the
+/// body was hashed as it arrived (`ContentHash`) and synced to disk. When that content is
+/// stored already, `received` is left for its owner to remove.
+pub fn store_received(
+    data: &DataDir,
+    received: &Path,
+    hashed: Hashed,
+    file_name: &str,
+) -> AppResult<StoredFile> {
+    place(data, received, hashed.sha256, hashed.size, file_name)
 }
 
-/// Reads `input` to its end, handing every byte to `out` and to SHA-256 in the same pass;
-/// returns the hash (hex) and the size. Errors reading and writing are told apart.
+/// The SHA-256 (hex) and size of a file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashed {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Hashes bytes as they pass on their way into a file (a web upload's body as it arrives),
+/// so that the file is stored under the hash of exactly the bytes written.
+#[derive(Default)]
+pub struct ContentHash {
+    hash: Sha256,
+    size: u64,
+}
+
+impl ContentHash {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        self.hash.update(bytes);
+    }
+
+    /// The bytes hashed so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn finish(self) -> Hashed {
+        Hashed {
+            sha256: hex::encode(self.hash.finalize()),
+            size: self.size,
+        }
+    }
+}
+
+/// Reads `input` to its end, handing every byte to `out` and to SHA-256 in the same pass.
+/// Errors reading and writing are told apart.
 fn hash_through(
     input: &mut impl Read,
     mut out: impl Write,
     read_failed: impl Fn(std::io::Error) -> AppError,
     write_failed: impl Fn(std::io::Error) -> AppError,
-) -> AppResult<(String, u64)> {
-    let mut h = Sha256::new();
+) -> AppResult<Hashed> {
+    let mut h = ContentHash::default();
     let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
     loop {
         let n = match input.read(&mut buf) {
             Ok(0) => break,
@@ -199,11 +234,10 @@ fn hash_through(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(read_failed(e)),
         };
-        size += n as u64;
         h.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(&write_failed)?;
     }
-    Ok((hex::encode(h.finalize()), size))
+    Ok(h.finish())
 }
 
 /// Moves `tmp` (its bytes on disk already, hashed to `sha256`) to its place under

@@ -1279,17 +1279,30 @@ fn uploads_are_stored_under_the_hash_of_their_bytes() {
     let missing = service::store_upload(&env.app.data, &env.path("nope.xlsx"), "nope.xlsx");
     assert!(missing.unwrap_err().to_string().contains("cannot read"));
 
-    // A body received into tmp/ (the web server's uploads) is moved into place, not copied;
-    // content stored already leaves it where it is, for its owner to remove.
+    // A body received into tmp/ (the web server's uploads) is hashed piece by piece as it
+    // arrives, then moved into place: not copied, not read again. Content stored already
+    // leaves it where it is, for its owner to remove.
     let received = env.app.data.tmp_dir().join("web-upload-1.partial");
     let other: Vec<u8> = bytes.iter().rev().copied().collect();
-    std::fs::write(&received, &other).unwrap();
-    let moved = service::store_received(&env.app.data, &received, "b.xlsx").unwrap();
+    let receive = |body: &[u8]| {
+        let mut hash = service::ContentHash::default();
+        // Pieces of uneven size, as a body's chunks come.
+        for piece in body.chunks(65_521) {
+            hash.update(piece);
+        }
+        assert_eq!(hash.size(), body.len() as u64);
+        std::fs::write(&received, body).unwrap();
+        hash.finish()
+    };
+    let hashed = receive(&other);
+    assert_eq!(hashed.sha256, hex::encode(sha2::Sha256::digest(&other)));
+    let moved = service::store_received(&env.app.data, &received, hashed, "b.xlsx").unwrap();
     assert_eq!(moved.sha256, hex::encode(sha2::Sha256::digest(&other)));
+    assert_eq!(moved.size, other.len() as u64);
     assert_eq!(std::fs::read(&moved.path).unwrap(), other);
     assert!(!received.exists());
-    std::fs::write(&received, &bytes).unwrap();
-    let known = service::store_received(&env.app.data, &received, "c.xlsx").unwrap();
+    let hashed = receive(&bytes);
+    let known = service::store_received(&env.app.data, &received, hashed, "c.xlsx").unwrap();
     assert_eq!(known.path, stored.path);
     assert!(received.exists());
 }

@@ -479,6 +479,23 @@ fn the_bulk_flow_over_http() {
     assert_eq!(v["preview"][0]["effect"]["action"], "create");
     assert_eq!(v["forecast"][0]["needed"], 120);
     let id = v["id"].as_i64().unwrap();
+    // The body was hashed as it arrived and moved into place: the upload is recorded under
+    // the SHA-256 of exactly the bytes sent, and those bytes are what is stored.
+    {
+        use sha2::Digest;
+        let db = rusqlite::Connection::open(server.data.join("rollcall.db")).unwrap();
+        let (sha, size, stored): (String, i64, String) = db
+            .query_row(
+                "SELECT file_sha256, file_size, stored_path FROM uploads WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(sha, hex::encode(sha2::Sha256::digest(&good)));
+        assert_eq!(size as usize, good.len());
+        assert_eq!(std::fs::read(&stored).unwrap(), good);
+        assert!(stored.contains(&sha), "{stored}");
+    }
     // The page can be reloaded: the same result, preview included.
     let again = op.get(&format!("/api/v1/tenants/Acme/uploads/{id}")).json();
     assert_eq!(again["preview"].as_array().unwrap().len(), 120);

@@ -1784,7 +1784,7 @@ async fn upload(
         return Err(too_large(limit));
     }
     let tmp = TempFile::new(&web.data);
-    receive(req, &tmp.0, limit).await?;
+    let hashed = receive(req, &tmp.0, limit).await?;
     let actor = p.actor.clone();
     let result = web
         .blocking(&actor, move |app| {
@@ -1796,9 +1796,9 @@ async fn upload(
                     preview.push(json!({"row": row, "email": email, "effect": e}));
                 }
             };
-            // The body is in the data directory already: it is moved into place, not
-            // copied again.
-            let stored = service::store_received(&app.data, &tmp.0, &file_name)?;
+            // The body is in the data directory already, hashed as it arrived: it is
+            // moved into place, not copied or read again.
+            let stored = service::store_received(&app.data, &tmp.0, hashed, &file_name)?;
             let up = service::upload_stored(
                 app,
                 &t,
@@ -1920,11 +1920,15 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
-async fn receive(req: &mut Request, path: &std::path::Path, limit: u64) -> ApiResult<()> {
+async fn receive(
+    req: &mut Request,
+    path: &std::path::Path,
+    limit: u64,
+) -> ApiResult<service::Hashed> {
     use tokio::io::AsyncWriteExt;
     let internal = |e: std::io::Error| ApiError::from(AppError::internal("receiving a file", e));
     let mut f = tokio::fs::File::create(path).await.map_err(internal)?;
-    let mut size = 0u64;
+    let mut hash = service::ContentHash::default();
     let mut body = req
         .body
         .take()
@@ -1932,19 +1936,22 @@ async fn receive(req: &mut Request, path: &std::path::Path, limit: u64) -> ApiRe
     while let Some(chunk) = body.next().await {
         let chunk =
             chunk.map_err(|_| ApiError::bad_request("The upload was cut off; try again."))?;
-        size += chunk.len() as u64;
-        if size > limit {
+        hash.update(&chunk);
+        if hash.size() > limit {
             return Err(too_large(limit));
         }
         f.write_all(&chunk).await.map_err(internal)?;
     }
+    // On disk before it is moved into `uploads/` and recorded.
     f.flush().await.map_err(internal)?;
-    if size == 0 {
+    f.sync_all().await.map_err(internal)?;
+    let hashed = hash.finish();
+    if hashed.size == 0 {
         return Err(ApiError::bad_request(
             "The file is empty: send the spreadsheet as the request body.",
         ));
     }
-    Ok(())
+    Ok(hashed)
 }
 
 /// Server-sent events for one job: a `job` event whenever its state or progress changes,
