@@ -893,3 +893,64 @@ fn a_template_of_an_older_column_set_is_named_as_such() {
     let m = message(&now);
     assert!(!m.contains("other columns"), "{m}");
 }
+
+/// A number formatted as a date (how a spreadsheet program stores a date typed into a cell)
+/// is written as YYYY-MM-DD text and the change is listed; a date number outside the
+/// calendar is a row error naming the cell, and a file with it applies nothing.
+#[test]
+fn excel_dates_become_text_and_dates_outside_the_calendar_are_errors() {
+    let mut env = Env::new();
+    let t = setup(&env);
+    // Cell format 1 is Excel's built-in short date (number format 14).
+    let styles = r#"<?xml version="1.0" encoding="UTF-8"?><styleSheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><cellXfs count="2"><xf numFmtId="0" fontId="0" fillId="0" borderId="0" xfId="0"/><xf numFmtId="14" fontId="0" fillId="0" borderId="0" xfId="0" applyNumberFormat="1"/></cellXfs></styleSheet>"#;
+    let file = |env: &Env, name: &str, email: &str, serial: &str| {
+        let p = env.path(name);
+        let mut sheet = data_sheet(
+            Operation::Add,
+            &[vec![
+                email, "Dana", "Dee", "", "Sales", "Learner", "", "Standard",
+            ]],
+        );
+        sheet.rows[1][3] = C::Raw(format!(r#"<c r="D2" s="1"><v>{serial}</v></c>"#));
+        write_xlsx_custom(&p, &[sheet], None, |z, o| {
+            use std::io::Write;
+            z.start_file("xl/styles.xml", o).unwrap();
+            z.write_all(styles.as_bytes()).unwrap();
+        });
+        p
+    };
+    let good = file(&env, "dated.xlsx", "dana@example.com", "45000");
+    let (o, _) = validate(&env, &t, Operation::Add, &good);
+    assert!(o.is_valid(), "{:?}", o.problems);
+    let listed = serde_json::to_string(&o.normalisations).unwrap();
+    assert!(
+        listed.contains("Excel date written as YYYY-MM-DD") && listed.contains("2023-03-15"),
+        "{listed}"
+    );
+    let r = import(&mut env, &t, Operation::Add, &good, false);
+    assert!(r.applied, "{:?}", r.outcome.problems);
+    assert_eq!(
+        user(&env, &t, "dana@example.com")
+            .unwrap()
+            .job_title
+            .as_deref(),
+        Some("2023-03-15")
+    );
+
+    let bad = file(&env, "undated.xlsx", "dora@example.com", "-3");
+    let (o, _) = validate(&env, &t, Operation::Add, &bad);
+    assert_eq!(codes(&o), [(Some(2), "invalid_date")], "{:?}", o.problems);
+    let p = &o.problems[0];
+    assert_eq!(
+        (
+            p.column.as_deref(),
+            p.column_name.as_deref(),
+            p.value.as_deref()
+        ),
+        (Some("D"), Some("Job Title"), Some("-3"))
+    );
+    let before = user_count(&env);
+    let r = import(&mut env, &t, Operation::Add, &bad, false);
+    assert!(!r.applied);
+    assert_eq!(user_count(&env), before);
+}

@@ -95,6 +95,37 @@ fn a_first_session_from_the_command_line() {
         "{}",
         text(&o)
     );
+    // The roster: one line per user, tab-separated; filtered by status.
+    let o = cli(d, &["users", "list", "--tenant", "Acme"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let listed = String::from_utf8(o.stdout.clone()).unwrap();
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        [
+            "ada@example.com\tAda Lovelace\tSales\tLearner\tEnglish\tStandard\tactive",
+            "bob@example.com\tBob Byron\t-\tManager\tEnglish\tStandard\tactive",
+        ],
+        "{listed}"
+    );
+    let o = cli(
+        d,
+        &[
+            "users",
+            "list",
+            "--tenant",
+            "Acme",
+            "--status",
+            "deactivated",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    let o = cli(
+        d,
+        &["users", "list", "--tenant", "Acme", "--status", "asleep"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--status is active or deactivated"));
 
     // A file with errors: exit 1, error workbook written, nothing applied.
     let bad = dir.path().join("bad.xlsx");
@@ -135,6 +166,51 @@ fn a_first_session_from_the_command_line() {
         text(&o)
     );
     assert!(report.exists());
+    // `validate` says the same, with the same exit code, and writes the error workbook:
+    // the rows as uploaded plus an Errors column.
+    let checked = dir.path().join("checked.xlsx");
+    let o = cli(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            bad.to_str().unwrap(),
+            "--report",
+            checked.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("required_missing"), "{}", text(&o));
+    {
+        use calamine::Reader;
+        let mut wb = calamine::open_workbook_auto(&checked).unwrap();
+        let rows = wb.worksheet_range("Add Users").unwrap();
+        let header: Vec<String> = rows
+            .rows()
+            .next()
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(header.first().map(String::as_str), Some("Email"));
+        assert_eq!(
+            header.last().map(String::as_str),
+            Some("Errors"),
+            "{header:?}"
+        );
+        let row: Vec<String> = rows
+            .rows()
+            .nth(1)
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(row[0], "carl@example.com");
+        assert!(row.last().unwrap().contains("Last Name"), "{row:?}");
+    }
 
     // Deactivating 1 of 2 users is above the tenant's 20%: a typed confirmation first.
     let deact = dir.path().join("deact.csv");

@@ -135,6 +135,18 @@ fn the_example_rules_shape_templates_checks_storage_and_exports() {
         "{m}"
     );
     assert!(m.contains("Some(3) Some(\"Manager Email\") Manager Email names grace@example.com, who is neither a user of Example Corp nor added by this file."), "{m}");
+    // Carl's manager (ADA@example.com, in another case) is added by the same file: no error.
+    let refs: Vec<_> = o
+        .problems
+        .iter()
+        .filter(|p| p.code == "user_reference_unknown")
+        .map(|p| (p.row, p.column.as_deref(), p.value.as_deref()))
+        .collect();
+    assert_eq!(
+        refs,
+        [(Some(3), Some("K"), Some("grace@example.com"))],
+        "{m}"
+    );
     assert!(
         m.contains("Some(4) Some(\"Cost Centre\") Cost Centre must be one of CC-100 Sales"),
         "{m}"
@@ -751,4 +763,66 @@ fn declared_columns_are_checked_alike_with_and_without_the_rules_worker() {
             assert!(lp[0].contains("Employee ID has 9 characters"), "{lp:?}");
         }
     }
+}
+
+/// Rules that loaded before, whose process cannot start when a file comes (here the worker
+/// program refuses the rules subcommand, as a machine out of processes or memory would):
+/// the file is refused with one message naming the tenant, code `rules_unavailable`, and
+/// an import of it applies nothing. The file's own worker still reads it.
+#[test]
+fn a_rules_process_that_cannot_start_refuses_the_file_and_applies_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut env = fast_limits();
+    let t = tenant(&env, "Stalled");
+    script(
+        &env,
+        &rollcall::rules::folder_name(&t.name),
+        "rows.lua",
+        "rollcall.check_row(function(row) end)\n",
+    );
+    let file = csv(&env, "s.csv", SIMPLE_ADD);
+    // Loaded and described once, with the real worker.
+    let o = validate(&env, &t, Operation::Add, &file);
+    assert!(o.is_valid(), "{}", messages(&o));
+
+    let wrapper = env.path("worker.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = {} ]; then echo 'cannot start now' >&2; exit 3; fi\nexec {BIN} \"$@\"\n",
+            rollcall::rules::worker::WORKER_SUBCOMMAND
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.app.reader.worker_exe = wrapper;
+
+    let o = validate(&env, &t, Operation::Add, &file);
+    assert!(o.refused, "{}", messages(&o));
+    assert_eq!(codes(&o), ["rules_unavailable"], "{}", messages(&o));
+    let m = &o.problems[0].message;
+    assert!(
+        m.contains("The rules of Stalled cannot run") && m.contains("Nothing was changed"),
+        "{m}"
+    );
+
+    let r = service::import(
+        &mut env.app,
+        &t,
+        Operation::Add,
+        &file,
+        "s.csv",
+        service::ImportOptions::default(),
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!r.applied);
+    assert_eq!(codes(&r.outcome), ["rules_unavailable"]);
+    let users: i64 = env
+        .app
+        .conn
+        .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(users, 0);
 }

@@ -93,7 +93,26 @@ pub fn run(args: &WorkerArgs) -> i32 {
     // Rows come in 64 KiB chunks (`RowWriter`), which pass this small buffer by; it only
     // gathers the small frames.
     let mut out = BufWriter::with_capacity(1 << 13, stdout.lock());
-    let result = read_file(args, &mut out);
+    // A panic inside the spreadsheet library (a cell reference too large for any sheet
+    // overflows its arithmetic: see the release profile's overflow checks) is one more way
+    // a file cannot be read: it is told as such, not as a crash with a source path.
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_file(args, &mut out)
+    }))
+    .unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no reason given".into());
+        Err(fatal(
+            "file_damaged",
+            format!(
+                "The file could not be read: the spreadsheet reader stopped on content no spreadsheet holds ({what}), such as a cell reference beyond any sheet. Save it again from your spreadsheet program and upload the new copy."
+            ),
+        ))
+    });
     let written = match result {
         Ok(()) => codec::write_end(&mut out),
         Err(Fail::Fatal(f)) => {
