@@ -95,6 +95,13 @@ fn a_first_session_from_the_command_line() {
         "{}",
         text(&o)
     );
+    // The tenants with their users by status.
+    let o = cli(d, &["tenant", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8(o.stdout.clone()).unwrap(),
+        "Acme\t2 active, 0 deactivated\n"
+    );
     // The roster: one line per user, tab-separated; filtered by status.
     let o = cli(d, &["users", "list", "--tenant", "Acme"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
