@@ -57,6 +57,26 @@ pub(super) fn fatal(code: &str, message: impl Into<String>) -> Fail {
     })
 }
 
+/// What a panic while reading becomes: in a library that parses the file, the file is
+/// damaged; anywhere else it is our error.
+fn panic_refusal(what: &str, at: Option<(String, u32)>) -> Fail {
+    const PARSERS: [&str; 4] = ["/calamine-", "/quick-xml-", "/zip-", "/zlib-rs-"];
+    match at {
+        Some((file, line)) if !PARSERS.iter().any(|p| file.contains(p)) => fatal(
+            "internal",
+            format!(
+                "The file reader stopped on an internal error ({what}, at {file}:{line}); nothing was changed. Please report it."
+            ),
+        ),
+        _ => fatal(
+            "file_damaged",
+            format!(
+                "The file could not be read: the spreadsheet reader stopped on content no spreadsheet holds ({what}), such as a cell reference beyond any sheet. Save it again from your spreadsheet program and upload the new copy."
+            ),
+        ),
+    }
+}
+
 fn unreadable(e: io::Error) -> Fail {
     fatal("file_unreadable", format!("The file cannot be read: {e}."))
 }
@@ -95,24 +115,25 @@ pub fn run(args: &WorkerArgs) -> i32 {
     let mut out = BufWriter::with_capacity(1 << 13, stdout.lock());
     // A panic inside the spreadsheet library (a cell reference too large for any sheet
     // overflows its arithmetic: see the release profile's overflow checks) is one more way
-    // a file cannot be read: it is told as such, not as a crash with a source path.
-    std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_file(args, &mut out)
-    }))
-    .unwrap_or_else(|payload| {
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no reason given".into());
-        Err(fatal(
-            "file_damaged",
-            format!(
-                "The file could not be read: the spreadsheet reader stopped on content no spreadsheet holds ({what}), such as a cell reference beyond any sheet. Save it again from your spreadsheet program and upload the new copy."
-            ),
-        ))
-    });
+    // a file cannot be read: it is told as such, not as a crash with a source path. A
+    // panic in our own code is an internal error, told with where it happened.
+    static PANIC_AT: std::sync::Mutex<Option<(String, u32)>> = std::sync::Mutex::new(None);
+    std::panic::set_hook(Box::new(|info| {
+        if let (Some(l), Ok(mut at)) = (info.location(), PANIC_AT.lock()) {
+            *at = Some((l.file().to_string(), l.line()));
+        }
+    }));
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_file(args, &mut out)))
+            .unwrap_or_else(|payload| {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no reason given".into());
+                let at = PANIC_AT.lock().ok().and_then(|mut a| a.take());
+                Err(panic_refusal(&what, at))
+            });
     let written = match result {
         Ok(()) => codec::write_end(&mut out),
         Err(Fail::Fatal(f)) => {
@@ -1192,6 +1213,32 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_a_parser_is_a_damaged_file_and_elsewhere_an_internal_error() {
+        let code_and_message = |f: Fail| match f {
+            Fail::Fatal(f) => (f.code, f.message),
+            Fail::Pipe(e) => panic!("{e}"),
+        };
+        let parser = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/calamine-0.38.0/src/xlsx/mod.rs";
+        let (code, message) = code_and_message(panic_refusal(
+            "attempt to multiply with overflow",
+            Some((parser.into(), 3096)),
+        ));
+        assert_eq!(code, "file_damaged");
+        assert!(
+            message.contains("(attempt to multiply with overflow)"),
+            "{message}"
+        );
+        assert!(!message.contains(".rs"), "{message}");
+        let (code, message) = code_and_message(panic_refusal(
+            "index out of bounds",
+            Some(("src/sheet/worker.rs".into(), 42)),
+        ));
+        assert_eq!(code, "internal");
+        assert!(message.contains("src/sheet/worker.rs:42"), "{message}");
+        assert_eq!(code_and_message(panic_refusal("x", None)).0, "file_damaged");
+    }
 
     #[test]
     fn a_merge_cell_is_seen_even_across_two_chunks() {
