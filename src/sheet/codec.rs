@@ -371,6 +371,13 @@ fn take<'a>(b: &mut &'a [u8], n: usize) -> io::Result<&'a [u8]> {
 fn decode_row(mut b: &[u8], row: &mut RawRow, max_text: usize) -> io::Result<()> {
     let index = u32::try_from(take_varint(&mut b)?).map_err(|_| bad("row index"))?;
     row.clear(index);
+    // The cells' bytes are checked as UTF-8 in one pass when they can be (a row of text
+    // cells in the first 128 columns, each under 128 bytes: every column, kind and length
+    // is one ASCII byte), instead of text by text; each text is then cut out of that
+    // checked string (`str::get` refuses a cut inside a character). Other rows, with
+    // numbers or long texts, are checked text by text.
+    let cells = b;
+    let checked = std::str::from_utf8(cells).ok();
     while !b.is_empty() {
         let col = u32::try_from(take_varint(&mut b)?).map_err(|_| bad("column index"))?;
         let kind = CellKind::from_u8(take(&mut b, 1)?[0])?;
@@ -391,9 +398,14 @@ fn decode_row(mut b: &[u8], row: &mut RawRow, max_text: usize) -> io::Result<()>
             if len > max_text {
                 return Err(bad("oversized cell"));
             }
+            let at = cells.len() - b.len();
             let text = take(&mut b, len)?;
+            let text = match checked {
+                Some(all) => all.get(at..at + len),
+                None => std::str::from_utf8(text).ok(),
+            };
             slot.text
-                .push_str(std::str::from_utf8(text).map_err(|_| bad("cell not UTF-8"))?);
+                .push_str(text.ok_or_else(|| bad("cell not UTF-8"))?);
             slot.num = 0.0;
         } else {
             let mut n = [0u8; 8];
@@ -525,6 +537,72 @@ mod tests {
         assert_eq!(read_frame(&mut r, &mut out, 100, 1000).unwrap(), Frame::Row);
         assert_eq!((out.index, out.cells()[0].num), (rows, 5.0));
         assert!(read_frame(&mut r, &mut out, 100, 1000).is_err());
+    }
+
+    /// Texts are checked as UTF-8 a row at a time when the row's cell bytes allow it and
+    /// text by text otherwise; either way every text arrives whole, and a text that is not
+    /// UTF-8, or that ends inside a character, is an error.
+    #[test]
+    fn texts_are_checked_as_utf8_by_row_or_by_text() {
+        let decode = |bytes: &[u8]| {
+            let mut r = io::BufReader::new(bytes);
+            let mut out = RawRow::default();
+            read_frame(&mut r, &mut out, 100, 1000).map(|f| {
+                assert_eq!(f, Frame::Row);
+                out.cells()
+                    .iter()
+                    .map(|c| (c.col, c.text.clone(), c.num))
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Texts only (one check for the row), then with a number whose bytes are not UTF-8
+        // (-1.5: ... F8 BF) and a text of 200 bytes (its length is two bytes): text by text.
+        let mut only_texts = RawRow::default();
+        only_texts.clear(300);
+        only_texts.push(0, CellKind::Text, "Zoë", 0.0);
+        only_texts.push(2, CellKind::Text, "日本語", 0.0);
+        let mut mixed = RawRow::default();
+        mixed.clear(301);
+        mixed.push(0, CellKind::Text, "Zoë", 0.0);
+        mixed.push(1, CellKind::Float, "", -1.5);
+        mixed.push(2, CellKind::Text, &"é".repeat(100), 0.0);
+        for row in [&only_texts, &mixed] {
+            let mut w = RowWriter::new();
+            let mut bytes = Vec::new();
+            encode(&mut w, row);
+            w.finish(&mut bytes).unwrap();
+            let expected: Vec<_> = row
+                .cells()
+                .iter()
+                .map(|c| (c.col, c.text.clone(), c.num))
+                .collect();
+            let max = |b: &[u8]| {
+                let mut r = io::BufReader::new(b);
+                let mut out = RawRow::default();
+                read_frame(&mut r, &mut out, 1000, 1000).map(|_| {
+                    out.cells()
+                        .iter()
+                        .map(|c| (c.col, c.text.clone(), c.num))
+                        .collect::<Vec<_>>()
+                })
+            };
+            assert_eq!(max(&bytes).unwrap(), expected);
+        }
+        // Hand-made frames: row 1, column 0, Text, then the text's length and bytes.
+        let frame = |text_len: u8, rest: &[u8]| {
+            let mut body = vec![1u8, 0, CellKind::Text as u8, text_len];
+            body.extend_from_slice(rest);
+            let mut f = vec![FRAME_ROW];
+            f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            f.extend_from_slice(&body);
+            f
+        };
+        // "é" is C3 A9: a length of 1 ends the text inside it, although the row's bytes
+        // as a whole are UTF-8 ("é" then nothing).
+        assert!(decode(&frame(2, "é".as_bytes())).is_ok());
+        assert!(decode(&frame(1, &[0xC3, 0xA9, 0, 1, 0])).is_err());
+        // Not UTF-8 at all.
+        assert!(decode(&frame(2, &[0xFF, 0x41])).is_err());
     }
 
     #[test]
