@@ -6,10 +6,9 @@
 
 mod common;
 
-use calamine::Reader;
 use common::web::{Server, raw};
 use common::webdriver::Browser;
-use common::{cli, data_sheet, text, write_add_file, write_xlsx};
+use common::{cli, data_sheet, sheet_rows, text, write_add_file, write_xlsx};
 use rollcall::model::Operation;
 
 /// The controls of the page that no label names (by `for`, wrapping or aria-label).
@@ -140,12 +139,7 @@ fn administrator_day() {
     let workbook = fetch(&server, &cookie, &b.attr(&link, "href").unwrap());
     let path = files.path().join("errors.xlsx");
     std::fs::write(&path, workbook).unwrap();
-    let mut wb = calamine::open_workbook_auto(&path).unwrap();
-    let sheet = wb.worksheet_range(&Operation::Add.sheet_name()).unwrap();
-    let rows: Vec<Vec<String>> = sheet
-        .rows()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect();
+    let rows = sheet_rows(&path, &Operation::Add.sheet_name());
     assert_eq!(rows.len(), 4, "{rows:?}");
     assert_eq!(rows[0].last().unwrap(), "Errors");
     assert!(rows[2].last().unwrap().contains("email"), "{rows:?}");

@@ -191,33 +191,16 @@ fn a_first_session_from_the_command_line() {
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("required_missing"), "{}", text(&o));
-    {
-        use calamine::Reader;
-        let mut wb = calamine::open_workbook_auto(&checked).unwrap();
-        let rows = wb.worksheet_range("Add Users").unwrap();
-        let header: Vec<String> = rows
-            .rows()
-            .next()
-            .unwrap()
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
-        assert_eq!(header.first().map(String::as_str), Some("Email"));
-        assert_eq!(
-            header.last().map(String::as_str),
-            Some("Errors"),
-            "{header:?}"
-        );
-        let row: Vec<String> = rows
-            .rows()
-            .nth(1)
-            .unwrap()
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
-        assert_eq!(row[0], "carl@example.com");
-        assert!(row.last().unwrap().contains("Last Name"), "{row:?}");
-    }
+    let rows = sheet_rows(&checked, "Add Users");
+    let (header, row) = (&rows[0], &rows[1]);
+    assert_eq!(header.first().map(String::as_str), Some("Email"));
+    assert_eq!(
+        header.last().map(String::as_str),
+        Some("Errors"),
+        "{header:?}"
+    );
+    assert_eq!(row[0], "carl@example.com");
+    assert!(row.last().unwrap().contains("Last Name"), "{row:?}");
 
     // Deactivating 1 of 2 users is above the tenant's 20%: a typed confirmation first.
     let deact = dir.path().join("deact.csv");

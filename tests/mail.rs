@@ -153,16 +153,6 @@ fn attachment(m: &Value) -> Option<(String, PathBuf)> {
         })
 }
 
-fn sheet_rows(path: &Path, sheet: &str) -> Vec<Vec<String>> {
-    use calamine::Reader;
-    let mut wb = calamine::open_workbook_auto(path).unwrap();
-    let range = wb.worksheet_range(sheet).unwrap();
-    range
-        .rows()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect()
-}
-
 fn tenant(env: &Env) -> db::Tenant {
     let t = db::create_tenant(&env.app.conn, "Acme").unwrap();
     db::set_pool(&env.app.conn, t.id, "Standard", 100).unwrap();

@@ -179,12 +179,7 @@ fn the_example_rules_shape_templates_checks_storage_and_exports() {
         &report,
     )
     .unwrap();
-    let mut wb = calamine::open_workbook_auto(&report).unwrap();
-    let data = wb.worksheet_range("Add Users").unwrap();
-    let rows: Vec<Vec<String>> = data
-        .rows()
-        .map(|r| r.iter().map(|c| c.to_string()).collect())
-        .collect();
+    let rows = sheet_rows(&report, "Add Users");
     assert_eq!(rows[0][11], "Errors");
     assert_eq!(rows[2][9], "x1");
     assert_eq!(rows[2][10], "grace@example.com");

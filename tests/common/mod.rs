@@ -283,6 +283,17 @@ impl Drop for KillOnDrop {
 
 /// Writes an .ods as LibreOffice packs one: the mimetype stored first, `content.xml` with
 /// `tables` (the `<table:table>` elements) in its spreadsheet body, and the manifest.
+/// Every row of `sheet` in the workbook at `path`, each cell as its text.
+pub fn sheet_rows(path: &Path, sheet: &str) -> Vec<Vec<String>> {
+    use calamine::Reader;
+    let mut wb = calamine::open_workbook_auto(path).unwrap();
+    let range = wb.worksheet_range(sheet).unwrap();
+    range
+        .rows()
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect()
+}
+
 pub fn write_ods(path: &Path, tables: &str) {
     use std::io::Write;
     let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
