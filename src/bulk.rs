@@ -337,65 +337,69 @@ fn process_from(
     // Batches the writer is done with come back to be freed (and their room reused) on the
     // thread that allocated their strings: freeing across threads costs the allocator locks.
     let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<Checked>>();
-    let (applied, checked) = std::thread::scope(|scope| {
+    let scoped = std::thread::scope(|scope| -> AppResult<_> {
         let mut stage = stage;
-        let check = scope.spawn(move || {
-            // The writer (this thread) is the one the pass waits for: see `priority`.
-            crate::priority::lower_this_thread();
-            let mut row = RawRow::default();
-            let mut batch = Vec::with_capacity(CHECK_BATCH);
-            let recycled = || {
-                let mut room = None;
-                while let Ok(mut b) = back_rx.try_recv() {
-                    b.clear();
-                    room = Some(b);
-                }
-                room.unwrap_or_else(|| Vec::with_capacity(CHECK_BATCH))
-            };
-            // The first batches are small, so that the writer starts on the first rows
-            // at once; then they grow to `CHECK_BATCH`.
-            let mut limit = FIRST_BATCH;
-            'rows: loop {
-                match reader.next_row(&mut row) {
-                    Ok(true) => {
-                        if let Some(mut c) = checker.check(&row) {
-                            if let Some(st) = stage.as_mut().filter(|s| !s.failed) {
-                                st.proc.push_row(c.row, &checker.values);
-                            } else if !declared.is_empty() {
-                                checker.check_declared(&declared, &mut c);
+        // Named, so that a profile or a panic message says which thread it was.
+        let check = std::thread::Builder::new()
+            .name("check".into())
+            .spawn_scoped(scope, move || {
+                // The writer (this thread) is the one the pass waits for: see `priority`.
+                crate::priority::lower_this_thread();
+                let mut row = RawRow::default();
+                let mut batch = Vec::with_capacity(CHECK_BATCH);
+                let recycled = || {
+                    let mut room = None;
+                    while let Ok(mut b) = back_rx.try_recv() {
+                        b.clear();
+                        room = Some(b);
+                    }
+                    room.unwrap_or_else(|| Vec::with_capacity(CHECK_BATCH))
+                };
+                // The first batches are small, so that the writer starts on the first rows
+                // at once; then they grow to `CHECK_BATCH`.
+                let mut limit = FIRST_BATCH;
+                'rows: loop {
+                    match reader.next_row(&mut row) {
+                        Ok(true) => {
+                            if let Some(mut c) = checker.check(&row) {
+                                if let Some(st) = stage.as_mut().filter(|s| !s.failed) {
+                                    st.proc.push_row(c.row, &checker.values);
+                                } else if !declared.is_empty() {
+                                    checker.check_declared(&declared, &mut c);
+                                }
+                                batch.push(c);
                             }
-                            batch.push(c);
-                        }
-                        if batch.len() >= limit {
-                            limit = (limit * 2).min(CHECK_BATCH);
-                            let full = std::mem::replace(&mut batch, recycled());
-                            for mut ready in checker.through_rules(&mut stage, full, false) {
-                                checker.prepare(&mut ready);
-                                if tx.send(Ok(ready)).is_err() {
-                                    break 'rows;
+                            if batch.len() >= limit {
+                                limit = (limit * 2).min(CHECK_BATCH);
+                                let full = std::mem::replace(&mut batch, recycled());
+                                for mut ready in checker.through_rules(&mut stage, full, false) {
+                                    checker.prepare(&mut ready);
+                                    if tx.send(Ok(ready)).is_err() {
+                                        break 'rows;
+                                    }
                                 }
                             }
                         }
-                    }
-                    Ok(false) => {
-                        for mut ready in checker.through_rules(&mut stage, batch, true) {
-                            checker.prepare(&mut ready);
-                            let _ = tx.send(Ok(ready));
+                        Ok(false) => {
+                            for mut ready in checker.through_rules(&mut stage, batch, true) {
+                                checker.prepare(&mut ready);
+                                let _ = tx.send(Ok(ready));
+                            }
+                            if let Some(st) = stage.take() {
+                                st.proc.finish();
+                            }
+                            checker.out.notes.extend(reader.late_notes());
+                            break;
                         }
-                        if let Some(st) = stage.take() {
-                            st.proc.finish();
+                        Err(f) => {
+                            let _ = tx.send(Err(f));
+                            break;
                         }
-                        checker.out.notes.extend(reader.late_notes());
-                        break;
-                    }
-                    Err(f) => {
-                        let _ = tx.send(Err(f));
-                        break;
                     }
                 }
-            }
-            checker
-        });
+                checker
+            })
+            .map_err(|e| crate::error::AppError::internal("starting the checking thread", e))?;
         let applied = (|| -> AppResult<Option<ReadFailure>> {
             let mut seen = 0u64;
             for msg in rx {
@@ -414,8 +418,9 @@ fn process_from(
             }
             Ok(None)
         })();
-        (applied, check.join())
+        Ok((applied, check.join()))
     });
+    let (applied, checked) = scoped?;
     let checker = checked.map_err(|_| {
         crate::error::AppError::internal("checking rows", "the checking thread failed")
     })?;
