@@ -839,12 +839,51 @@ fn damaged(e: impl std::fmt::Display) -> Fail {
             "The file is damaged: one of its parts does not match its checksum (it was cut short or changed after it was saved). Save it again from your spreadsheet program and upload the new copy.",
         );
     }
+    let text = without_positions(&text);
     fatal(
         "file_damaged",
         format!(
             "The file cannot be read as a spreadsheet ({text}). Save it again from your spreadsheet program and upload the new copy."
         ),
     )
+}
+
+/// A parser's message without the byte offsets it gives (`at 0..0: `, `position 2: `):
+/// they count within a buffer of the parser's own, so they tell an administrator nothing
+/// and only look like a place in the file.
+fn without_positions(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let skipped = ["at ", "position "].iter().find_map(|word| {
+            let after = rest.strip_prefix(word)?;
+            let digits =
+                |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let n = digits(after);
+            if n == 0 {
+                return None;
+            }
+            let mut tail = &after[n..];
+            if let Some(range_end) = tail.strip_prefix("..") {
+                let m = digits(range_end);
+                if m == 0 {
+                    return None;
+                }
+                tail = &range_end[m..];
+            }
+            tail.strip_prefix(": ")
+        });
+        match skipped {
+            // Only at the start of a word: "format 12: " keeps its number.
+            Some(tail) if out.is_empty() || out.ends_with(' ') => rest = tail,
+            _ => {
+                let Some(c) = rest.chars().next() else { break };
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
 }
 
 fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
@@ -1238,6 +1277,40 @@ mod tests {
         assert_eq!(code, "internal");
         assert!(message.contains("src/sheet/worker.rs:42"), "{message}");
         assert_eq!(code_and_message(panic_refusal("x", None)).0, "file_damaged");
+    }
+
+    #[test]
+    fn parser_offsets_are_left_out_of_messages() {
+        for (raw, shown) in [
+            (
+                "Xml error: at 0..0: unrecognized entity `&lol9;`",
+                "Xml error: unrecognized entity `&lol9;`",
+            ),
+            (
+                "Xml attribute error: position 2: attribute value must be enclosed in `\"` or `'`",
+                "Xml attribute error: attribute value must be enclosed in `\"` or `'`",
+            ),
+            ("Expecting at 12..15: x", "Expecting x"),
+            // Not offsets: kept as they are.
+            ("look at 3 cells", "look at 3 cells"),
+            ("number format 12: bad", "number format 12: bad"),
+            ("at ..: x", "at ..: x"),
+            ("at 4..: x", "at 4..: x"),
+            ("thereat 5: x", "thereat 5: x"),
+            ("é at 1..2: ü", "é ü"),
+            ("", ""),
+        ] {
+            assert_eq!(without_positions(raw), shown, "{raw}");
+        }
+        let Fail::Fatal(f) = damaged("Xml error: at 0..0: unrecognized entity `&a;`") else {
+            panic!("a damaged file is a refusal")
+        };
+        assert_eq!(f.code, "file_damaged");
+        assert!(
+            f.message.contains("(Xml error: unrecognized entity `&a;`)"),
+            "{}",
+            f.message
+        );
     }
 
     #[test]
