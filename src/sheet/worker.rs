@@ -848,42 +848,73 @@ fn damaged(e: impl std::fmt::Display) -> Fail {
     )
 }
 
-/// A parser's message without the byte offsets it gives (`at 0..0: `, `position 2: `):
-/// they count within a buffer of the parser's own, so they tell an administrator nothing
-/// and only look like a place in the file.
+/// A parser's message without the byte offsets it gives (`at 0..0`, `at range 3..5`,
+/// `position 2`, `at position 5`): they count within a buffer of the parser's own, so they
+/// tell an administrator nothing and only look like a place in the file. A phrase is taken
+/// out only where it starts a word and ends the message or comes before a colon.
 fn without_positions(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while !rest.is_empty() {
-        let skipped = ["at ", "position "].iter().find_map(|word| {
-            let after = rest.strip_prefix(word)?;
-            let digits =
-                |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-            let n = digits(after);
-            if n == 0 {
-                return None;
+        let word_start = out.is_empty() || out.ends_with(' ') || out.ends_with('(');
+        let phrase = offset_phrase(rest)
+            .filter(|_| word_start)
+            .map(|len| &rest[len..])
+            .filter(|tail| tail.is_empty() || tail.starts_with(": "));
+        if let Some(tail) = phrase {
+            if out.ends_with(' ') {
+                out.pop();
             }
-            let mut tail = &after[n..];
-            if let Some(range_end) = tail.strip_prefix("..") {
-                let m = digits(range_end);
-                if m == 0 {
-                    return None;
-                }
-                tail = &range_end[m..];
+            // "error: at 0..0: text" keeps one colon; "character at range 3..5: text" its own.
+            let opening = out.is_empty() || out.ends_with('(');
+            rest = if opening || out.ends_with(':') {
+                tail.strip_prefix(':').unwrap_or(tail)
+            } else {
+                tail
+            };
+            if opening {
+                rest = rest.trim_start();
             }
-            tail.strip_prefix(": ")
-        });
-        match skipped {
-            // Only at the start of a word: "format 12: " keeps its number.
-            Some(tail) if out.is_empty() || out.ends_with(' ') => rest = tail,
-            _ => {
-                let Some(c) = rest.chars().next() else { break };
-                out.push(c);
-                rest = &rest[c.len_utf8()..];
-            }
+            continue;
         }
+        let Some(c) = rest.chars().next() else { break };
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
     }
+    out.truncate(out.trim_end().len());
     out
+}
+
+/// The length of an offset phrase at the start of `s`, if one is there. A bare `at` needs a
+/// range (`at 3..5`), so prose such as "look at 3: cells" is left alone.
+fn offset_phrase(s: &str) -> Option<usize> {
+    let digits = |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let (after, needs_range) = if let Some(r) = s.strip_prefix("at range ") {
+        (r, true)
+    } else if let Some(r) = s.strip_prefix("at position ") {
+        (r, false)
+    } else if let Some(r) = s.strip_prefix("position ") {
+        (r, false)
+    } else if let Some(r) = s.strip_prefix("at ") {
+        (r, true)
+    } else {
+        return None;
+    };
+    let n = digits(after);
+    if n == 0 {
+        return None;
+    }
+    let mut tail = &after[n..];
+    if let Some(end) = tail.strip_prefix("..") {
+        let m = digits(end);
+        if m == 0 {
+            return None;
+        }
+        tail = &end[m..];
+    } else if needs_range {
+        return None;
+    }
+    Some(s.len() - tail.len())
 }
 
 fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
@@ -1290,17 +1321,43 @@ mod tests {
                 "Xml attribute error: position 2: attribute value must be enclosed in `\"` or `'`",
                 "Xml attribute error: attribute value must be enclosed in `\"` or `'`",
             ),
-            ("Expecting at 12..15: x", "Expecting x"),
+            (
+                "Error while escaping character at range 3..5: Cannot find ';' after '&'",
+                "Error while escaping character: Cannot find ';' after '&'",
+            ),
+            (
+                "duplicated attribute, previous declaration at position 5",
+                "duplicated attribute, previous declaration",
+            ),
+            ("Xml error: at 0..0: ", "Xml error:"),
+            ("at 0..0: x", "x"),
+            ("(at 1..2: x)", "(x)"),
+            ("é at 1..2: ü", "é: ü"),
             // Not offsets: kept as they are.
-            ("look at 3 cells", "look at 3 cells"),
+            ("look at 3: cells", "look at 3: cells"),
+            ("at 1: at 2: x", "at 1: at 2: x"),
             ("number format 12: bad", "number format 12: bad"),
             ("at ..: x", "at ..: x"),
             ("at 4..: x", "at 4..: x"),
-            ("thereat 5: x", "thereat 5: x"),
-            ("é at 1..2: ü", "é ü"),
+            ("thereat 5..6: x", "thereat 5..6: x"),
+            ("at 1..2 cells", "at 1..2 cells"),
             ("", ""),
         ] {
             assert_eq!(without_positions(raw), shown, "{raw}");
+        }
+        // No text makes it panic (every cut is at a character's boundary): all texts of up
+        // to five characters from these.
+        let alphabet = ['a', 't', ' ', '1', '.', ':', 'é', '(', '€', 'p'];
+        let mut texts = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = texts
+                .iter()
+                .flat_map(|t| alphabet.iter().map(move |c| format!("{t}{c}")))
+                .collect();
+            for t in &longer {
+                let _ = without_positions(t);
+            }
+            texts = longer;
         }
         let Fail::Fatal(f) = damaged("Xml error: at 0..0: unrecognized entity `&a;`") else {
             panic!("a damaged file is a refusal")
