@@ -657,6 +657,17 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
     })
 }
 
+/// The slowest of several timings of the same work over the fastest (`None` for fewer
+/// than two, or a timing that is not a positive number).
+fn slowest_over_fastest(secs: &[f64]) -> Option<f64> {
+    if secs.len() < 2 || secs.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return None;
+    }
+    let fastest = secs.iter().copied().fold(f64::INFINITY, f64::min);
+    let slowest = secs.iter().copied().fold(0.0, f64::max);
+    Some(slowest / fastest)
+}
+
 fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
     if o.is_valid() {
         return Ok(());
@@ -773,6 +784,16 @@ pub fn run(
         // What the Lua rules add, per round (validate and validate_rowrule run side by side).
         let lua_per_round =
             round_median(&|i| secs_of("validate_rowrule", i) - secs_of("validate", i));
+        // The bare loops run the libraries alone, the same code in every round: how far their
+        // rounds lie apart is the machine's own scatter during this run.
+        let scatter_of = |stage: &str| {
+            let secs: Vec<f64> = runs
+                .get(stage)
+                .map(|v| v.iter().map(|r| r.secs).collect())
+                .unwrap_or_default();
+            slowest_over_fastest(&secs)
+        };
+        let scatter = [scatter_of("bare_read"), scatter_of("bare_insert")];
         let results: std::collections::HashMap<&str, StageResult> = runs
             .into_iter()
             .filter_map(|(stage, mut v)| {
@@ -830,6 +851,13 @@ pub fn run(
             per_round[0], per_round[1], per_round[2]
         )
         .map_err(w)?;
+        if let [Some(read), Some(insert)] = scatter {
+            writeln!(
+                out,
+                "the machine's scatter in this run (slowest / fastest round of the same bare loop): bare_read {read:.2}x, bare_insert {insert:.2}x; a ratio nearer its goal than that is not settled by this run"
+            )
+            .map_err(w)?;
+        }
         let first = |s: &str| results.get(s).map(|r| r.first_row_secs).unwrap_or(f64::NAN);
         writeln!(
             out,
@@ -886,4 +914,19 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slowest_over_fastest;
+
+    #[test]
+    fn scatter_is_the_slowest_timing_over_the_fastest() {
+        assert_eq!(slowest_over_fastest(&[2.0, 1.0, 1.5]), Some(2.0));
+        assert_eq!(slowest_over_fastest(&[0.5, 0.5]), Some(1.0));
+        assert_eq!(slowest_over_fastest(&[1.0]), None);
+        assert_eq!(slowest_over_fastest(&[]), None);
+        assert_eq!(slowest_over_fastest(&[1.0, 0.0]), None);
+        assert_eq!(slowest_over_fastest(&[1.0, f64::NAN]), None);
+    }
 }

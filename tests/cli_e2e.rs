@@ -350,6 +350,59 @@ fn a_first_session_from_the_command_line() {
 }
 
 #[test]
+fn the_bench_command_times_every_stage_and_prints_the_goals() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("bench");
+    let o = cli(
+        &dir.path().join("data"),
+        &[
+            "bench",
+            "--rows",
+            "30",
+            "--repeat",
+            "2",
+            "--dir",
+            files.to_str().unwrap(),
+        ],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(files.join("add12-30.xlsx").exists(), "{out}");
+    assert!(
+        out.contains("30 rows (median of 2 runs per stage)"),
+        "{out}"
+    );
+    for stage in [
+        "bare_read",
+        "read",
+        "bare_insert",
+        "validate",
+        "validate_rowrule",
+        "apply",
+        "import",
+        "report",
+        "audit",
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(stage))
+            .unwrap_or_else(|| panic!("no line for {stage}: {out}"));
+        // seconds, CPU seconds, rows/second, RSS, worker RSS
+        assert_eq!(line.split_whitespace().count(), 6, "{line}");
+    }
+    for line in [
+        "goals: import/slowest(read, apply) = ",
+        "the same goals, median of each round's own ratio: ",
+        "the machine's scatter in this run (slowest / fastest round of the same bare loop): bare_read ",
+        "audit: import + audit / import = ",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+    // The stages' databases are removed after each run; the generated file is kept.
+    assert!(!files.join("data-import").exists());
+}
+
+#[test]
 fn startup_problems_are_one_sentence() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
