@@ -8,3 +8,4 @@ pub mod report;
 pub mod template;
 mod unzip;
 pub mod worker;
+mod xlsx;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CellKind, RowWriter};
 use super::unzip::Unzipped;
+use super::xlsx;
 use crate::config::Limits;
 use crate::model::META_SHEET;
 
@@ -638,7 +639,7 @@ impl Write for Counter {
 }
 
 /// A cell value on its way out, borrowed from whichever reader produced it.
-enum Value<'a> {
+pub(super) enum Value<'a> {
     Skip,
     Text(&'a str),
     Int(i64),
@@ -918,10 +919,18 @@ fn offset_phrase(s: &str) -> Option<usize> {
 }
 
 fn read_file<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
+    read_file_with(args, out, XlsxReader::Own)
+}
+
+fn read_file_with<W: Write>(
+    args: &WorkerArgs,
+    out: &mut W,
+    reader: XlsxReader,
+) -> Result<(), Fail> {
     let format = detect(&args.path, &args.declared_name, &args.limits)?;
     match format {
         Format::Csv => read_csv(args, out),
-        Format::Xlsx(unzipped) => read_xlsx(args, out, unzipped),
+        Format::Xlsx(unzipped) => read_xlsx(args, out, unzipped, reader),
         Format::Xls => {
             let wb: Xls<_> = calamine::open_workbook(&args.path).map_err(damaged)?;
             let merges = |wb: &Xls<_>, name: &str| wb.merge_cells_by_sheet_name(name).ok();
@@ -979,7 +988,29 @@ fn merged_note(ranges: &[calamine::Dimensions]) -> Option<String> {
     ))
 }
 
-fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, unzipped: Unzipped) -> Result<(), Fail> {
+/// Which reader reads an .xlsx: ours, or calamine's (what ours falls back to; the tests
+/// compare the two).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum XlsxReader {
+    Own,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Calamine,
+}
+
+fn read_xlsx<W: Write>(
+    args: &WorkerArgs,
+    out: &mut W,
+    unzipped: Unzipped,
+    reader: XlsxReader,
+) -> Result<(), Fail> {
+    // Our own reader first; a workbook it cannot follow up to its first row goes to
+    // calamine (see `xlsx`).
+    if reader == XlsxReader::Own
+        && let Ok(mut book) = xlsx::Book::open(unzipped.clone())
+        && let Ok(opened) = open_own(args, &mut book)
+    {
+        return read_xlsx_own(args, out, opened, unzipped);
+    }
     let Some((mut wb, name, mut notes)) = stream_xlsx(args, out, unzipped.clone())? else {
         return Ok(());
     };
@@ -993,6 +1024,97 @@ fn read_xlsx<W: Write>(args: &WorkerArgs, out: &mut W, unzipped: Unzipped) -> Re
         }
     }
     send_notes(out, &notes)
+}
+
+/// A workbook our reader opened, up to its data sheet's first cell.
+struct OpenedOwn<'b> {
+    info: WorkbookInfo,
+    /// The data sheet's name and its cells (`None` when there is no data sheet).
+    cells: Option<(String, xlsx::Cells<'b>)>,
+    date_offset: f64,
+}
+
+fn open_own<'b>(args: &WorkerArgs, book: &'b mut xlsx::Book) -> Result<OpenedOwn<'b>, String> {
+    let sheets = book.sheets.clone();
+    let index_of = |name: &str| sheets.iter().position(|s| s.name == name);
+    let meta = match find_sheet(&sheets, META_SHEET).and_then(|n| index_of(&n)) {
+        Some(i) => Some(book.meta(i)?),
+        None => None,
+    };
+    let data_sheet = find_sheet(&sheets, &args.expected_sheet);
+    let date_offset = if book.is_1904 { 1462.0 } else { 0.0 };
+    let mut info = WorkbookInfo {
+        format: "xlsx".into(),
+        sheets: sheets.clone(),
+        data_sheet: data_sheet.clone(),
+        meta,
+        notes: vec![],
+        estimated_rows: None,
+    };
+    let cells = match data_sheet.and_then(|n| index_of(&n).map(|i| (n, i))) {
+        Some((name, i)) => {
+            let cells = book.cells(i)?;
+            let declared = u64::from(cells.last_row.unwrap_or(0));
+            info.estimated_rows = Some(declared.min(u64::from(args.limits.max_rows)));
+            Some((name, cells))
+        }
+        None => None,
+    };
+    Ok(OpenedOwn {
+        info,
+        cells,
+        date_offset,
+    })
+}
+
+fn read_xlsx_own<W: Write>(
+    args: &WorkerArgs,
+    out: &mut W,
+    opened: OpenedOwn<'_>,
+    unzipped: Unzipped,
+) -> Result<(), Fail> {
+    send_info(out, &opened.info)?;
+    let Some((name, mut cells)) = opened.cells else {
+        return Ok(());
+    };
+    let mut sink = RowSink::new(out, &args.limits);
+    // Formulas are never run: the value the spreadsheet program saved is used, and the
+    // administrator is told how many cells that concerns.
+    let mut formulas = 0u64;
+    let mut first_formula = None;
+    while let Some((r, c, formula)) = cells.next().map_err(damaged)? {
+        if formula && r > 0 {
+            formulas += 1;
+            first_formula.get_or_insert((r, c));
+        }
+        sink.cell(r, c, cells.value(opened.date_offset))?;
+    }
+    sink.finish()?;
+    drop(sink);
+    drop(cells);
+    let mut notes = Vec::new();
+    if let Some((r, c)) = first_formula {
+        notes.push(formula_note(formulas, r, c));
+    }
+    if unzipped.saw_merge() {
+        // Only files that have merged cells read the sheet's merge list (a second pass,
+        // with calamine). A merge list that cannot be read only loses the note.
+        if let Ok(mut wb) = Xlsx::<Unzipped>::new(unzipped)
+            && let Ok(ranges) = wb.merge_cells_by_sheet_name(&name)
+            && let Some(note) = merged_note(&ranges)
+        {
+            notes.push(note);
+        }
+    }
+    send_notes(out, &notes)
+}
+
+fn formula_note(formulas: u64, r: u32, c: u32) -> String {
+    format!(
+        "{formulas} cells hold formulas (the first in row {}, column {}); the values your spreadsheet program last saved were used — formulas are never run",
+        r + 1,
+        crate::model::column_letter(c as usize)
+    )
 }
 
 fn send_notes<W: Write>(out: &mut W, notes: &[String]) -> Result<(), Fail> {
@@ -1055,11 +1177,7 @@ fn stream_xlsx<W: Write>(
     drop(cells);
     let mut notes = Vec::new();
     if let Some((r, c)) = first_formula {
-        notes.push(format!(
-            "{formulas} cells hold formulas (the first in row {}, column {}); the values your spreadsheet program last saved were used — formulas are never run",
-            r + 1,
-            crate::model::column_letter(c as usize)
-        ));
+        notes.push(formula_note(formulas, r, c));
     }
     Ok(Some((wb, name, notes)))
 }
@@ -1283,6 +1401,246 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The frames a read wrote, up to the end frame (which carries the process's peak
+    /// memory), and how the read ended.
+    fn read_with(path: &Path, sheet: &str, reader: XlsxReader) -> (Result<(), String>, Vec<u8>) {
+        let args = WorkerArgs {
+            path: path.to_path_buf(),
+            declared_name: "upload.xlsx".into(),
+            expected_sheet: sheet.into(),
+            limits: Limits::default(),
+        };
+        let mut out = Vec::new();
+        let ended = read_file_with(&args, &mut out, reader).map_err(|f| match f {
+            Fail::Fatal(f) => f.code,
+            Fail::Pipe(e) => e.to_string(),
+        });
+        (ended, out)
+    }
+
+    /// Reads `path` with our reader and with calamine's, checks that ours did read it (no
+    /// fallback), and that both gave the same frames.
+    fn same_both_ways(path: &Path, sheet: &str) -> Vec<u8> {
+        let Format::Xlsx(unzipped) = detect(path, "upload.xlsx", &Limits::default()).unwrap()
+        else {
+            panic!("not an xlsx");
+        };
+        let mut book = xlsx::Book::open(unzipped).unwrap();
+        let args = WorkerArgs {
+            path: path.to_path_buf(),
+            declared_name: "upload.xlsx".into(),
+            expected_sheet: sheet.into(),
+            limits: Limits::default(),
+        };
+        assert!(open_own(&args, &mut book).is_ok(), "our reader fell back");
+        let own = read_with(path, sheet, XlsxReader::Own);
+        let cal = read_with(path, sheet, XlsxReader::Calamine);
+        assert_eq!(own.0, cal.0);
+        if own.1 != cal.1 {
+            let at = own
+                .1
+                .iter()
+                .zip(&cal.1)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let from = at.saturating_sub(60);
+            panic!(
+                "the readers differ at byte {at}:\nown: {:?}\ncalamine: {:?}",
+                String::from_utf8_lossy(&own.1[from..(at + 400).min(own.1.len())]),
+                String::from_utf8_lossy(&cal.1[from..(at + 400).min(cal.1.len())])
+            );
+        }
+        own.1
+    }
+
+    /// A workbook written part by part, as other programs than ours write them: `sheet`
+    /// is the data sheet's XML, `strings` the shared strings', `styles` the styles'.
+    fn handmade(sheet: &str, strings: &str, styles: &str, wb_pr: &str) -> tempfile::NamedTempFile {
+        let rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships";
+        let pkg = "http://schemas.openxmlformats.org/package/2006/relationships";
+        let parts: Vec<(&str, String)> = vec![
+            ("[Content_Types].xml", "<?xml version=\"1.0\"?><Types xmlns=\"http://schemas.openxmlformats.org/package/2006/content-types\"/>".into()),
+            ("_rels/.rels", format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\r\n<Relationships xmlns=\"{pkg}\"><Relationship Id=\"rId1\" Type=\"{rel}/officeDocument\" Target=\"xl/workbook.xml\"/></Relationships>")),
+            ("xl/workbook.xml", format!("<?xml version=\"1.0\"?><workbook xmlns=\"http://schemas.openxmlformats.org/spreadsheetml/2006/main\" xmlns:r=\"{rel}\">{wb_pr}<sheets><sheet name=\"Add Users\" sheetId=\"1\" r:id=\"rId1\"/><sheet name='{META_SHEET}' sheetId=\"2\" state=\"veryHidden\" r:id=\"rId2\"/><sheet name=\"R&amp;D &#233;quipe\" sheetId=\"3\" state=\"hidden\" r:id=\"rId5\"/></sheets></workbook>")),
+            ("xl/_rels/workbook.xml.rels", format!("<Relationships xmlns=\"{pkg}\"><Relationship Id=\"rId1\" Type=\"{rel}/worksheet\" Target=\"worksheets/sheet1.xml\"/><Relationship Id=\"rId2\" Type=\"{rel}/worksheet\" Target=\"/xl/worksheets/sheet2.xml\"/><Relationship Id=\"rId5\" Type=\"{rel}/worksheet\" Target=\"worksheets/sheet3.xml\"/><Relationship Id=\"rId3\" Type=\"{rel}/styles\" Target=\"styles.xml\"/><Relationship Id=\"rId4\" Type=\"{rel}/sharedStrings\" Target=\"sharedStrings.xml\"/></Relationships>")),
+            ("xl/styles.xml", styles.into()),
+            ("xl/sharedStrings.xml", strings.into()),
+            ("xl/worksheets/sheet1.xml", sheet.into()),
+            ("xl/worksheets/sheet2.xml", "<worksheet><sheetData><row r=\"1\"><c r=\"A1\" t=\"inlineStr\"><is><t>operation</t></is></c><c r=\"B1\" t=\"s\"><v>0</v></c></row><row r=\"2\"><c r=\"A2\" t=\"str\"><v>template_version</v></c><c r=\"B2\"><v>3</v></c></row><row r=\"3\"><c r=\"A3\" t=\"str\"><v>column_hash</v></c></row></sheetData></worksheet>".into()),
+            ("xl/worksheets/sheet3.xml", "<worksheet><sheetData/></worksheet>".into()),
+        ];
+        let mut f = tempfile::Builder::new().suffix(".xlsx").tempfile().unwrap();
+        {
+            let mut w = zip::ZipWriter::new(f.as_file_mut());
+            for (name, data) in parts {
+                let o = zip::write::SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Deflated);
+                w.start_file(name, o).unwrap();
+                w.write_all(data.as_bytes()).unwrap();
+            }
+            w.finish().unwrap();
+        }
+        f
+    }
+
+    const STYLES: &str = r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
+<styleSheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><numFmts count="5"><numFmt numFmtId="164" formatCode="yyyy\-mm\-dd"/><numFmt numFmtId="165" formatCode="[h]:mm:ss"/><numFmt numFmtId="166" formatCode="&quot;Day &quot;0"/><numFmt numFmtId="167" formatCode="0.00;[Red]dd"/><numFmt numFmtId="168" formatCode="[$-409]h:mm AM/PM"/></numFmts><fonts count="1"><font><sz val="11"/></font></fonts><cellXfs count="8"><xf numFmtId="0" fontId="0"/><xf numFmtId="14"/><xf numFmtId="164"><alignment wrapText="1"/></xf><xf numFmtId="165"/><xf numFmtId="2"/><xf numFmtId="166"/><xf numFmtId="167"/><xf numFmtId="168"/></cellXfs></styleSheet>"#;
+
+    const STRINGS: &str = "<?xml version=\"1.0\"?>\n<sst xmlns=\"http://schemas.openxmlformats.org/spreadsheetml/2006/main\" count=\"9\" uniqueCount=\"9\">\
+<si><t>add</t></si>\
+<si><t xml:space=\"preserve\">  padded &amp; &lt;kept&gt;  </t></si>\
+<si><t>  trimmed\r\n</t></si>\
+<si><r><rPr><b/></rPr><t>Rich</t></r><r><t xml:space=\"preserve\"> text</t></r><rPh sb=\"0\" eb=\"1\"><t>ルビ</t></rPh></si>\
+<si><t>line_x000D_break _x005F_x000D_ literal &#x1F600; &#233;</t></si>\
+<si><t><![CDATA[<not a tag> & raw]]></t></si>\
+<si/>\
+<si><t/></si>\
+<si><!-- a comment --><t>=1+2</t><?pi inside?></si>\
+</sst>";
+
+    fn sheet_xml(body: &str) -> String {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\r\n<worksheet xmlns=\"http://schemas.openxmlformats.org/spreadsheetml/2006/main\"><dimension ref=\"A1:L40\"/><sheetViews><sheetView workbookViewId=\"0\"/></sheetViews><sheetData>{body}</sheetData><mergeCells count=\"1\"><mergeCell ref=\"B5:C5\"/></mergeCells></worksheet>"
+        )
+    }
+
+    #[test]
+    fn our_xlsx_reader_gives_what_calamine_gives() {
+        let body = concat!(
+            r#"<row r="1" spans="1:12"><c r="A1" t="s"><v>0</v></c><c r="B1" t="s"><v>1</v></c><c r="C1" t="s"><v>2</v></c><c r="D1" t="s"><v>3</v></c><c r="E1" t="s"><v>4</v></c><c r="F1" t="s"><v>5</v></c><c r="G1" t="s"><v>6</v></c><c r="H1" t="s"><v>7</v></c><c r="I1" t="s"><v>8</v></c></row>"#,
+            r#"<row r="2"><c r="A2"><v>42</v></c><c r="B2" s="1"><v>45000</v></c><c r="C2" s="2"><v>45000.5</v></c><c r="D2" s="3"><v>1.25</v></c><c r="E2" s="4"><v>3.14159</v></c><c r="F2" s="5"><v>7</v></c><c r="G2" s="6"><v>8</v></c><c r="H2" s="7"><v>0.75</v></c><c r="I2" s="99"><v>9</v></c><c r="J2" s="x"><v>10</v></c></row>"#,
+            r#"<row r="3"><c r="A3" t="b"><v>1</v></c><c r="B3" t="b"><v>false</v></c><c r="C3" t="e"><v>#DIV/0!</v></c><c r="D3" t="e"><v>#N/A</v></c><c r="E3" t="str"><v>a &amp; b_x000A_c</v></c><c r="F3" t="d"><v>2024-02-29T00:00:00</v></c><c r="G3" t="inlineStr"><is><t> inline </t></is></c><c r="H3" t="inlineStr"><is><r><t>in</t></r><r><t>line</t></r></is><v>ignored</v></c><c r="I3" t="n"><v>-0</v></c></row>"#,
+            r#"<row r="4"><c r="A4"><f>SUM(1,2)</f><v>3</v></c><c r="B4" t="str"><f>"x"&amp;"y"</f><v>xy</v></c><c r="C4" s="1"><f t="shared" ref="C4:C5" si="0">TODAY()</f><v>45001</v></c><c r="D4"/><c r="E4" s="1"/><c r="F4"><v/></c><c r="G4" t="s"><v></v></c><c r="H4"><v>1e3</v></c><c r="I4"><v>.5</v></c><c r="J4"><v>1.</v></c><c r="K4"><v>+7</v></c></row>"#,
+            r#"<row r="5" hidden="1"><c r="A5"><v> 8</v></c><c r="B5"><v>0x10</v></c><c r="C5" s="1"><f t="shared" si="0"/><v>45002</v></c><c r="D5"><v>12345678901234567890</v></c><c r="E5"><v>1E-7</v></c></row>"#,
+            "<row r=\"6\"><c r=\"A6\" t=\"str\"><v>crlf\r\nline\rend</v></c><c r=\"C6\" t='s' ><v>3</v></c><c\n r = \"D6\"\tt=\"inlineStr\"><is><t xml:space=\"preserve\"> keep </t></is></c></row>",
+            r#"<row><c t="s"><v>0</v></c><c><v>2</v></c><c r="E7"><v>5</v></c><c><v>6</v></c></row>"#,
+            r#"<row r="9"/><row><c><v>10</v></c></row>"#,
+            r#"<row r="12"><c r="b12"><v>1</v></c><c r="AA12"><v>2</v></c></row>"#,
+            r#"<row r="30"><c r="L30" t="s"><v>4</v></c></row>"#,
+        );
+        let f = handmade(&sheet_xml(body), STRINGS, STYLES, "");
+        let out = same_both_ways(f.path(), "add users");
+        // The reads did carry the values (not two empty reads).
+        let text = String::from_utf8_lossy(&out);
+        for want in [
+            "padded & <kept>",
+            "Rich text",
+            "line\rbreak _x000D_ literal 😀 é",
+            "<not a tag> & raw",
+            "a & b\nc",
+            "crlf\nline\nend",
+            "rollcall_meta",
+            "R&D équipe",
+            "\"operation\":\"add\"",
+        ] {
+            assert!(text.contains(want), "{want} not in {text}");
+        }
+        // With 1904 dates, and as a namespaced document (`x:` on every element).
+        let f = handmade(
+            &sheet_xml(body),
+            STRINGS,
+            STYLES,
+            "<workbookPr date1904=\"1\"/>",
+        );
+        same_both_ways(f.path(), "Add Users");
+        let prefixed = |xml: &str| {
+            xml.replace("<worksheet xmlns=", "<x:worksheet xmlns:x=")
+                .replace("</worksheet>", "</x:worksheet>")
+                .replace("<sst xmlns=", "<x:sst xmlns:x=")
+                .replace("</sst>", "</x:sst>")
+                .replace("<styleSheet xmlns=", "<x:styleSheet xmlns:x=")
+                .replace("</styleSheet>", "</x:styleSheet>")
+                .replace("<sheetData>", "<x:sheetData>")
+                .replace("</sheetData>", "</x:sheetData>")
+                .replace("<row", "<x:row")
+                .replace("</row>", "</x:row>")
+                .replace("<c ", "<x:c ")
+                .replace("<c>", "<x:c>")
+                .replace("<c\n", "<x:c\n")
+                .replace("</c>", "</x:c>")
+                .replace("<v>", "<x:v>")
+                .replace("<v/>", "<x:v/>")
+                .replace("</v>", "</x:v>")
+                .replace("<si>", "<x:si>")
+                .replace("</si>", "</x:si>")
+                .replace("<si/>", "<x:si/>")
+                .replace("<t>", "<x:t>")
+                .replace("<t ", "<x:t ")
+                .replace("<t/>", "<x:t/>")
+                .replace("</t>", "</x:t>")
+                .replace("<xf ", "<x:xf ")
+                .replace("<cellXfs", "<x:cellXfs")
+                .replace("</cellXfs>", "</x:cellXfs>")
+        };
+        let f = handmade(
+            &prefixed(&sheet_xml(body)),
+            &prefixed(STRINGS),
+            &prefixed(STYLES),
+            "",
+        );
+        same_both_ways(f.path(), "Add Users");
+    }
+
+    #[test]
+    fn our_xlsx_reader_gives_what_calamine_gives_on_the_files_we_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let bench = dir.path().join("bench.xlsx");
+        crate::bench::generate(&bench, 2_000).unwrap();
+        same_both_ways(&bench, "Add Users");
+        for op in crate::model::Operation::ALL {
+            let path = dir.path().join(format!("{op:?}.xlsx"));
+            let lists = crate::sheet::template::TemplateLists {
+                tenant: "Acme <&> \"Ltd\"".into(),
+                teams: vec!["Ops".into(), "=cmd|' /C calc'!A0".into()],
+                pools: vec!["Standard".into()],
+                rules: None,
+            };
+            crate::sheet::template::write_template(op, &lists, &path).unwrap();
+            let out = same_both_ways(&path, &op.sheet_name());
+            assert!(String::from_utf8_lossy(&out).contains("\"meta\":{"));
+        }
+    }
+
+    #[test]
+    fn a_mutated_sheet_never_makes_our_reader_panic() {
+        // Each byte of a row replaced by a character of markup, or dropped: our reader
+        // gives rows or refuses the file as damaged, never anything else.
+        let row = r#"<row r="2"><c r="A2" t="s"><v>1</v></c><c r="B2" s="1"><f>1</f><v>2</v></c><c t="inlineStr"><is><t>x</t></is></c><c r="D2" t="str"><v>a&amp;b</v></c></row>"#;
+        for at in (0..row.len()).step_by(3) {
+            for b in ["<", ">", "\"", "&", "/", ""] {
+                let mut body = row.as_bytes().to_vec();
+                body.splice(at..at + 1, b.bytes());
+                let body = String::from_utf8_lossy(&body);
+                let f = handmade(&sheet_xml(&body), STRINGS, STYLES, "");
+                let (ended, _) = read_with(f.path(), "Add Users", XlsxReader::Own);
+                if let Err(code) = &ended {
+                    let known = ["file_damaged", "too_many_columns", "too_many_rows"];
+                    assert!(known.contains(&code.as_str()), "{body}: {code}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_sheet_is_refused_by_our_reader_as_by_calamine() {
+        for body in [
+            r#"<row r="1"><c r="A1" t="s"><v>99</v></c></row>"#,
+            r#"<row r="1"><c r="A1" t="q"><v>1</v></c></row>"#,
+            r#"<row r="1"><c r="A1" t="b"><v>maybe</v></c></row>"#,
+            r#"<row r="1"><c r="A1" t="e"><v>#OOPS!</v></c></row>"#,
+            r#"<row r="1"><c r="1A"><v>1</v></c></row>"#,
+            r#"<row r="1"><c r="A1" t="str"><v>&lol;</v></c></row>"#,
+            r#"<row r="1"><c r="A1"><x>1</x></c></row>"#,
+            r#"<row r="1"><c r="A1" t="n"><v>abc</v></c></row>"#,
+        ] {
+            let f = handmade(&sheet_xml(body), STRINGS, STYLES, "");
+            let own = read_with(f.path(), "Add Users", XlsxReader::Own);
+            let cal = read_with(f.path(), "Add Users", XlsxReader::Calamine);
+            assert_eq!(own.0, Err("file_damaged".to_string()), "{body}");
+            assert_eq!(own.0, cal.0, "{body}");
+        }
+    }
 
     #[test]
     fn a_panic_in_a_parser_is_a_damaged_file_and_elsewhere_an_internal_error() {
