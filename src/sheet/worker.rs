@@ -1404,15 +1404,18 @@ mod tests {
 
     /// The frames a read wrote, up to the end frame (which carries the process's peak
     /// memory), and how the read ended.
-    fn read_with(path: &Path, sheet: &str, reader: XlsxReader) -> (Result<(), String>, Vec<u8>) {
-        let args = WorkerArgs {
+    fn upload(path: &Path, sheet: &str) -> WorkerArgs {
+        WorkerArgs {
             path: path.to_path_buf(),
             declared_name: "upload.xlsx".into(),
             expected_sheet: sheet.into(),
             limits: Limits::default(),
-        };
+        }
+    }
+
+    fn read_with(path: &Path, sheet: &str, reader: XlsxReader) -> (Result<(), String>, Vec<u8>) {
         let mut out = Vec::new();
-        let ended = read_file_with(&args, &mut out, reader).map_err(|f| match f {
+        let ended = read_file_with(&upload(path, sheet), &mut out, reader).map_err(|f| match f {
             Fail::Fatal(f) => f.code,
             Fail::Pipe(e) => e.to_string(),
         });
@@ -1427,13 +1430,10 @@ mod tests {
             panic!("not an xlsx");
         };
         let mut book = xlsx::Book::open(unzipped).unwrap();
-        let args = WorkerArgs {
-            path: path.to_path_buf(),
-            declared_name: "upload.xlsx".into(),
-            expected_sheet: sheet.into(),
-            limits: Limits::default(),
-        };
-        assert!(open_own(&args, &mut book).is_ok(), "our reader fell back");
+        assert!(
+            open_own(&upload(path, sheet), &mut book).is_ok(),
+            "our reader fell back"
+        );
         let own = read_with(path, sheet, XlsxReader::Own);
         let cal = read_with(path, sheet, XlsxReader::Calamine);
         assert_eq!(own.0, cal.0);

@@ -1007,6 +1007,14 @@ enum Got {
     Error(&'static str),
 }
 
+/// The elements `Cells::next` acts on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Name {
+    Row,
+    Cell,
+    SheetData,
+}
+
 /// A cell's type (its `t`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum T {
@@ -1047,8 +1055,19 @@ impl Cells<'_> {
         }
         loop {
             let tok = self.xml.next()?;
-            match tok {
-                Tok::Start | Tok::Empty if self.xml.local() == b"row" => {
+            // The element's name is looked at once per token (this is the hot loop).
+            let name = match tok {
+                Tok::Text => continue,
+                Tok::Eof => return err("the sheet ends before its last row"),
+                _ => match self.xml.local() {
+                    b"row" => Name::Row,
+                    b"c" => Name::Cell,
+                    b"sheetData" => Name::SheetData,
+                    _ => continue,
+                },
+            };
+            match (tok, name) {
+                (Tok::Start | Tok::Empty, Name::Row) => {
                     if let Some(r) = self.xml.attr(b"r")? {
                         self.row = cell_ref(r).ok_or_else(|| ref_error(r))?.0;
                     }
@@ -1057,18 +1076,15 @@ impl Cells<'_> {
                         self.col = 0;
                     }
                 }
-                Tok::End if self.xml.local() == b"row" => {
+                (Tok::End, Name::Row) => {
                     self.row = self.row.saturating_add(1);
                     self.col = 0;
                 }
-                Tok::Start | Tok::Empty if self.xml.local() == b"c" => {
-                    return self.cell(tok).map(Some);
-                }
-                Tok::End if self.xml.local() == b"sheetData" => {
+                (Tok::Start | Tok::Empty, Name::Cell) => return self.cell(tok).map(Some),
+                (Tok::End, Name::SheetData) => {
                     self.done = true;
                     return Ok(None);
                 }
-                Tok::Eof => return err("the sheet ends before its last row"),
                 _ => {}
             }
         }
