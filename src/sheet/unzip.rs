@@ -1,6 +1,7 @@
-//! The archive calamine reads an .xlsx from: the upload's own parts, presented as a stored
-//! (uncompressed) zip whose bytes are inflated from the upload on demand, as calamine asks
-//! for them — each part once; a large one on a thread of its own, a few chunks ahead of the
+//! The archive an .xlsx is read from (by `xlsx`, or calamine when that falls back): the
+//! upload's own parts, presented as a stored (uncompressed) zip whose bytes are inflated
+//! from the upload on demand, as the reader asks for them (one part may also be read apart,
+//! `part_reader`) — each part once; a large one on a thread of its own, a few chunks ahead of the
 //! parser (`Ahead`).
 //!
 //! Every size limit is checked on the upload's central directory before a byte is inflated
@@ -238,6 +239,30 @@ impl Unzipped {
         s.marks.seen()
     }
 
+    /// A reader of its own for the part named `name` (exactly, else without regard to case
+    /// and slash direction), beside the one the archive is read through: the shared
+    /// strings are read as the cells first need them, while the sheet is being read. The
+    /// part is inflated from its first byte (a large one on a thread of its own), never
+    /// past its declared size, and its checksum is checked at its end. `None` when there
+    /// is no such part.
+    pub fn part_reader(&self, name: &str) -> Option<io::Result<PartReader>> {
+        let s = self.0.borrow();
+        let want = name.replace('\\', "/").to_lowercase();
+        let k = s.parts.iter().position(|p| p.name == name).or_else(|| {
+            s.parts
+                .iter()
+                .position(|p| p.name.replace('\\', "/").to_lowercase() == want)
+        })?;
+        let part = &s.parts[k];
+        Some(s.inflate(k).map(|open| PartReader {
+            reader: open.reader,
+            crc: flate2::Crc::new(),
+            left: part.size,
+            expect: part.crc,
+            name: part.name.clone(),
+        }))
+    }
+
     /// Bytes inflated so far, skipped ones and those inflated ahead of the parser included
     /// (for tests of what is never inflated).
     #[cfg_attr(not(test), allow(dead_code))]
@@ -443,6 +468,46 @@ impl State {
                 }
             }
         }
+    }
+}
+
+/// One part's bytes, read apart from the archive (`Unzipped::part_reader`).
+pub struct PartReader {
+    reader: Box<dyn Read>,
+    crc: flate2::Crc,
+    /// Bytes of the declared size not read yet.
+    left: u64,
+    expect: u32,
+    name: String,
+}
+
+impl Read for PartReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = if want == 0 {
+            0
+        } else {
+            self.reader.read(&mut buf[..want]).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("part {} cannot be inflated: {e}", self.name),
+                )
+            })?
+        };
+        self.crc.update(&buf[..n]);
+        self.left -= n as u64;
+        // At the part's end (or where its data stops short of its claim) the checksum
+        // tells whether the bytes are the ones that were saved; the words are zip's, so a
+        // damaged part reads the same whichever way it was read.
+        if n == 0 && !buf.is_empty() && self.crc.sum() != self.expect {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("Invalid checksum (part {})", self.name),
+            ));
+        }
+        Ok(n)
     }
 }
 
@@ -759,6 +824,74 @@ mod tests {
             Err(Fail::Fatal(e)) => assert_eq!(e.code, "zip_bomb", "{}", e.message),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_part_read_apart_comes_whole_with_its_checksum_checked() {
+        let table: Vec<u8> = (0..50_000u32)
+            .flat_map(|i| {
+                format!("<si><t>s{}</t></si>", i.wrapping_mul(2_654_435_761)).into_bytes()
+            })
+            .collect();
+        assert!(table.len() as u64 > AHEAD_MIN);
+        let sheet = b"<worksheet><sheetData/></worksheet>";
+        let f = archive(&[
+            (
+                "xl/sharedStrings.xml",
+                &table,
+                zip::CompressionMethod::Deflated,
+            ),
+            (
+                "xl/worksheets/sheet1.xml",
+                sheet,
+                zip::CompressionMethod::Stored,
+            ),
+        ]);
+        let u = open(&f, &Limits::default()).unwrap();
+        // Read beside the archive's own reading of another part, in turns.
+        let mut apart = u.part_reader("XL\\SharedStrings.xml").unwrap().unwrap();
+        let mut z = zip::ZipArchive::new(u.clone()).unwrap();
+        let mut other = z.by_name("xl/worksheets/sheet1.xml").unwrap();
+        let (mut got, mut got_other) = (Vec::new(), Vec::new());
+        let mut chunk = [0u8; 1000];
+        loop {
+            let n = apart.read(&mut chunk).unwrap();
+            got.extend_from_slice(&chunk[..n]);
+            let m = other.read(&mut chunk[..7]).unwrap();
+            got_other.extend_from_slice(&chunk[..m]);
+            if n == 0 {
+                break;
+            }
+        }
+        assert!(got == table);
+        assert_eq!(got_other, sheet);
+        assert!(u.part_reader("xl/nothing.xml").is_none());
+
+        // A part whose bytes are not the ones saved (its stored checksum changed here)
+        // fails at its end with zip's words.
+        let bytes = std::fs::read(f.path()).unwrap();
+        let central = bytes
+            .windows(4)
+            .rposition(|w| w == CENTRAL_HEADER.to_le_bytes())
+            .unwrap();
+        // The second central record is the sheet's; the first, the table's.
+        let first = bytes
+            .windows(4)
+            .position(|w| w == CENTRAL_HEADER.to_le_bytes())
+            .unwrap();
+        assert!(first < central);
+        let mut damaged = bytes.clone();
+        damaged[first + 16] ^= 0xFF;
+        let g = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(g.path(), &damaged).unwrap();
+        let mut zip = zip::ZipArchive::new(File::open(g.path()).unwrap()).unwrap();
+        let u = Unzipped::new(&mut zip, File::open(g.path()).unwrap(), &Limits::default()).unwrap();
+        let e = io::copy(
+            &mut u.part_reader("xl/sharedStrings.xml").unwrap().unwrap(),
+            &mut io::sink(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("Invalid checksum"), "{e}");
     }
 
     #[test]

@@ -1089,6 +1089,7 @@ fn read_xlsx_own<W: Write>(
         }
         sink.cell(r, c, cells.value(opened.date_offset))?;
     }
+    cells.finish().map_err(damaged)?;
     sink.finish()?;
     drop(sink);
     drop(cells);
@@ -1599,6 +1600,24 @@ mod tests {
             crate::sheet::template::write_template(op, &lists, &path).unwrap();
             let out = same_both_ways(&path, &op.sheet_name());
             assert!(String::from_utf8_lossy(&out).contains("\"meta\":{"));
+        }
+    }
+
+    #[test]
+    fn shared_strings_are_read_as_the_cells_need_them_and_to_the_end() {
+        // A cell that refers ahead of the strings read so far reads on to its string.
+        let body = r#"<row r="1"><c r="A1" t="s"><v>8</v></c><c r="B1" t="s"><v>0</v></c><c r="C1" t="s"><v>4</v></c></row>"#;
+        let f = handmade(&sheet_xml(body), STRINGS, STYLES, "");
+        let out = same_both_ways(f.path(), "Add Users");
+        assert!(String::from_utf8_lossy(&out).contains("=1+2"));
+        // A damaged string after the last one a cell uses: the file is refused, as when
+        // the table is read first.
+        let strings = STRINGS.replace("<si/>", "<si><t>&bad;</t></si>");
+        let body = r#"<row r="1"><c r="A1" t="s"><v>0</v></c></row>"#;
+        let f = handmade(&sheet_xml(body), &strings, STYLES, "");
+        for reader in [XlsxReader::Own, XlsxReader::Calamine] {
+            let (ended, _) = read_with(f.path(), "Add Users", reader);
+            assert_eq!(ended, Err("file_damaged".to_string()), "{reader:?}");
         }
     }
 

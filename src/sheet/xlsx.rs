@@ -1,16 +1,24 @@
 //! The worker's own reader of an .xlsx workbook's data: its sheets, number formats, shared
 //! strings and the cells of a sheet. The SpreadsheetML that spreadsheet programs write is
-//! found with a scanner (`Xml`) built for it, which takes about a third of the instructions
-//! of the general XML reader calamine uses (docs/BENCHMARKS.md, "the worker's reader").
+//! found with a scanner (`Xml`) built for it, which takes 0.57x the instructions of
+//! calamine's reader on the bench file (docs/BENCHMARKS.md, sixth session of 2026-12-03).
 //!
 //! It gives the values calamine gives, cell for cell; the tests read handmade workbooks
 //! (with what XML and SpreadsheetML allow), generated ones and our templates both ways and
 //! compare. One known difference: a CDATA section in a cell's `<v>` (which no spreadsheet
-//! program writes) is read as its text, where calamine reads nothing. The worker opens a workbook with it
-//! first (`open`); anything this reader cannot follow before the first row (a part it does
-//! not find, a structure it does not expect) sends the file to calamine instead, so an
-//! unusual workbook costs speed, never a refusal. Once rows flow, a problem in the sheet is
-//! the file's: it is reported, with what and where, as calamine's would be.
+//! program writes) is read as its text, where calamine reads nothing.
+//!
+//! The worker opens a workbook with it first (`Book::open`); anything this reader cannot
+//! follow before the first row (a part it does not find, a structure it does not expect)
+//! sends the file to calamine instead, so an unusual workbook costs speed, never a refusal.
+//! Once rows flow, a problem in the sheet is the file's: it is reported, naming what is
+//! wrong, as calamine's would be.
+//!
+//! The shared strings are read as the cells first need them (`Strings`; programs write
+//! them in the order of first use), from a reader of the table's part of its own beside the
+//! sheet's (`Unzipped::part_reader`), so the first row does not wait for the whole table;
+//! after the last cell the rest of the table is read to its end (`Cells::finish`), so a
+//! damaged table is refused as before.
 //!
 //! The scanner holds one token at a time in a window of the part (`MAX_TOKEN` at most), so
 //! memory stays flat whatever the part's size; the parts come through `Unzipped`, with its
@@ -20,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::ops::Range;
 
-use super::unzip::Unzipped;
+use super::unzip::{PartReader, Unzipped};
 use super::worker::{SheetInfo, Value};
 
 /// The most bytes one token (a tag, a text, a comment) may take.
@@ -674,7 +682,91 @@ pub(super) struct Book {
     pub(super) is_1904: bool,
     /// For each cell style: whether it shows numbers as dates or times.
     dates: Vec<bool>,
-    strings: Vec<String>,
+    strings: Strings,
+}
+
+/// The shared-string table, read as far as the cells have needed it so far: programs write
+/// it in the order the strings are first used, so the first row does not wait for the
+/// whole table (a cell that refers further ahead reads on to its string).
+pub(super) struct Strings {
+    list: Vec<String>,
+    /// The table's part (`None`: there is none, or it was read to its end).
+    xml: Option<Xml<PartReader>>,
+    /// The table's closing tag was read: no more strings.
+    read_all: bool,
+    s: String,
+    scratch: String,
+}
+
+impl Strings {
+    /// Opens the table at `path` and reads up to its first string (`None` in the result's
+    /// place: a workbook without one).
+    fn open(unzipped: &Unzipped, path: &str) -> Result<Strings, NotOpened> {
+        let mut strings = Strings {
+            list: Vec::new(),
+            xml: None,
+            read_all: false,
+            s: String::new(),
+            scratch: String::new(),
+        };
+        let Some(reader) = unzipped.part_reader(path) else {
+            return Ok(strings);
+        };
+        let mut xml = Xml::new(reader.map_err(|e| format!("{path}: {e}"))?);
+        loop {
+            match xml.next().map_err(|x| format!("{path}: {x}"))? {
+                Tok::Start if xml.local() == b"sst" => break,
+                Tok::Empty if xml.local() == b"sst" => return Ok(strings),
+                Tok::Eof => return Err(format!("{path} has no string table")),
+                _ => {}
+            }
+        }
+        strings.xml = Some(xml);
+        Ok(strings)
+    }
+
+    /// String `i`, reading on as far as it; `None` when the table has no such string.
+    fn get(&mut self, i: usize) -> Result<Option<&str>, XmlError> {
+        while self.list.len() <= i && !self.read_all {
+            let Some(xml) = self.xml.as_mut() else {
+                break;
+            };
+            match xml.next()? {
+                Tok::Start if xml.local() == b"si" => {
+                    let closing = xml.qname().to_vec();
+                    read_string(xml, &closing, &mut self.s, &mut self.scratch)?;
+                    self.list.push(self.s.as_str().into());
+                }
+                Tok::Empty if xml.local() == b"si" => self.list.push(String::new()),
+                Tok::End if xml.local() == b"sst" => self.read_all = true,
+                Tok::Eof => return err("the string table ends early"),
+                _ => {}
+            }
+        }
+        Ok(self.list.get(i).map(String::as_str))
+    }
+
+    /// Reads what the cells did not need of the table, to the part's end: a damaged table
+    /// is refused as a whole, as it is when it is read first, and its checksum is checked.
+    fn finish(&mut self) -> Result<(), XmlError> {
+        let Some(xml) = self.xml.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            match xml.next()? {
+                Tok::Start if !self.read_all && xml.local() == b"si" => {
+                    let closing = xml.qname().to_vec();
+                    read_string(xml, &closing, &mut self.s, &mut self.scratch)?;
+                }
+                Tok::End if xml.local() == b"sst" => self.read_all = true,
+                Tok::Eof if !self.read_all => return err("the string table ends early"),
+                Tok::Eof => break,
+                _ => {}
+            }
+        }
+        self.xml = None;
+        Ok(())
+    }
 }
 
 /// Why `open` handed the workbook to calamine (for tests; the worker only falls back).
@@ -705,6 +797,7 @@ fn part<'z>(
 impl Book {
     /// Reads the workbook's structure, number formats and shared strings.
     pub(super) fn open(unzipped: Unzipped) -> Result<Book, NotOpened> {
+        let strings = unzipped.clone();
         let mut zip = zip::ZipArchive::new(unzipped).map_err(|e| e.to_string())?;
         fn e(p: &str) -> impl Fn(XmlError) -> String + '_ {
             move |x| format!("{p}: {x}")
@@ -742,7 +835,7 @@ impl Book {
             name
         };
 
-        let strings = Self::read_strings(&mut zip, &format!("{xl}sharedStrings.xml"))?;
+        let strings = Strings::open(&strings, &format!("{xl}sharedStrings.xml"))?;
         let dates = Self::read_styles(&mut zip, &format!("{xl}styles.xml"))?;
 
         // The workbook's relationships: id -> (target, type).
@@ -837,40 +930,6 @@ impl Book {
         })
     }
 
-    fn read_strings(
-        zip: &mut zip::ZipArchive<Unzipped>,
-        path: &str,
-    ) -> Result<Vec<String>, NotOpened> {
-        let Some(f) = part(zip, path)? else {
-            return Ok(Vec::new());
-        };
-        let e = |x: XmlError| format!("{path}: {x}");
-        let mut xml = Xml::new(f);
-        let mut strings = Vec::new();
-        loop {
-            match xml.next().map_err(e)? {
-                Tok::Start | Tok::Empty if xml.local() == b"sst" => break,
-                Tok::Eof => return Err(format!("{path} has no string table")),
-                _ => {}
-            }
-        }
-        let (mut s, mut scratch) = (String::new(), String::new());
-        loop {
-            match xml.next().map_err(e)? {
-                Tok::Start if xml.local() == b"si" => {
-                    let closing = xml.qname().to_vec();
-                    read_string(&mut xml, &closing, &mut s, &mut scratch).map_err(e)?;
-                    strings.push(s.as_str().into());
-                }
-                Tok::Empty if xml.local() == b"si" => strings.push(String::new()),
-                Tok::End if xml.local() == b"sst" => break,
-                Tok::Eof => return Err(format!("{path} ends early")),
-                _ => {}
-            }
-        }
-        Ok(strings)
-    }
-
     fn read_styles(
         zip: &mut zip::ZipArchive<Unzipped>,
         path: &str,
@@ -944,7 +1003,7 @@ impl Book {
         }
         Ok(Cells {
             xml,
-            strings: &self.strings,
+            strings: &mut self.strings,
             dates: &self.dates,
             row: 0,
             col: 0,
@@ -1034,7 +1093,7 @@ fn shorten(v: &str) -> String {
 /// The cells of one sheet, in the order the sheet holds them.
 pub(super) struct Cells<'b> {
     xml: Xml<zip::read::ZipFile<'b, Unzipped>>,
-    strings: &'b [String],
+    strings: &'b mut Strings,
     dates: &'b [bool],
     row: u32,
     col: u32,
@@ -1188,7 +1247,7 @@ impl Cells<'_> {
     }
 
     /// A `<v>`'s text (in `text`) as the cell's type makes it.
-    fn read_v(&self, t: T, typed: bool, date: bool) -> Result<Got, XmlError> {
+    fn read_v(&mut self, t: T, typed: bool, date: bool) -> Result<Got, XmlError> {
         let v = self.text.as_str();
         Ok(match t {
             T::S => {
@@ -1196,7 +1255,7 @@ impl Cells<'_> {
                     return Ok(Got::Skip);
                 }
                 let i = number(v.as_bytes()).unwrap_or(0);
-                if i >= self.strings.len() {
+                if self.strings.get(i)?.is_none() {
                     return err("Cell string index not found in shared strings table");
                 }
                 Got::Shared(i)
@@ -1239,12 +1298,17 @@ impl Cells<'_> {
         })
     }
 
+    /// After the last cell: the rest of the shared-string table is read (`Strings::finish`).
+    pub(super) fn finish(&mut self) -> Result<(), XmlError> {
+        self.strings.finish()
+    }
+
     /// The value of the last cell `next` gave; `date_offset` is added to a date's number
     /// (1462 for a workbook counting from 1904).
     pub(super) fn value(&self, date_offset: f64) -> Value<'_> {
         match &self.got {
             Got::Skip => Value::Skip,
-            Got::Shared(i) => Value::Text(&self.strings[*i]),
+            Got::Shared(i) => Value::Text(self.strings.list.get(*i).map_or("", String::as_str)),
             Got::Text => Value::Text(&self.text),
             Got::DateIso => Value::DateIso(&self.text),
             Got::Number(n, true) => Value::Date(n + date_offset),
