@@ -275,6 +275,30 @@ impl<R: Read> Xml<R> {
         decode_into(&self.buf[self.text.clone()], out, !self.cdata)
     }
 
+    /// When the window holds, at the scanner's position, `open`, then a text without markup,
+    /// then `close` (a cell's usual `<v>12</v></c>`, a string's `<si><t>Ann</t></si>`):
+    /// consumes all of it and gives the text's place for `decode`. The same as reading its
+    /// tokens one by one, in a few byte searches: this is the hot path of a sheet. `None`
+    /// (anything else, or the bytes not all in the window yet) leaves the position as it was.
+    fn take_simple(&mut self, open: &[u8], close: &[u8]) -> Option<Range<usize>> {
+        let rest = &self.buf[self.pos..];
+        if !rest.starts_with(open) {
+            return None;
+        }
+        let lt = open.len() + memchr::memchr(b'<', &rest[open.len()..])?;
+        if !rest[lt..].starts_with(close) {
+            return None;
+        }
+        let text = self.pos + open.len()..self.pos + lt;
+        self.pos += lt + close.len();
+        Some(text)
+    }
+
+    /// Appends the text `take_simple` found, as `text_into` does a text token's.
+    fn decode(&self, text: Range<usize>, out: &mut String) -> Result<(), XmlError> {
+        decode_into(&self.buf[text], out, true)
+    }
+
     /// Skips to the end tag of the element just started (nothing for an empty one).
     fn skip(&mut self, tok: Tok) -> Result<(), XmlError> {
         if tok != Tok::Start {
@@ -497,6 +521,10 @@ fn unescape_ooxml(s: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// What XML counts as white space: what a string's text is trimmed of without
+/// `xml:space="preserve"`.
+const XML_SPACE: [char; 4] = [' ', '\t', '\r', '\n'];
+
 /// Reads a string item (`<si>`, `<is>`) whose start tag was just read, up to its end tag
 /// `closing`: its text, or the text of its runs, without phonetic guides; surrounding
 /// spaces dropped unless `xml:space="preserve"`, Excel's escapes undone.
@@ -531,7 +559,7 @@ fn read_string<R: Read>(
                 let kept = if preserve {
                     scratch.as_str()
                 } else {
-                    scratch.trim_matches([' ', '\t', '\r', '\n'])
+                    scratch.trim_matches(XML_SPACE)
                 };
                 out.push_str(&unescape_ooxml(kept));
             }
@@ -731,6 +759,13 @@ impl Strings {
             let Some(xml) = self.xml.as_mut() else {
                 break;
             };
+            if let Some(text) = xml.take_simple(b"<si><t>", b"</t></si>") {
+                self.scratch.clear();
+                xml.decode(text, &mut self.scratch)?;
+                let kept = self.scratch.trim_matches(XML_SPACE);
+                self.list.push(unescape_ooxml(kept).into_owned());
+                continue;
+            }
             match xml.next()? {
                 Tok::Start if xml.local() == b"si" => {
                     let closing = xml.qname().to_vec();
@@ -753,6 +788,14 @@ impl Strings {
             return Ok(());
         };
         loop {
+            if !self.read_all
+                && let Some(text) = xml.take_simple(b"<si><t>", b"</t></si>")
+            {
+                // Decoded only to be checked: no cell needs it.
+                self.scratch.clear();
+                xml.decode(text, &mut self.scratch)?;
+                continue;
+            }
             match xml.next()? {
                 Tok::Start if !self.read_all && xml.local() == b"si" => {
                     let closing = xml.qname().to_vec();
@@ -1189,6 +1232,14 @@ impl Cells<'_> {
         if tok == Tok::Empty {
             return Ok((pos.0, pos.1, false));
         }
+        if t != T::Inline
+            && let Some(text) = self.xml.take_simple(b"<v>", b"</v></c>")
+        {
+            self.text.clear();
+            self.xml.decode(text, &mut self.text)?;
+            self.took_v(t, typed, date)?;
+            return Ok((pos.0, pos.1, false));
+        }
         loop {
             let tok = self.xml.next()?;
             match tok {
@@ -1228,11 +1279,7 @@ impl Cells<'_> {
                                 }
                             }
                         }
-                        self.got = self.read_v(t, typed, date)?;
-                        if t == T::Str && self.got == Got::Text {
-                            let plain = unescape_ooxml(&self.text).into_owned();
-                            self.text = plain;
-                        }
+                        self.took_v(t, typed, date)?;
                     }
                     other => {
                         let shown = String::from_utf8_lossy(&other[..other.len().min(20)]);
@@ -1244,6 +1291,16 @@ impl Cells<'_> {
             }
         }
         Ok((pos.0, pos.1, formula))
+    }
+
+    /// Takes the `<v>`'s text just read into `text` as the cell's value.
+    fn took_v(&mut self, t: T, typed: bool, date: bool) -> Result<(), XmlError> {
+        self.got = self.read_v(t, typed, date)?;
+        if t == T::Str && self.got == Got::Text {
+            let plain = unescape_ooxml(&self.text).into_owned();
+            self.text = plain;
+        }
+        Ok(())
     }
 
     /// A `<v>`'s text (in `text`) as the cell's type makes it.
@@ -1373,6 +1430,45 @@ mod tests {
             };
             out.push(shown);
         }
+    }
+
+    #[test]
+    fn a_simple_value_is_taken_whole_or_left_to_the_tokens() {
+        // All in the window: taken, and decoded as its text token would be.
+        let mut xml = Xml::new(&b"<v>1&amp;2\r\n</v></c><c/>"[..]);
+        let text = xml.take_simple(b"<v>", b"</v></c>");
+        assert!(text.is_none(), "nothing is read before the first token");
+        xml.more().unwrap();
+        let text = xml.take_simple(b"<v>", b"</v></c>").unwrap();
+        let mut s = String::new();
+        xml.decode(text, &mut s).unwrap();
+        assert_eq!(s, "1&2\n");
+        assert_eq!((xml.next().unwrap(), xml.local()), (Tok::Empty, &b"c"[..]));
+        // Anything else is left where it was, for the tokens.
+        for other in [
+            &b"<v>1</v> </c>"[..],
+            b"<v a='1'>1</v></c>",
+            b"<x:v>1</x:v></x:c>",
+            b"<v>1<!-- -->2</v></c>",
+            b"<v>1</v></c",
+            b"<v>1",
+        ] {
+            let mut xml = Xml::new(other);
+            xml.more().unwrap();
+            assert!(xml.take_simple(b"<v>", b"</v></c>").is_none());
+            assert_eq!(xml.next().unwrap(), Tok::Start, "{other:?}");
+        }
+        // Across the end of the window: left for the tokens, which read on.
+        let mut part = vec![b'x'; CHUNK - 6];
+        part.extend_from_slice(b"<v>12</v></c>");
+        let mut xml = Xml::new(&part[..]);
+        assert_eq!(xml.next().unwrap(), Tok::Text);
+        assert!(xml.take_simple(b"<v>", b"</v></c>").is_none());
+        assert_eq!((xml.next().unwrap(), xml.local()), (Tok::Start, &b"v"[..]));
+        assert_eq!(xml.next().unwrap(), Tok::Text);
+        let mut s = String::new();
+        xml.text_into(&mut s).unwrap();
+        assert_eq!(s, "12");
     }
 
     #[test]
