@@ -395,9 +395,20 @@ fn the_bench_command_times_every_stage_and_prints_the_goals() {
         "the same goals, median of each round's own ratio: ",
         "the machine's scatter in this run (slowest / fastest round of the same bare loop): bare_read ",
         "audit: import + audit / import = ",
+        "before the writer's first rows: ",
     ] {
         assert!(out.contains(line), "{line}: {out}");
     }
+    // Both writing stages timed their first batch (a stage that never wrote one would show 0).
+    let first = out
+        .lines()
+        .find(|l| l.starts_with("before the writer's first rows: "))
+        .unwrap();
+    let secs: Vec<f64> = first
+        .split(' ')
+        .filter_map(|w| w.parse::<f64>().ok())
+        .collect();
+    assert!(secs.len() >= 2 && secs[0] > 0.0 && secs[1] > 0.0, "{first}");
     // The stages' databases are removed after each run; the generated file is kept.
     assert!(!files.join("data-import").exists());
 }
