@@ -244,7 +244,8 @@ fn open_app(data_dir: &Path) -> AppResult<App> {
 }
 
 /// A fresh data directory with the bench tenant, its teams, a pool large enough and its
-/// rules (loaded and audited before anything is timed, as a running server has them).
+/// rules (loaded and audited, the entry appended to the log, before anything is timed, as a
+/// running server has them: a stage must not append the setup's entries).
 fn prepare(data_dir: &Path, rows: usize, rules: BenchRules) -> AppResult<App> {
     let _ = std::fs::remove_dir_all(data_dir);
     let app = open_app(data_dir)?;
@@ -258,6 +259,7 @@ fn prepare(data_dir: &Path, rows: usize, rules: BenchRules) -> AppResult<App> {
     std::fs::write(dir.join("bench.lua"), bench_rules(rules))
         .map_err(|e| AppError::internal("bench rules", e))?;
     service::active_rules(&app, &t)?;
+    service::flush_audit(&app)?;
     // Only what the timed part does counts.
     use std::sync::atomic::Ordering::Relaxed;
     crate::sheet::reader::MAX_WORKER_PEAK_KIB.store(0, Relaxed);

@@ -108,14 +108,31 @@ pub fn submit(
     opts: &JobOptions,
     not_before: Option<&str>,
 ) -> AppResult<(i64, i64)> {
+    let ids = submit_to_run(app, tenant, op, stored, file_name, opts, not_before)?;
+    service::flush_audit(app)?;
+    wake(&app.data);
+    Ok(ids)
+}
+
+/// `submit` for the process that holds the worker lock and runs the queue next
+/// (`service::import`): the submission's audit entries wait in the outbox, committed with
+/// it, for the flush after the job, which appends them with the job's (one fsync'd append
+/// before the first row instead of two), and no worker needs waking.
+pub fn submit_to_run(
+    app: &App,
+    tenant: &db::Tenant,
+    op: Operation,
+    stored: &StoredFile,
+    file_name: &str,
+    opts: &JobOptions,
+    not_before: Option<&str>,
+) -> AppResult<(i64, i64)> {
     let tx = app.conn.unchecked_transaction()?;
     let ids = submit_in(
         &tx, &app.actor, tenant, op, stored, file_name, opts, not_before,
     )?;
     notify_if_awaiting(app, &tx, ids.1)?;
     tx.commit()?;
-    service::flush_audit(app)?;
-    wake(&app.data);
     Ok(ids)
 }
 

@@ -756,8 +756,18 @@ pub fn import(
         getting_started: opts.getting_started,
         default_pool: opts.default_pool.clone(),
     };
-    let (upload_id, job_id) =
-        scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;
+    // The worker lock is tried before submitting: when this process will run the queue
+    // itself, the submission is recorded without an audit append of its own (the job's
+    // flush appends it), so fewer fsyncs stand between the upload and its first row.
+    let mut held = scheduler::WorkerLock::try_take(&app.data)?;
+    if held.is_some() {
+        scheduler::recover(app)?;
+    }
+    let (upload_id, job_id) = if held.is_some() {
+        scheduler::submit_to_run(app, tenant, op, &stored, file_name, &job_opts, None)?
+    } else {
+        scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?
+    };
     let run_opts = scheduler::RunOptions {
         results_workbook: opts.results_workbook,
         flush_audit: opts.flush_audit,
@@ -765,8 +775,19 @@ pub fn import(
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut ran = None;
     loop {
-        if let Some(lock) = scheduler::WorkerLock::try_take(&app.data)? {
-            scheduler::recover(app)?;
+        // The lock taken above (recovered already), or taken now that another worker has
+        // stopped (what it left comes first).
+        let lock = match held.take() {
+            Some(lock) => Some(lock),
+            None => {
+                let lock = scheduler::WorkerLock::try_take(&app.data)?;
+                if lock.is_some() {
+                    scheduler::recover(app)?;
+                }
+                lock
+            }
+        };
+        if let Some(lock) = lock {
             while !scheduler::is_finished(&app.conn, job_id)? {
                 let Some(next) = scheduler::next_job(&app.conn)? else {
                     break;
@@ -806,6 +827,11 @@ pub fn import(
             progress(p.rows_done);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The submission's audit entries when no run appended them (a job left awaiting
+    // approval): appended before the import reports. (Nothing to do after a run's flush.)
+    if opts.flush_audit {
+        flush_audit(app)?;
     }
     let (state, error): (String, Option<String>) = app.conn.query_row(
         "SELECT state, error FROM jobs WHERE id = ?1",

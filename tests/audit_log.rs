@@ -298,8 +298,8 @@ fn an_append_cut_by_a_crash_resumes_exactly_once() {
     };
     assert_eq!(
         service::flush_audit(&env.app).unwrap(),
-        8,
-        "upload, 6 users, job result"
+        9,
+        "submission, upload, 6 users, job result"
     );
     let full = std::fs::read_to_string(&audit::files(&dir(&env)).unwrap()[0]).unwrap();
     // The crash: the file got the first four entries and half of the fifth; the outbox rows
@@ -320,8 +320,11 @@ fn an_append_cut_by_a_crash_resumes_exactly_once() {
     let again = std::fs::read_to_string(&audit::files(&dir(&env)).unwrap()[0]).unwrap();
     assert_eq!(again, full, "the same entries, each once");
     assert_eq!(verdict(&env), None);
-    // A second flush with nothing queued appends nothing.
+    // A second flush with nothing queued appends nothing, and changes nothing in the
+    // database either (no commit of an unchanged anchor).
+    let changes = conn.total_changes();
     assert_eq!(service::flush_audit(&env.app).unwrap(), 0);
+    assert_eq!(conn.total_changes(), changes);
     let n: i64 = conn
         .query_row("SELECT count(*) FROM audit_outbox", [], |r| r.get(0))
         .unwrap();

@@ -719,6 +719,24 @@ fn large_deactivations_need_a_typed_confirmation_and_deletes_can_need_a_second_a
     )
     .unwrap();
     assert_eq!(r.state, "awaiting_approval");
+    // No run appended its submission to the audit log; the import did before returning.
+    let queued: i64 = env
+        .app
+        .conn
+        .query_row("SELECT count(*) FROM audit_outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(queued, 0);
+    let log: String = rollcall::audit::files(&env.app.data.audit_dir())
+        .unwrap()
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let submitted = format!("\"target\":\"job {}\"", r.job_id);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"job.submitted\"") && l.contains(&submitted)),
+        "{log}"
+    );
     let e = scheduler::approve(&env.app, r.job_id).unwrap_err();
     assert!(e.to_string().contains("second administrator"), "{e}");
     env.app.actor = "console:bob".into();
