@@ -80,6 +80,60 @@ fn configure(conn: &Connection, cfg: &DatabaseConfig) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Commits on a connection without waiting for the disk, until `restore` (or drop): with
+/// `synchronous = NORMAL` a WAL-mode commit is written to the log but not fsync'd, and the
+/// next commit made in FULL mode syncs it together with its own. The database stays
+/// consistent across a power cut either way; only commits made meanwhile can be lost.
+///
+/// Used for the records an import makes before its job's pass, when this process runs the
+/// job at once (`service::import`): the pass's commit makes them durable, and a power cut
+/// before it loses a job that nobody was told about, never part of one.
+pub struct Unsynced<'c> {
+    conn: &'c Connection,
+    restored: bool,
+}
+
+impl<'c> Unsynced<'c> {
+    pub fn begin(conn: &'c Connection) -> AppResult<Unsynced<'c>> {
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Unsynced {
+            conn,
+            restored: false,
+        })
+    }
+
+    /// Back to waiting for the disk at every commit (the house setting, see `open`), for
+    /// a caller whose next commit makes what was committed meanwhile durable.
+    pub fn restore(mut self) -> AppResult<()> {
+        self.restored = true;
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(())
+    }
+
+    /// `restore`, and what was committed meanwhile is made durable now: the write-ahead log
+    /// (the database's file with `-wal` appended, where those commits are) is fsync'd.
+    pub fn sync(self) -> AppResult<()> {
+        let wal = self.conn.path().map(|p| format!("{p}-wal"));
+        self.restore()?;
+        if let Some(wal) = wal.filter(|w| Path::new(w).exists()) {
+            std::fs::File::open(&wal)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| AppError::internal("syncing the database's log", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Unsynced<'_> {
+    fn drop(&mut self) {
+        if !self.restored
+            && let Err(e) = self.conn.pragma_update(None, "synchronous", "FULL")
+        {
+            eprintln!("rollcall: cannot set the database back to synced commits: {e}");
+        }
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StartupError> {
     let fail = |e: rusqlite::Error| StartupError::Database {
         path: path.to_path_buf(),

@@ -24,7 +24,7 @@ use crate::config::DataDir;
 use crate::db;
 use crate::error::{AppError, AppResult};
 use crate::model::Operation;
-use crate::service::{self, App, StoredFile};
+use crate::service::{self, App, PendingSync, StoredFile};
 use crate::sheet::reader::Starting;
 use crate::sheet::report;
 
@@ -532,15 +532,43 @@ pub fn progress(data: &DataDir, job_id: i64) -> Option<Progress> {
     serde_json::from_slice(&text).ok()
 }
 
+/// What `service::import` prepared for a job it runs at once, while it recorded the job.
+/// `Ahead::default()` for a job run from the queue.
+#[derive(Default)]
+pub struct Ahead<'c> {
+    /// A file worker already started on the job's stored file.
+    pub worker: Option<Starting>,
+    /// The stored file's fsyncs, still running: the job's outcome is committed after them.
+    pub stored: Option<PendingSync>,
+    /// The job was recorded without waiting for the disk: its 'running' commit is made so
+    /// too, then the connection waits for the disk again; the pass's commit syncs them all.
+    pub unsynced: Option<db::Unsynced<'c>>,
+}
+
+impl Ahead<'_> {
+    /// Undoes what was prepared, for a job that does not run now: the worker stops, the
+    /// connection waits for the disk again, and the job's records and its stored file are
+    /// on disk on return.
+    pub fn settle(self) -> AppResult<()> {
+        drop(self.worker);
+        // The file first: a job that names it is durable only after it.
+        let stored = self.stored.map_or(Ok(()), PendingSync::wait);
+        match self.unsynced {
+            Some(u) if stored.is_ok() => u.sync(),
+            // Set back to synced commits in any case (on drop).
+            _ => stored,
+        }
+    }
+}
+
 /// Runs one queued job: validates and applies its file in one transaction.
 ///
-/// `started` is a file worker already started on the job's stored file (by `import`, while
-/// it recorded the job), or `None`.
+/// `ahead` holds what `import` prepared for it (see `Ahead`).
 pub fn run_job(
     app: &App,
     job_id: i64,
     run: RunOptions,
-    started: Option<Starting>,
+    mut ahead: Ahead<'_>,
     on_effect: &mut EffectSink<'_>,
     on_rows: &mut dyn FnMut(u64),
 ) -> AppResult<Option<JobRun>> {
@@ -551,13 +579,18 @@ pub fn run_job(
         params![job_id, started_at],
     )?;
     if n == 0 {
+        drop(tx);
+        ahead.settle()?;
         return Ok(None);
     }
     notify_started(app, &tx, job_id, &started_at)?;
     tx.commit()?;
+    if let Some(u) = ahead.unsynced.take() {
+        u.restore()?;
+    }
     // Whatever goes wrong from here, the job must not stay 'running' (it would be retried
     // for ever and hold up the queue): it fails with the reason, its transaction undone.
-    match run_started(app, job_id, run, started, on_effect, on_rows) {
+    match run_started(app, job_id, run, ahead, on_effect, on_rows) {
         Ok(r) => Ok(Some(r)),
         Err(e) => {
             let _ = std::fs::remove_file(app.data.progress_file(job_id));
@@ -586,7 +619,7 @@ fn run_started(
     app: &App,
     job_id: i64,
     run: RunOptions,
-    started: Option<Starting>,
+    ahead: Ahead<'_>,
     on_effect: &mut EffectSink<'_>,
     on_rows: &mut dyn FnMut(u64),
 ) -> AppResult<JobRun> {
@@ -664,7 +697,7 @@ fn run_started(
             rules: service::rules_input(app, rules.as_ref(), &db_path),
             default_pool: opts.default_pool.as_deref(),
         },
-        started,
+        ahead.worker,
         on_effect,
         &mut |rows| {
             on_rows(rows);
@@ -674,6 +707,10 @@ fn run_started(
             pf.update(rows, false);
         },
     );
+    // Nothing of the job is committed before its file is on disk.
+    if let Some(s) = ahead.stored {
+        s.wait()?;
+    }
     let outcome = outcome?;
     let actor = submitted_by;
     let ev = |action: &'static str, target: String, details: serde_json::Value| Event {
@@ -1014,7 +1051,7 @@ pub fn run_or_wait(app: &App, job_id: i64) -> AppResult<(String, Option<String>)
                     app,
                     next,
                     RunOptions::default(),
-                    None,
+                    Ahead::default(),
                     &mut |_, _, _| {},
                     &mut |_| {},
                 )?;
@@ -1222,13 +1259,20 @@ pub fn work(
             Some(id) => {
                 send_mail(app);
                 let run = if Some(id) == watch {
-                    run_job(app, id, RunOptions::default(), None, on_effect, on_rows)?
+                    run_job(
+                        app,
+                        id,
+                        RunOptions::default(),
+                        Ahead::default(),
+                        on_effect,
+                        on_rows,
+                    )?
                 } else {
                     run_job(
                         app,
                         id,
                         RunOptions::default(),
-                        None,
+                        Ahead::default(),
                         &mut |_, _, _| {},
                         &mut |_| {},
                     )?

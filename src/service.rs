@@ -148,8 +148,60 @@ pub struct StoredFile {
     pub path: PathBuf,
 }
 
-/// Copies an upload into the data directory under its content hash (once per content).
+/// Copies an upload into the data directory under its content hash (once per content),
+/// on disk before this returns.
 pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<StoredFile> {
+    let (tmp, copy, hashed) = copy_hashed(data, src)?;
+    let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
+    let stored = copy
+        .sync_all()
+        .map_err(internal)
+        .and_then(|()| place(data, &tmp, hashed.sha256, hashed.size, file_name))
+        .and_then(|(stored, names)| names.sync().map_err(internal).map(|()| stored));
+    let _ = fs::remove_file(&tmp);
+    stored
+}
+
+/// `store_upload` without waiting for the disk: the copy is in place under its hash when
+/// this returns, and its fsyncs (the file's, then its folder's) run on a thread meanwhile.
+/// For an import that runs its job at once (`import`): nothing may commit the job's
+/// outcome before `PendingSync::wait` has returned.
+pub fn store_upload_unsynced(
+    data: &DataDir,
+    src: &Path,
+    file_name: &str,
+) -> AppResult<(StoredFile, PendingSync)> {
+    let (tmp, copy, hashed) = copy_hashed(data, src)?;
+    drop(copy);
+    let placed = place(data, &tmp, hashed.sha256, hashed.size, file_name);
+    let _ = fs::remove_file(&tmp);
+    let (stored, mut names) = placed?;
+    names.file = Some(stored.path.clone());
+    let sync = std::thread::Builder::new()
+        .name("store-sync".into())
+        .spawn(move || names.sync())
+        .map_err(|e| AppError::internal("storing the upload", e))?;
+    Ok((stored, PendingSync(sync)))
+}
+
+/// The fsyncs of an upload stored by `store_upload_unsynced`, running on a thread.
+pub struct PendingSync(std::thread::JoinHandle<std::io::Result<()>>);
+
+impl PendingSync {
+    /// Waits until the stored file and its name are on disk.
+    pub fn wait(self) -> AppResult<()> {
+        match self.0.join() {
+            Ok(done) => done.map_err(|e| AppError::internal("storing the upload", e)),
+            Err(_) => Err(AppError::internal(
+                "storing the upload",
+                "the thread writing it to disk failed",
+            )),
+        }
+    }
+}
+
+/// Copies `src` into a new file in `tmp/`, hashing the bytes written (see `hash_through`).
+fn copy_hashed(data: &DataDir, src: &Path) -> AppResult<(PathBuf, fs::File, Hashed)> {
     // The hash is taken of the very bytes written to the copy, in the same pass: a file still
     // changing cannot end up stored under the hash of other content.
     let read = |e: std::io::Error| AppError::Usage(format!("cannot read {}: {e}", src.display()));
@@ -160,14 +212,17 @@ pub fn store_upload(data: &DataDir, src: &Path, file_name: &str) -> AppResult<St
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     ));
     let mut input = fs::File::open(src).map_err(read)?;
-    let stored = (|| {
-        let mut f = fs::File::create(&tmp).map_err(internal)?;
+    let copied = fs::File::create(&tmp).map_err(internal).and_then(|mut f| {
         let hashed = hash_through(&mut input, &mut f, read, internal)?;
-        f.sync_all().map_err(internal)?;
-        place(data, &tmp, hashed.sha256, hashed.size, file_name)
-    })();
-    let _ = fs::remove_file(&tmp);
-    stored
+        Ok((f, hashed))
+    });
+    match copied {
+        Ok((f, hashed)) => Ok((tmp, f, hashed)),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// Stores a file received into the data directory's `tmp/` (a web upload's body) under its
@@ -180,7 +235,11 @@ pub fn store_received(
     hashed: Hashed,
     file_name: &str,
 ) -> AppResult<StoredFile> {
-    place(data, received, hashed.sha256, hashed.size, file_name)
+    let (stored, names) = place(data, received, hashed.sha256, hashed.size, file_name)?;
+    names
+        .sync()
+        .map_err(|e| AppError::internal("storing the upload", e))?;
+    Ok(stored)
 }
 
 /// The SHA-256 (hex) and size of a file's bytes.
@@ -240,15 +299,21 @@ fn hash_through(
     Ok(h.finish())
 }
 
-/// Moves `tmp` (its bytes on disk already, hashed to `sha256`) to its place under
-/// `uploads/`, unless that content is stored already.
+/// Moves `tmp` (hashed to `sha256`) to its place under `uploads/`, unless that content is
+/// stored there already; returns the names to sync before a job may name the file (the
+/// caller syncs them: at once, or on a thread while the job starts).
+///
+/// A stored copy is reused only if its bytes still hash to its name: a power cut between a
+/// rename and the fsyncs of an import that was cut short with it (see
+/// `store_upload_unsynced`) can leave a damaged file under the name, which the next upload
+/// of that content replaces.
 fn place(
     data: &DataDir,
     tmp: &Path,
     sha256: String,
     size: u64,
     file_name: &str,
-) -> AppResult<StoredFile> {
+) -> AppResult<(StoredFile, NamesToSync)> {
     let internal = |e: std::io::Error| AppError::internal("storing the upload", e);
     let ext = Path::new(file_name)
         .extension()
@@ -257,20 +322,52 @@ fn place(
         .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
         .unwrap_or_else(|| "bin".into());
     let path = data.upload_file(&sha256, &ext);
-    if !path.exists() {
-        let sync_dir = |d: &Path| fs::File::open(d).and_then(|f| f.sync_all());
-        let dir = path.parent().unwrap_or(Path::new("."));
+    let mut names = NamesToSync::default();
+    if !holds(&path, &sha256, size) {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let new_dir = !dir.exists();
-        fs::create_dir_all(dir).map_err(internal)?;
+        fs::create_dir_all(&dir).map_err(internal)?;
         fs::rename(tmp, &path).map_err(internal)?;
         // The new names reach the disk before a job can name the file: a power cut after
         // the job's commit must not lose the rename (nor the folder it went into).
-        sync_dir(dir).map_err(internal)?;
         if new_dir && let Some(parent) = dir.parent() {
-            sync_dir(parent).map_err(internal)?;
+            names.dirs.push(parent.to_path_buf());
         }
+        names.dirs.insert(0, dir);
     }
-    Ok(StoredFile { sha256, size, path })
+    Ok((StoredFile { sha256, size, path }, names))
+}
+
+/// Whether `path` holds `size` bytes that hash to `sha256`.
+fn holds(path: &Path, sha256: &str, size: u64) -> bool {
+    if fs::metadata(path).map(|m| m.len()).ok() != Some(size) {
+        return false;
+    }
+    let failed = |e: std::io::Error| AppError::internal("checking a stored upload", e);
+    fs::File::open(path)
+        .ok()
+        .and_then(|mut f| hash_through(&mut f, std::io::sink(), failed, failed).ok())
+        .is_some_and(|h| h.sha256 == sha256)
+}
+
+/// What must reach the disk before a job names a stored file: the file's bytes (when they
+/// were not synced before the rename), then the folders' entries.
+#[derive(Default)]
+struct NamesToSync {
+    file: Option<PathBuf>,
+    dirs: Vec<PathBuf>,
+}
+
+impl NamesToSync {
+    fn sync(self) -> std::io::Result<()> {
+        if let Some(f) = &self.file {
+            fs::File::open(f)?.sync_all()?;
+        }
+        for d in &self.dirs {
+            fs::File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 /// Appends the queued audit entries to the log (fsync'd); returns how many.
@@ -744,11 +841,6 @@ pub fn import(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<ImportResult> {
-    let stored = store_upload(&app.data, file, file_name)?;
-    // The file's worker opens the file while the job is recorded and started. (A worker
-    // that cannot start here is started again, and its reason told, when the job runs.)
-    let mut started =
-        SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
     let job_opts = scheduler::JobOptions {
         acknowledge_warnings: opts.acknowledge_warnings,
         confirm: opts.confirm.clone(),
@@ -756,17 +848,38 @@ pub fn import(
         getting_started: opts.getting_started,
         default_pool: opts.default_pool.clone(),
     };
-    // The worker lock is tried before submitting: when this process will run the queue
-    // itself, the submission is recorded without an audit append of its own (the job's
-    // flush appends it), so fewer fsyncs stand between the upload and its first row.
+    // The worker lock is tried first: whether this process runs the job at once decides
+    // how the job is recorded.
     let mut held = scheduler::WorkerLock::try_take(&app.data)?;
     if held.is_some() {
         scheduler::recover(app)?;
     }
-    let (upload_id, job_id) = if held.is_some() {
-        scheduler::submit_to_run(app, tenant, op, &stored, file_name, &job_opts, None)?
+    let app: &App = app;
+    let (upload_id, job_id, mut ahead) = if held.is_some() {
+        // This process runs the job now, so nothing waits for the disk before its pass: the
+        // file's fsyncs run on a thread, the job is recorded and started without syncing,
+        // and the file's worker opens the file meanwhile. The pass's commit waits for all
+        // of it (see `scheduler::Ahead`). The submission's audit entry waits in the outbox
+        // for the flush after the run.
+        let (stored, sync) = store_upload_unsynced(&app.data, file, file_name)?;
+        // (A worker that cannot start here is started again, and its reason told, when the
+        // job runs.)
+        let worker =
+            SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
+        let unsynced = db::Unsynced::begin(&app.conn)?;
+        let (upload_id, job_id) =
+            scheduler::submit_to_run(app, tenant, op, &stored, file_name, &job_opts, None)?;
+        let ahead = scheduler::Ahead {
+            worker,
+            stored: Some(sync),
+            unsynced: Some(unsynced),
+        };
+        (upload_id, job_id, Some(ahead))
     } else {
-        scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?
+        let stored = store_upload(&app.data, file, file_name)?;
+        let (upload_id, job_id) =
+            scheduler::submit(app, tenant, op, &stored, file_name, &job_opts, None)?;
+        (upload_id, job_id, None)
     };
     let run_opts = scheduler::RunOptions {
         results_workbook: opts.results_workbook,
@@ -793,17 +906,20 @@ pub fn import(
                     break;
                 };
                 let run = if next == job_id {
-                    let started = started.take();
-                    scheduler::run_job(app, next, run_opts, started, on_effect, progress)?
+                    let ahead = ahead.take().unwrap_or_default();
+                    scheduler::run_job(app, next, run_opts, ahead, on_effect, progress)?
                 } else {
                     // Jobs are ahead of this one: the worker started for it would wait
-                    // (its wall-clock limit running) for as long as they take.
-                    started = None;
+                    // (its wall-clock limit running) for as long as they take, and they
+                    // commit as usual.
+                    if let Some(a) = ahead.take() {
+                        a.settle()?;
+                    }
                     scheduler::run_job(
                         app,
                         next,
                         scheduler::RunOptions::default(),
-                        None,
+                        scheduler::Ahead::default(),
                         &mut |_, _, _| {},
                         &mut |_| {},
                     )?
@@ -812,6 +928,10 @@ pub fn import(
                     ran = run;
                 }
             }
+            // The job did not run (it awaits approval, or its time has not come).
+            if let Some(a) = ahead.take() {
+                a.settle()?;
+            }
             // This process is the worker for now: it sends the job's messages.
             scheduler::send_mail(app);
             drop(lock);
@@ -819,7 +939,6 @@ pub fn import(
             break;
         }
         // Another process is the worker: follow the job's progress until it ends.
-        started = None;
         if scheduler::is_finished(&app.conn, job_id)? {
             break;
         }

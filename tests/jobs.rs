@@ -1324,3 +1324,103 @@ fn uploads_are_stored_under_the_hash_of_their_bytes() {
     assert_eq!(known.path, stored.path);
     assert!(received.exists());
 }
+
+/// `PRAGMA synchronous` of the app's connection: 2 is FULL (every commit waits for the disk).
+fn synchronous(env: &Env) -> i64 {
+    env.app
+        .conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn an_import_run_at_once_leaves_its_file_and_its_records_on_disk_and_commits_synced_again() {
+    use sha2::Digest;
+    let (mut env, t) = setup();
+    assert_eq!(synchronous(&env), 2);
+    let header = "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\n";
+    let text = format!("{header}a@example.com,A,B,,,Learner,,Standard\n");
+    // Applied: the stored copy holds the bytes under their hash, nothing is left in tmp/,
+    // and the connection waits for the disk again.
+    let r = import_csv(&mut env, &t, Operation::Add, "a.csv", &text);
+    assert!(r.applied, "{:?}", r.error);
+    assert_eq!(synchronous(&env), 2);
+    let (path, sha): (String, String) = env
+        .app
+        .conn
+        .query_row(
+            "SELECT stored_path, file_sha256 FROM uploads WHERE id = ?1",
+            [r.upload_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let stored = std::fs::read(&path).unwrap();
+    assert_eq!(stored, text.as_bytes());
+    assert_eq!(sha, hex::encode(sha2::Sha256::digest(&stored)));
+    let left: Vec<_> = std::fs::read_dir(env.app.data.tmp_dir()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Refused (a file with errors): the same.
+    let bad = format!("{header}not-an-email,A,B,,,Learner,,Standard\n");
+    let r = import_csv(&mut env, &t, Operation::Add, "bad.csv", &bad);
+    assert!(!r.applied);
+    assert_eq!(r.state, "failed");
+    assert_eq!(synchronous(&env), 2);
+
+    // Left awaiting approval (it does not run): the same, and its submission is recorded.
+    let mut s = db::tenant_settings(&env.app.conn, t.id).unwrap();
+    s.require_approval = true;
+    db::set_tenant_settings(&env.app.conn, t.id, &s).unwrap();
+    let r = import_csv(
+        &mut env,
+        &t,
+        Operation::Deactivate,
+        "d.csv",
+        "Email,Reason\na@example.com,\n",
+    );
+    assert_eq!(r.state, "awaiting_approval");
+    assert_eq!(synchronous(&env), 2);
+    assert_eq!(state(&env, r.job_id), "awaiting_approval");
+
+    // Behind a job queued earlier: that one runs first, then this one.
+    let earlier = submit(&env, &t, &add_file(&env, "earlier.xlsx", 100, 3), None);
+    let r = import_csv(
+        &mut env,
+        &t,
+        Operation::Add,
+        "later.csv",
+        &format!("{header}b@example.com,A,B,,,Learner,,Standard\n"),
+    );
+    assert!(r.applied, "{:?}", r.error);
+    assert_eq!(state(&env, earlier), "succeeded");
+    assert_eq!(synchronous(&env), 2);
+}
+
+#[test]
+fn a_damaged_stored_copy_is_replaced_by_the_next_upload_of_its_content() {
+    let env = Env::new();
+    let p = env.path("a.csv");
+    std::fs::write(&p, "Email\nx@example.com\n").unwrap();
+    let stored = service::store_upload(&env.app.data, &p, "a.csv").unwrap();
+    // What a power cut between a rename and its fsync can leave: the name, other bytes.
+    for damage in [&b""[..], &b"Email\nx@example.con\n"[..]] {
+        std::fs::write(&stored.path, damage).unwrap();
+        let again = service::store_upload(&env.app.data, &p, "a.csv").unwrap();
+        assert_eq!(again.path, stored.path);
+        assert_eq!(
+            std::fs::read(&again.path).unwrap(),
+            b"Email\nx@example.com\n"
+        );
+    }
+    // The same through the import's path (the fsyncs on a thread).
+    std::fs::write(&stored.path, b"").unwrap();
+    let (again, sync) = service::store_upload_unsynced(&env.app.data, &p, "a.csv").unwrap();
+    sync.wait().unwrap();
+    assert_eq!(again.path, stored.path);
+    assert_eq!(
+        std::fs::read(&again.path).unwrap(),
+        b"Email\nx@example.com\n"
+    );
+    let left: Vec<_> = std::fs::read_dir(env.app.data.tmp_dir()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
