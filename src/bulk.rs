@@ -999,7 +999,11 @@ impl Image<'_> {
 fn json_str(out: &mut String, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
-    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+    // Without an early exit: every byte is looked at, many per instruction.
+    let plain = bytes.iter().fold(true, |plain, &b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
         out.push('"');
         out.push_str(s);
         out.push('"');
@@ -1022,6 +1026,23 @@ fn json_str(out: &mut String, s: &str) {
     }
     out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Whether every byte is printable ASCII (a space to `~`), as nearly all of a roster's text
+/// is. Without an early exit, so that the compiler looks at many bytes per instruction.
+fn printable_ascii(s: &[u8]) -> bool {
+    s.iter()
+        .fold(true, |ok, &b| ok & (b.wrapping_sub(0x20) < 0x5f))
+}
+
+/// `str::trim`, without its character-by-character look at both ends when they are
+/// visible ASCII characters (nearly always).
+fn trim(s: &str) -> &str {
+    let b = s.as_bytes();
+    match (b.first(), b.last()) {
+        (Some(f), Some(l)) if f.is_ascii_graphic() && l.is_ascii_graphic() => s,
+        _ => s.trim(),
+    }
 }
 
 fn json_opt_str(out: &mut String, s: Option<&str>) {
@@ -1092,6 +1113,11 @@ struct Checked {
     errors: u64,
 }
 
+/// The maps a pass looks up for every row (teams, pools, the emails seen so far). Their
+/// hasher is seeded at random per process, as the standard one is, and several times
+/// faster on short keys.
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 /// The checks of a row that need no database: normalisation, required cells, formats,
 /// choices, lengths and duplicates within the file. It runs on its own thread, ahead of the
 /// `Validator` that looks users up and writes, so the two share the work across cores.
@@ -1100,14 +1126,14 @@ struct Checker {
     cols: std::sync::Arc<[Column]>,
     limits: crate::config::Limits,
     tenant: Tenant,
-    teams: HashMap<String, (i64, String)>,
+    teams: FastMap<String, (i64, String)>,
     pools: Vec<PoolState>,
-    pool_index: HashMap<String, usize>,
+    pool_index: FastMap<String, usize>,
     /// The pool rows with an empty Licence Pool cell take (index into `pools`).
     default_pool: Option<usize>,
     /// Emails claimed by a row of the file (Email, and New Email in updates):
     /// lowercased email -> (row, whether that row was flagged as duplicate already).
-    seen: HashMap<Box<str>, (u32, bool)>,
+    seen: FastMap<Box<str>, (u32, bool)>,
     out: Outcome,
     norms: BTreeMap<(usize, &'static str), Normalisation>,
     values: Vec<String>,
@@ -1117,7 +1143,7 @@ struct Checker {
     /// Make each new user's records ahead (`RowValues::prepared`): adding, in apply mode.
     prepare_creates: bool,
     /// Team names by id and the custom columns' names by number, for those records.
-    team_names: HashMap<i64, String>,
+    team_names: FastMap<i64, String>,
     custom_names: Vec<String>,
     /// Scratch for the lowercased key of a team or pool looked up.
     lower: String,
@@ -1235,7 +1261,10 @@ impl Checker {
                 continue;
             }
             match cell.kind {
-                CellKind::Text if EXCEL_ERRORS.contains(&cell.text.trim()) => {
+                CellKind::Text
+                    if cell.text.trim_start().starts_with('#')
+                        && EXCEL_ERRORS.contains(&cell.text.trim()) =>
+                {
                     // An error value pasted or echoed as text is still not a value.
                     let t = cell.text.trim().to_string();
                     self.problem(Severity::Error, Some(row), Some(c), Some(&t), "cell_error", format!("The cell shows the spreadsheet error {t}. Replace it with a value (a formula's result may be broken)."));
@@ -1249,7 +1278,7 @@ impl Checker {
                     } else {
                         t.as_str().into()
                     };
-                    let trimmed = cleaned.trim();
+                    let trimmed = trim(&cleaned);
                     if has_nbsp {
                         self.note(c, "non-breaking space replaced by a space", row, || {
                             format!("{t:?} -> {trimmed:?}")
@@ -1315,7 +1344,7 @@ impl Checker {
         for c in 0..n {
             let v = &self.values[c];
             // ASCII text (nearly all of it) has no control character but C0 and DEL.
-            if v.is_ascii() && !v.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            if printable_ascii(v.as_bytes()) {
                 continue;
             }
             if let Some(bad) = v.chars().find(|ch| ch.is_control()) {
@@ -1864,11 +1893,11 @@ struct Validator<'c> {
     cols: std::sync::Arc<[Column]>,
     limits: crate::config::Limits,
     tenant: Tenant,
-    teams: HashMap<String, (i64, String)>,
+    teams: FastMap<String, (i64, String)>,
     /// Team names by id (the after-images name the team).
-    team_names: HashMap<i64, String>,
+    team_names: FastMap<i64, String>,
     pools: Vec<PoolState>,
-    pool_index: HashMap<String, usize>,
+    pool_index: FastMap<String, usize>,
     /// The pool chosen for the file (index into `pools`), when one was and it exists.
     default_pool: Option<usize>,
     find_user: Statement<'c>,
@@ -1905,13 +1934,13 @@ impl<'c> Validator<'c> {
         limits: &crate::config::Limits,
         sheet: String,
     ) -> AppResult<Validator<'c>> {
-        let teams: HashMap<String, (i64, String)> = db::list_teams(conn, req.tenant.id)?
+        let teams: FastMap<String, (i64, String)> = db::list_teams(conn, req.tenant.id)?
             .into_iter()
             .map(|t| (db::norm(&t.name), (t.id, t.name)))
             .collect();
         let team_names = teams.values().map(|(id, n)| (*id, n.clone())).collect();
         let mut pools = Vec::new();
-        let mut pool_index = HashMap::new();
+        let mut pool_index = FastMap::default();
         for p in db::list_pools(conn, req.tenant.id)? {
             pool_index.insert(db::norm(&p.name), pools.len());
             pools.push(PoolState {
@@ -2009,7 +2038,7 @@ impl<'c> Validator<'c> {
                 .collect(),
             pool_index: self.pool_index.clone(),
             default_pool: self.default_pool,
-            seen: HashMap::new(),
+            seen: FastMap::default(),
             out,
             norms: BTreeMap::new(),
             values: vec![String::new(); self.cols.len()],
@@ -2623,7 +2652,7 @@ impl<'c> Validator<'c> {
 
 /// The names of a row's team and pool, borrowed (none, and "", when it names none).
 fn team_and_pool<'a>(
-    team_names: &'a HashMap<i64, String>,
+    team_names: &'a FastMap<i64, String>,
     pools: &'a [PoolState],
     rv: &RowValues,
 ) -> (Option<&'a str>, &'a str) {
