@@ -665,16 +665,32 @@ fn rules_check(
     Ok(ok)
 }
 
+/// The helper processes' command lines (`rollcall __read-worker ARGS`, `rollcall
+/// __rules-worker`), recognised before the full command line is parsed: a pass starts one
+/// or two of them, and building the whole command tree would only delay their first answer.
+/// `None` for any other command line (which `Cli::parse` then takes).
+pub fn run_helper(args: &[std::ffi::OsString]) -> Option<i32> {
+    match args {
+        [_, cmd, json] if cmd == "__read-worker" => Some(run_read_worker(json.to_str()?)),
+        [_, cmd] if cmd == "__rules-worker" => Some(crate::rules::worker::run()),
+        _ => None,
+    }
+}
+
+fn run_read_worker(args_json: &str) -> i32 {
+    match serde_json::from_str(args_json) {
+        Ok(args) => crate::sheet::worker::run(&args),
+        Err(e) => {
+            eprintln!("rollcall: bad worker arguments: {e}");
+            2
+        }
+    }
+}
+
 /// Runs a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> i32 {
     if let Command::ReadWorker { args_json } = &cli.command {
-        return match serde_json::from_str(args_json) {
-            Ok(args) => crate::sheet::worker::run(&args),
-            Err(e) => {
-                eprintln!("rollcall: bad worker arguments: {e}");
-                2
-            }
-        };
+        return run_read_worker(args_json);
     }
     if let Command::RulesWorker = &cli.command {
         return crate::rules::worker::run();
@@ -1990,6 +2006,35 @@ impl Progress {
     fn done(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_helper;
+    use std::ffi::OsString;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn only_a_helpers_exact_command_line_skips_the_parser() {
+        // Bad arguments: the read worker says so and exits 2, reading nothing.
+        assert_eq!(
+            run_helper(&args(&["rollcall", "__read-worker", "{not json"])),
+            Some(2)
+        );
+        for other in [
+            &["rollcall"][..],
+            &["rollcall", "tenant", "list"],
+            &["rollcall", "__read-worker"],
+            &["rollcall", "__read-worker", "{}", "extra"],
+            &["rollcall", "__rules-worker", "extra"],
+            &["rollcall", "--data-dir", "d", "__rules-worker"],
+        ] {
+            assert_eq!(run_helper(&args(other)), None, "{other:?}");
         }
     }
 }

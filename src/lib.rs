@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bulk;
 pub mod cli;
 pub mod config;
+pub mod confine;
 pub mod db;
 pub mod error;
 pub mod inbox;

@@ -13,9 +13,9 @@
 pub const HELPER_NICE: i32 = 3;
 
 /// Lowers the calling thread's priority by `HELPER_NICE`. On Linux a nice value belongs to
-/// one thread, so the rest of the process keeps its own; in a `pre_exec` hook (between fork
-/// and exec) it lowers the helper process about to start. Both calls are plain system calls,
-/// async-signal-safe; a failure leaves the priority as it was, which is harmless.
+/// one thread, so the rest of the process keeps its own; threads it starts afterwards
+/// inherit it (a helper process calls it first thing: `confine`). A failure leaves the
+/// priority as it was, which is harmless.
 pub fn lower_this_thread() {
     // SAFETY: getpriority and setpriority on the calling thread (who = 0) read and change
     // only its scheduling weight.

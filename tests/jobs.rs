@@ -1226,8 +1226,21 @@ fn nice_of(stat: &str) -> i32 {
     rest.split(' ').nth(16).unwrap().parse().unwrap()
 }
 
+/// One line of /proc/PID/limits: (soft, hard) of the limit named `name`.
+fn limit_of(pid: u32, name: &str) -> (String, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+    let mut fields = line[name.len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_string(),
+        fields.next().unwrap().to_string(),
+    )
+}
+
+/// The helpers confine themselves once started (no hook runs between fork and exec): checked
+/// after each has answered, so the limits are known to be in place.
 #[test]
-fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
+fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     use rollcall::priority::HELPER_NICE;
     let (env, _t) = setup();
     let setup = reader_setup(&env);
@@ -1235,16 +1248,28 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
     let expected = (ours + HELPER_NICE).min(19);
     const { assert!(HELPER_NICE > 0) };
 
-    // The file's worker.
+    // The file's worker, once it has sent the workbook's description (the pipe holds the
+    // 20 rows: it may have finished, unreaped, which keeps its /proc entry).
     let a = env.path("n.xlsx");
     rollcall::bench::generate(&a, 20).unwrap();
     let sheet = Operation::Add.sheet_name();
     let started =
         rollcall::sheet::reader::SheetReader::start(&setup, &a, "n.xlsx", &sheet).unwrap();
-    assert_eq!(nice_of(&format!("/proc/{}/stat", started.pid())), expected);
-    drop(started);
+    let pid = started.pid();
+    let reader = started.open().unwrap();
+    assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
+    let mem = (setup.limits.worker_memory_mib * 1024 * 1024).to_string();
+    assert_eq!(limit_of(pid, "Max address space"), (mem.clone(), mem));
+    let cpu = setup.limits.worker_cpu_seconds.to_string();
+    assert_eq!(limit_of(pid, "Max cpu time"), (cpu.clone(), cpu));
+    assert_eq!(limit_of(pid, "Max file size"), ("0".into(), "0".into()));
+    assert_eq!(
+        limit_of(pid, "Max core file size"),
+        ("0".into(), "0".into())
+    );
+    drop(reader);
 
-    // The rules worker.
+    // The rules worker, once it has loaded the (no) scripts.
     let p = rollcall::rules::client::RulesProcess::start(
         &setup,
         &[],
@@ -1255,6 +1280,13 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer() {
     )
     .unwrap_or_else(|_| panic!("the rules worker did not start"));
     assert_eq!(nice_of(&format!("/proc/{}/stat", p.pid())), expected);
+    let (soft, hard) = limit_of(p.pid(), "Max address space");
+    assert_eq!(soft, hard);
+    assert!(soft.parse::<u64>().unwrap() > setup.limits.rules_memory_mib * 1024 * 1024);
+    assert_eq!(
+        limit_of(p.pid(), "Max core file size"),
+        ("0".into(), "0".into())
+    );
     p.finish();
 
     // The checking thread lowers only itself: the thread that writes keeps its priority.

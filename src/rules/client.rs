@@ -3,7 +3,7 @@
 //! becomes a `RuleFailure` naming what happened; the parent carries on.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -133,7 +133,15 @@ impl RulesProcess {
             .into_iter()
             .map(|c| c.header.to_string())
             .collect();
+        let run_seconds = setup.limits.rules_seconds.max(1);
+        // The worker confines itself on reading this (see `crate::confine`).
+        let confinement = crate::confine::Confinement {
+            memory_bytes: (limits.memory_mib + WORKER_OVERHEAD_MIB).saturating_mul(1024 * 1024),
+            cpu_seconds: run_seconds + 5,
+            may_write_files: true,
+        };
         let init = WorkerInit {
+            confinement,
             scripts: scripts.to_vec(),
             context: context.clone(),
             op,
@@ -142,35 +150,12 @@ impl RulesProcess {
             database,
             tenant_id,
         };
-        let mem = (limits.memory_mib + WORKER_OVERHEAD_MIB).saturating_mul(1024 * 1024);
-        let run_seconds = setup.limits.rules_seconds.max(1);
-        let cpu = run_seconds + 5;
         let mut cmd = Command::new(&setup.worker_exe);
         cmd.arg(worker::WORKER_SUBCOMMAND)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear();
-        // SAFETY: only async-signal-safe calls (setrlimit, setpriority) run between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let set = |res, v: u64| {
-                    let l = libc::rlimit {
-                        rlim_cur: v as libc::rlim_t,
-                        rlim_max: v as libc::rlim_t,
-                    };
-                    if libc::setrlimit(res, &l) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                };
-                set(libc::RLIMIT_AS, mem)?;
-                set(libc::RLIMIT_CPU, cpu)?;
-                set(libc::RLIMIT_CORE, 0)?;
-                crate::priority::lower_this_thread();
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().map_err(|e| {
             StartError::Failed(internal(format!(
                 "the rules process could not be started ({}: {e})",

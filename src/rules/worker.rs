@@ -29,6 +29,8 @@ pub const WORKER_SUBCOMMAND: &str = "__rules-worker";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WorkerInit {
+    /// The limits the worker puts on itself before it loads a script.
+    pub confinement: crate::confine::Confinement,
     pub scripts: Vec<Script>,
     pub context: Context,
     pub op: Operation,
@@ -293,6 +295,10 @@ pub fn run() -> i32 {
             return 2;
         }
     };
+    if let Err(e) = init.confinement.apply() {
+        eprintln!("rules worker: cannot limit its memory and time: {e}");
+        return 2;
+    }
     let state = CallState::new();
     let locations: RuleLocations = Arc::new(Mutex::new(Vec::new()));
     start_watchdog(state.clone(), locations.clone(), out.clone(), init.limits);

@@ -3,7 +3,7 @@
 //! allocation, a time-out) into one `ReadFailure` an administrator can act on.
 
 use std::io::{BufReader, Read};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -181,8 +181,8 @@ impl SheetReader {
         };
         let args_json = serde_json::to_string(&args)
             .map_err(|e| failure("internal", format!("cannot start the reader: {e}")))?;
-        let mem = limits.worker_memory_mib.saturating_mul(1024 * 1024);
-        let cpu = limits.worker_cpu_seconds;
+        // The worker limits itself first thing (`confine`): with nothing to run between
+        // fork and exec, the process starts without copying this one (vfork-like spawn).
         let mut cmd = Command::new(&setup.worker_exe);
         cmd.arg(WORKER_SUBCOMMAND)
             .arg(args_json)
@@ -190,17 +190,6 @@ impl SheetReader {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear();
-        // SAFETY: only async-signal-safe calls (setrlimit, setpriority) run between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                set_limit(libc::RLIMIT_AS, mem)?;
-                set_limit(libc::RLIMIT_CPU, cpu)?;
-                set_limit(libc::RLIMIT_CORE, 0)?;
-                set_limit(libc::RLIMIT_FSIZE, 0)?;
-                crate::priority::lower_this_thread();
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().map_err(|e| {
             failure(
                 "internal",
@@ -463,16 +452,15 @@ pub fn human_bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: value as libc::rlim_t,
-        rlim_max: value as libc::rlim_t,
-    };
-    // SAFETY: setrlimit only reads the struct we pass.
-    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// The limits the file's worker puts on itself before it opens the file (see `confine`):
+/// its address space (`worker_memory_mib`), CPU seconds (`worker_cpu_seconds`), no file
+/// written.
+pub(crate) fn confinement(limits: &Limits) -> crate::confine::Confinement {
+    crate::confine::Confinement {
+        memory_bytes: limits.worker_memory_mib.saturating_mul(1024 * 1024),
+        cpu_seconds: limits.worker_cpu_seconds,
+        may_write_files: false,
     }
-    Ok(())
 }
 
 /// A 1 MiB pipe lets the worker run ahead of a briefly busy parent.

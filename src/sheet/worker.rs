@@ -124,7 +124,18 @@ pub fn run(args: &WorkerArgs) -> i32 {
             *at = Some((l.file().to_string(), l.line()));
         }
     }));
-    let result =
+    // The limits first, before the file is opened (see `crate::confine`).
+    let confined = super::reader::confinement(&args.limits)
+        .apply()
+        .map_err(|e| {
+            fatal(
+                "internal",
+                format!(
+                    "The file reader could not limit its memory and time ({e}); nothing was read."
+                ),
+            )
+        });
+    let result = confined.and_then(|()| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_file(args, &mut out)))
             .unwrap_or_else(|payload| {
                 let what = payload
@@ -134,7 +145,8 @@ pub fn run(args: &WorkerArgs) -> i32 {
                     .unwrap_or_else(|| "no reason given".into());
                 let at = PANIC_AT.lock().ok().and_then(|mut a| a.take());
                 Err(panic_refusal(&what, at))
-            });
+            })
+    });
     let written = match result {
         Ok(()) => codec::write_end(&mut out),
         Err(Fail::Fatal(f)) => {
