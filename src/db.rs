@@ -80,14 +80,18 @@ fn configure(conn: &Connection, cfg: &DatabaseConfig) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Commits on a connection without waiting for the disk, until `restore` (or drop): with
-/// `synchronous = NORMAL` a WAL-mode commit is written to the log but not fsync'd, and the
-/// next commit made in FULL mode syncs it together with its own. The database stays
-/// consistent across a power cut either way; only commits made meanwhile can be lost.
+/// Commits on a connection without waiting for the disk, until `restore` or `sync` (a guard
+/// dropped without either syncs): with `synchronous = NORMAL` a WAL-mode commit is written
+/// to the log but not fsync'd, and the next commit made in FULL mode syncs it together with
+/// its own. The database stays consistent across a power cut either way; only commits made
+/// meanwhile can be lost.
 ///
 /// Used for the records an import makes before its job's pass, when this process runs the
 /// job at once (`service::import`): the pass's commit makes them durable, and a power cut
-/// before it loses a job that nobody was told about, never part of one.
+/// before it loses a job that nobody was told about, never part of one. (Another commit,
+/// of this process or another, may make them durable before the upload's own fsyncs are
+/// done; a job whose stored copy a power cut then damaged fails when it runs, saying so:
+/// `scheduler::run_job` checks the copy against its hash.)
 pub struct Unsynced<'c> {
     conn: &'c Connection,
     restored: bool,
@@ -103,33 +107,46 @@ impl<'c> Unsynced<'c> {
     }
 
     /// Back to waiting for the disk at every commit (the house setting, see `open`), for
-    /// a caller whose next commit makes what was committed meanwhile durable.
+    /// a caller whose next commit makes what was committed meanwhile durable. (Should the
+    /// setting fail, the guard is still held and its `Drop` tries again, with the sync.)
     pub fn restore(mut self) -> AppResult<()> {
-        self.restored = true;
         self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.restored = true;
         Ok(())
     }
 
     /// `restore`, and what was committed meanwhile is made durable now: the write-ahead log
     /// (the database's file with `-wal` appended, where those commits are) is fsync'd.
-    pub fn sync(self) -> AppResult<()> {
-        let wal = self.conn.path().map(|p| format!("{p}-wal"));
-        self.restore()?;
-        if let Some(wal) = wal.filter(|w| Path::new(w).exists()) {
-            std::fs::File::open(&wal)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| AppError::internal("syncing the database's log", e))?;
-        }
-        Ok(())
+    pub fn sync(mut self) -> AppResult<()> {
+        let synced = sync_now(self.conn);
+        self.restored = synced.is_ok();
+        synced
     }
 }
 
+/// Synced commits again, and the write-ahead log fsync'd (see `Unsynced::sync`).
+fn sync_now(conn: &Connection) -> AppResult<()> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    if let Some(wal) = conn
+        .path()
+        .map(|p| format!("{p}-wal"))
+        .filter(|w| Path::new(w).exists())
+    {
+        std::fs::File::open(&wal)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| AppError::internal("syncing the database's log", e))?;
+    }
+    Ok(())
+}
+
+/// A guard dropped without `restore` or `sync` (an error on the way) syncs: the commits made
+/// meanwhile are durable before the caller reports anything.
 impl Drop for Unsynced<'_> {
     fn drop(&mut self) {
         if !self.restored
-            && let Err(e) = self.conn.pragma_update(None, "synchronous", "FULL")
+            && let Err(e) = sync_now(self.conn)
         {
-            eprintln!("rollcall: cannot set the database back to synced commits: {e}");
+            eprintln!("rollcall: cannot make the database's last commits durable: {e}");
         }
     }
 }
@@ -557,6 +574,31 @@ pub fn user_counts(conn: &Connection, tenant_id: i64) -> AppResult<HashMap<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unsynced_guard_ends_in_synced_commits_however_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("t.db"), &DatabaseConfig::default()).unwrap();
+        let sync = |c: &Connection| -> i64 {
+            c.pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(sync(&conn), 2);
+        let g = Unsynced::begin(&conn).unwrap();
+        assert_eq!(sync(&conn), 1);
+        g.restore().unwrap();
+        assert_eq!(sync(&conn), 2);
+        Unsynced::begin(&conn).unwrap().sync().unwrap();
+        assert_eq!(sync(&conn), 2);
+        // Dropped on an error's way out: synced commits again.
+        {
+            let _g = Unsynced::begin(&conn).unwrap();
+            conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+                .unwrap();
+            assert_eq!(sync(&conn), 1);
+        }
+        assert_eq!(sync(&conn), 2);
+    }
 
     #[test]
     fn migrates_and_refuses_newer() {

@@ -563,7 +563,9 @@ impl Ahead<'_> {
 
 /// Runs one queued job: validates and applies its file in one transaction.
 ///
-/// `ahead` holds what `import` prepared for it (see `Ahead`).
+/// `ahead` holds what `import` prepared for it (see `Ahead`). `None` when the job was not
+/// queued (any more), or failed before its pass, recorded so with its reason (its stored
+/// copy no longer matching its hash: `service::check_stored`).
 pub fn run_job(
     app: &App,
     job_id: i64,
@@ -585,13 +587,11 @@ pub fn run_job(
     }
     notify_started(app, &tx, job_id, &started_at)?;
     tx.commit()?;
-    if let Some(u) = ahead.unsynced.take() {
-        u.restore()?;
-    }
     // Whatever goes wrong from here, the job must not stay 'running' (it would be retried
     // for ever and hold up the queue): it fails with the reason, its transaction undone.
-    match run_started(app, job_id, run, ahead, on_effect, on_rows) {
-        Ok(r) => Ok(Some(r)),
+    let restored = ahead.unsynced.take().map_or(Ok(()), db::Unsynced::restore);
+    match restored.and_then(|()| run_started(app, job_id, run, ahead, on_effect, on_rows)) {
+        Ok(r) => Ok(r),
         Err(e) => {
             let _ = std::fs::remove_file(app.data.progress_file(job_id));
             let still_running: bool = app
@@ -622,14 +622,14 @@ fn run_started(
     ahead: Ahead<'_>,
     on_effect: &mut EffectSink<'_>,
     on_rows: &mut dyn FnMut(u64),
-) -> AppResult<JobRun> {
+) -> AppResult<Option<JobRun>> {
     let (operation, undo_of): (String, Option<i64>) = app.conn.query_row(
         "SELECT operation, undo_of FROM jobs WHERE id = ?1",
         [job_id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     if operation == "undo" {
-        return run_undo(app, job_id, undo_of.unwrap_or_default(), run);
+        return run_undo(app, job_id, undo_of.unwrap_or_default(), run).map(Some);
     }
     type JobRow = (
         i64,
@@ -672,6 +672,15 @@ fn run_started(
         tmp: &tmp,
     };
     pf.update(0, true);
+    // A file stored by an earlier process is checked against its hash first: a power cut
+    // can leave the records of a job durable and its file not (see `db::Unsynced`).
+    if ahead.stored.is_none()
+        && let Err(reason) = service::check_stored(&stored)
+    {
+        let _ = std::fs::remove_file(&pf.path);
+        fail_job(app, job_id, &reason)?;
+        return Ok(None);
+    }
     let users_before: i64 = app.conn.query_row(
         "SELECT count(*) FROM users WHERE tenant_id = ?1",
         [tenant.id],
@@ -708,10 +717,12 @@ fn run_started(
         },
     );
     // Nothing of the job is committed before its file is on disk.
-    if let Some(s) = ahead.stored {
-        s.wait()?;
-    }
-    let outcome = outcome?;
+    let synced = ahead.stored.map_or(Ok(()), PendingSync::wait);
+    let outcome = match (outcome, synced) {
+        (Ok(o), Ok(())) => o,
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+        (Err(e), Err(s)) => return Err(AppError::internal("running the job", format!("{e}; {s}"))),
+    };
     let actor = submitted_by;
     let ev = |action: &'static str, target: String, details: serde_json::Value| Event {
         actor: actor.clone(),
@@ -793,7 +804,7 @@ fn run_started(
             None
         };
         let _ = std::fs::remove_file(&pf.path);
-        return Ok(JobRun {
+        return Ok(Some(JobRun {
             job_id,
             upload_id,
             applied: true,
@@ -802,7 +813,7 @@ fn run_started(
             needs_confirmation: None,
             error_report: None,
             results_report,
-        });
+        }));
     }
     // Nothing of the file may stay: roll back every change, then record why.
     tx.rollback()?;
@@ -888,7 +899,7 @@ fn run_started(
         )?;
         Some(path)
     };
-    Ok(JobRun {
+    Ok(Some(JobRun {
         job_id,
         upload_id,
         applied: false,
@@ -897,7 +908,7 @@ fn run_started(
         needs_confirmation: confirmation.map(|c| c.0),
         error_report,
         results_report: None,
-    })
+    }))
 }
 
 /// For a deactivation or deletion above the tenant's threshold: the phrase to type and why.

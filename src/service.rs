@@ -181,21 +181,36 @@ pub fn store_upload_unsynced(
         .name("store-sync".into())
         .spawn(move || names.sync())
         .map_err(|e| AppError::internal("storing the upload", e))?;
-    Ok((stored, PendingSync(sync)))
+    Ok((stored, PendingSync(Some(sync))))
 }
 
-/// The fsyncs of an upload stored by `store_upload_unsynced`, running on a thread.
-pub struct PendingSync(std::thread::JoinHandle<std::io::Result<()>>);
+/// The fsyncs of an upload stored by `store_upload_unsynced`, running on a thread. Dropped
+/// without `wait` (an error on the way), it still waits for them: nothing is reported
+/// while the file may not be on disk.
+pub struct PendingSync(Option<std::thread::JoinHandle<std::io::Result<()>>>);
 
 impl PendingSync {
     /// Waits until the stored file and its name are on disk.
-    pub fn wait(self) -> AppResult<()> {
-        match self.0.join() {
-            Ok(done) => done.map_err(|e| AppError::internal("storing the upload", e)),
-            Err(_) => Err(AppError::internal(
+    pub fn wait(mut self) -> AppResult<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> AppResult<()> {
+        match self.0.take().map(|t| t.join()) {
+            None => Ok(()),
+            Some(Ok(done)) => done.map_err(|e| AppError::internal("storing the upload", e)),
+            Some(Err(_)) => Err(AppError::internal(
                 "storing the upload",
                 "the thread writing it to disk failed",
             )),
+        }
+    }
+}
+
+impl Drop for PendingSync {
+    fn drop(&mut self) {
+        if let Err(e) = self.join() {
+            eprintln!("rollcall: {e}");
         }
     }
 }
@@ -322,20 +337,42 @@ fn place(
         .filter(|e| e.len() <= 5 && e.chars().all(|c| c.is_ascii_alphanumeric()))
         .unwrap_or_else(|| "bin".into());
     let path = data.upload_file(&sha256, &ext);
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut names = NamesToSync::default();
-    if !holds(&path, &sha256, size) {
-        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let new_dir = !dir.exists();
+    if holds(&path, &sha256, size) {
+        // Stored by an earlier upload, perhaps one whose fsyncs still run (another import
+        // of the same content, in another process): synced here too, which costs little
+        // for what is on disk already.
+        names.file = Some(path.clone());
+    } else {
         fs::create_dir_all(&dir).map_err(internal)?;
         fs::rename(tmp, &path).map_err(internal)?;
-        // The new names reach the disk before a job can name the file: a power cut after
-        // the job's commit must not lose the rename (nor the folder it went into).
-        if new_dir && let Some(parent) = dir.parent() {
-            names.dirs.push(parent.to_path_buf());
-        }
-        names.dirs.insert(0, dir);
+    }
+    // The names reach the disk before a job can name the file: a power cut after the job's
+    // commit must not lose the rename, nor the folder it went into (which another process
+    // may have just made: its parent is synced every time).
+    names.dirs.push(dir.clone());
+    if let Some(parent) = dir.parent() {
+        names.dirs.push(parent.to_path_buf());
     }
     Ok((StoredFile { sha256, size, path }, names))
+}
+
+/// Whether a stored upload still holds the bytes it was stored under; else why not, for
+/// the administrator (the job cannot run on it).
+pub fn check_stored(stored: &StoredFile) -> Result<(), String> {
+    if holds(&stored.path, &stored.sha256, stored.size) {
+        return Ok(());
+    }
+    let what = if stored.path.exists() {
+        "is damaged: its bytes no longer match the SHA-256 recorded when it was uploaded"
+    } else {
+        "is missing"
+    };
+    Err(format!(
+        "The stored copy of the upload ({}) {what}, perhaps after a power cut. Nothing was changed; upload the file again.",
+        stored.path.display()
+    ))
 }
 
 /// Whether `path` holds `size` bytes that hash to `sha256`.
@@ -1185,4 +1222,24 @@ pub fn export_users(
     w.flush()
         .map_err(|e| AppError::internal("writing the export", e))?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PendingSync;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn pending_fsyncs_dropped_unwaited_are_still_waited_for() {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let pending = PendingSync(Some(std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        })));
+        drop(pending);
+        assert!(done.load(Ordering::SeqCst));
+    }
 }

@@ -1259,7 +1259,10 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     let reader = started.open().unwrap();
     assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
     let mem = (setup.limits.worker_memory_mib * 1024 * 1024).to_string();
-    assert_eq!(limit_of(pid, "Max address space"), (mem.clone(), mem));
+    assert_eq!(
+        limit_of(pid, "Max address space"),
+        (mem.clone(), mem.clone())
+    );
     let cpu = setup.limits.worker_cpu_seconds.to_string();
     assert_eq!(limit_of(pid, "Max cpu time"), (cpu.clone(), cpu));
     assert_eq!(limit_of(pid, "Max file size"), ("0".into(), "0".into()));
@@ -1268,6 +1271,27 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
         ("0".into(), "0".into())
     );
     drop(reader);
+
+    // In place before the file is opened: on a named pipe that nobody writes to, the worker
+    // waits in opening it (reading nothing), and its limits are seen meanwhile.
+    let fifo = env.path("pipe.xlsx");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let started =
+        rollcall::sheet::reader::SheetReader::start(&setup, &fifo, "pipe.xlsx", &sheet).unwrap();
+    let pid = started.pid();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while limit_of(pid, "Max address space").0 != mem {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not confine itself before opening its file"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(limit_of(pid, "Max file size"), ("0".into(), "0".into()));
+    assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
+    drop(started);
 
     // The rules worker, once it has loaded the (no) scripts.
     let p = rollcall::rules::client::RulesProcess::start(
@@ -1280,9 +1304,13 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     )
     .unwrap_or_else(|_| panic!("the rules worker did not start"));
     assert_eq!(nice_of(&format!("/proc/{}/stat", p.pid())), expected);
-    let (soft, hard) = limit_of(p.pid(), "Max address space");
-    assert_eq!(soft, hard);
-    assert!(soft.parse::<u64>().unwrap() > setup.limits.rules_memory_mib * 1024 * 1024);
+    let mem = ((setup.limits.rules_memory_mib + rollcall::rules::client::WORKER_OVERHEAD_MIB)
+        * 1024
+        * 1024)
+        .to_string();
+    assert_eq!(limit_of(p.pid(), "Max address space"), (mem.clone(), mem));
+    let cpu = (setup.limits.rules_seconds.max(1) + 5).to_string();
+    assert_eq!(limit_of(p.pid(), "Max cpu time"), (cpu.clone(), cpu));
     assert_eq!(
         limit_of(p.pid(), "Max core file size"),
         ("0".into(), "0".into())
@@ -1455,4 +1483,70 @@ fn a_damaged_stored_copy_is_replaced_by_the_next_upload_of_its_content() {
     );
     let left: Vec<_> = std::fs::read_dir(env.app.data.tmp_dir()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A queued job whose stored copy is no longer the file it was stored as (what a power cut
+/// can leave when the job's records reached the disk before the file did) fails when it
+/// runs, saying so, and changes nothing; the queue goes on.
+#[test]
+fn a_job_whose_stored_copy_was_damaged_or_lost_fails_saying_so_and_changes_nothing() {
+    let (env, t) = setup();
+    let damaged = add_file(&env, "d.xlsx", 0, 3);
+    let lost = add_file(&env, "l.xlsx", 10, 3);
+    let fine = add_file(&env, "f.xlsx", 20, 3);
+    let (a, b, c) = (
+        submit(&env, &t, &damaged, None),
+        submit(&env, &t, &lost, None),
+        submit(&env, &t, &fine, None),
+    );
+    let stored_path = |job: i64| -> String {
+        env.app
+            .conn
+            .query_row(
+                "SELECT u.stored_path FROM jobs j JOIN uploads u ON u.id = j.upload_id WHERE j.id = ?1",
+                [job],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    // Same size, other bytes; and no file at all.
+    let mut bytes = std::fs::read(stored_path(a)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(stored_path(a), &bytes).unwrap();
+    std::fs::remove_file(stored_path(b)).unwrap();
+
+    let lock = scheduler::WorkerLock::try_take(&env.app.data)
+        .unwrap()
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let worked = scheduler::work(
+        &env.app,
+        &lock,
+        &stop,
+        true,
+        None,
+        &mut |_, _, _| {},
+        &mut |_| {},
+    );
+    assert!(worked.is_ok(), "the queue goes on: {:?}", worked.err());
+    let error = |job: i64| -> String {
+        env.app
+            .conn
+            .query_row("SELECT error FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(&env, a), "failed");
+    assert!(error(a).contains("is damaged"), "{}", error(a));
+    assert!(error(a).contains("upload the file again"), "{}", error(a));
+    assert_eq!(state(&env, b), "failed");
+    assert!(error(b).contains("is missing"), "{}", error(b));
+    assert_eq!(state(&env, c), "succeeded");
+    let users: i64 = env
+        .app
+        .conn
+        .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(users, 3, "only the intact job's three users");
+    assert!(!env.app.data.progress_file(a).exists());
 }

@@ -27,7 +27,7 @@ pub static RULES_WORKER_PEAK_KIB: AtomicU64 = AtomicU64::new(0);
 
 /// Address space of the rules worker beyond the Lua memory limit (code, SQLite cache,
 /// buffers), in MiB.
-const WORKER_OVERHEAD_MIB: u64 = 256;
+pub const WORKER_OVERHEAD_MIB: u64 = 256;
 
 pub fn engine_limits(l: &Limits) -> EngineLimits {
     EngineLimits {
