@@ -1374,6 +1374,30 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
             estimated_rows,
         },
     )?;
+    // Rows are numbered as a spreadsheet program shows the file: a blank line is a row (the
+    // reader skips it), a quoted cell over several lines is not. The reader counts line
+    // feeds; a record's row is the line feeds before it, less those inside earlier cells.
+    // With CRLF line ends the reader stops at a record's CR, so its LF is counted with the
+    // next record; with LF ends it is counted with its own, except on a last line without
+    // a break. (The first line tells the two apart.)
+    let crlf = first.ends_with(b"\r\n");
+    let body = {
+        use std::os::unix::fs::FileExt;
+        let size = file
+            .get_ref()
+            .metadata()
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?
+            .len();
+        let start = file
+            .stream_position()
+            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+        let mut last = [0u8; 1];
+        let ends_with_newline = file
+            .get_ref()
+            .read_at(&mut last, size.saturating_sub(1))
+            .is_ok_and(|n| n == 1 && last[0] == b'\n');
+        (size.saturating_sub(start), ends_with_newline)
+    };
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -1382,6 +1406,7 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let mut rec = csv::ByteRecord::new();
     let mut sink = RowSink::new(out, &args.limits);
     let mut index: u32 = 0;
+    let mut inside_before = 0u64;
     loop {
         match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,
@@ -1393,6 +1418,16 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
                 ));
             }
         }
+        let now = rdr.position();
+        let inside = rec.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
+        let own_counted = !crlf && (now.byte() < body.0 || body.1);
+        let feeds_before = now
+            .line()
+            .saturating_sub(1)
+            .saturating_sub(inside_before + inside)
+            .saturating_sub(u64::from(own_counted));
+        inside_before += inside;
+        index = index.max(u32::try_from(feeds_before).unwrap_or(u32::MAX));
         for (c, field) in rec.iter().enumerate() {
             if field.is_empty() {
                 continue;
@@ -1433,6 +1468,76 @@ mod tests {
             Fail::Pipe(e) => e.to_string(),
         });
         (ended, out)
+    }
+
+    /// The rows of a CSV file as (Excel row number, first cell's text).
+    fn csv_rows(text: &str) -> Vec<(u32, String)> {
+        let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let mut args = upload(f.path(), "Add Users");
+        args.declared_name = "upload.csv".into();
+        let mut out = Vec::new();
+        assert!(read_file(&args, &mut out).is_ok());
+        let mut r = &out[..];
+        let mut row = codec::RawRow::default();
+        let mut rows = Vec::new();
+        loop {
+            // The end frame is the process's to write: the rows end where the bytes do.
+            if r.is_empty() {
+                return rows;
+            }
+            match codec::read_frame(&mut r, &mut row, 1 << 20, 1 << 24).unwrap() {
+                codec::Frame::Row => {
+                    let first = row
+                        .cells()
+                        .first()
+                        .map(|c| c.text.clone())
+                        .unwrap_or_default();
+                    rows.push((row.index + 1, first));
+                }
+                codec::Frame::End(_) => return rows,
+                codec::Frame::Json(..) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn csv_rows_are_numbered_as_a_spreadsheet_shows_them() {
+        let want = |v: &[(u32, &str)]| -> Vec<(u32, String)> {
+            v.iter().map(|(n, s)| (*n, s.to_string())).collect()
+        };
+        // Blank lines are rows; a quoted cell over two lines is one.
+        assert_eq!(
+            csv_rows("Email,Name\na@x.com,A\n\n\nbad,B\n\"c@x.com\",\"two\nlines\"\nd@x.com,D\n"),
+            want(&[
+                (1, "Email"),
+                (2, "a@x.com"),
+                (5, "bad"),
+                (6, "c@x.com"),
+                (7, "d@x.com")
+            ])
+        );
+        // CRLF, a blank line before a last line without a break, and a BOM.
+        assert_eq!(
+            csv_rows("\u{feff}Email\r\na@x.com\r\n\r\nb@x.com"),
+            want(&[(1, "Email"), (2, "a@x.com"), (4, "b@x.com")])
+        );
+        // CRLF with a cell over two lines and a blank line.
+        assert_eq!(
+            csv_rows("Email,Note\r\n\"a@x.com\",\"x\r\ny\"\r\n\r\nbad,z\r\n"),
+            want(&[(1, "Email"), (2, "a@x.com"), (4, "bad")])
+        );
+        // Trailing blank lines add no row; a last line without a break is its own row.
+        assert_eq!(
+            csv_rows("Email\na@x.com\n\n\n"),
+            want(&[(1, "Email"), (2, "a@x.com")])
+        );
+        assert_eq!(
+            csv_rows("Email\na@x.com"),
+            want(&[(1, "Email"), (2, "a@x.com")])
+        );
+        // A blank first line: the header is in row 2, as a spreadsheet shows it.
+        assert_eq!(csv_rows("\nEmail\n"), want(&[(2, "Email")]));
     }
 
     /// Reads `path` with our reader and with calamine's, checks that ours did read it (no
