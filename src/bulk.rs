@@ -118,6 +118,33 @@ impl Outcome {
         }
         msg
     }
+
+    /// What an applied file did, for the one who applied it: "2 users added", "1 user
+    /// deactivated, 3 rows changed nothing".
+    pub fn applied_message(&self) -> String {
+        let n = self.totals.changing();
+        let users = if n == 1 { "user" } else { "users" };
+        let done = match self.operation {
+            Operation::Add => "added",
+            Operation::Update => "updated",
+            Operation::Deactivate => "deactivated",
+            Operation::Reactivate => "reactivated",
+            Operation::Delete => "deleted",
+        };
+        let mut msg = format!("{n} {users} {done}");
+        if self.totals.unchanged > 0 {
+            let rows = if self.totals.unchanged == 1 {
+                "row"
+            } else {
+                "rows"
+            };
+            msg.push_str(&format!(
+                ", {} {rows} changed nothing",
+                self.totals.unchanged
+            ));
+        }
+        msg
+    }
 }
 
 /// Whether the pass writes.
@@ -438,6 +465,18 @@ fn process_from(
     let mut out2 = v.into_outcome(checker);
     out2.format = out.format;
     out2.notes.splice(0..0, out.notes);
+    if out2.rows == 0 && out2.errors == 0 {
+        // A template sent back unfilled: nothing to do is told, not applied as a job of
+        // no change.
+        let sheet = out2.sheet.clone();
+        refuse(
+            &mut out2,
+            "no_rows",
+            format!(
+                "The sheet \"{sheet}\" has no rows below its column names. Fill in at least one row, from row 2, and upload the file again."
+            ),
+        );
+    }
     Ok(out2)
 }
 
@@ -620,9 +659,10 @@ fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static st
             return Err((
                 "wrong_operation",
                 format!(
-                    "This file is a template for {} users, not {} users. Upload it as {}, or download the {} template.",
+                    "This file is a template for {} users, not {} users: {} Upload it as {}, or download the {} template.",
                     found_op.title(),
                     op.title(),
+                    columns_compared(found_op, op),
                     found_op.title(),
                     op.title()
                 ),
@@ -651,10 +691,11 @@ fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static st
             return Err((
                 "wrong_operation",
                 format!(
-                    "This file is a template for {} users (it has the sheet \"{}\"), not {} users. Upload it as {}, or download the {} template.",
+                    "This file is a template for {} users (it has the sheet \"{}\"), not {} users: {} Upload it as {}, or download the {} template.",
                     other.title(),
                     other.sheet_name(),
                     op.title(),
+                    columns_compared(other, op),
                     other.title(),
                     op.title()
                 ),
@@ -675,6 +716,26 @@ fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static st
             op.sheet_name()
         ),
     ))
+}
+
+/// The built-in columns of the operation a file was made for against those `op` needs, by
+/// letter and name: "its columns are A Email, B Reason; Add users needs A Email, B First
+/// Name, …."
+fn columns_compared(found: Operation, op: Operation) -> String {
+    let list = |o: Operation| {
+        model::columns(o)
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} {}", column_letter(i), c.header))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "its columns are {}; {} users needs {}.",
+        list(found),
+        op.title(),
+        list(op)
+    )
 }
 
 fn cell_text(c: &RawCell) -> String {

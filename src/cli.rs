@@ -259,9 +259,13 @@ pub struct FileArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCmd {
+    /// Create a tenant (an organisation whose users are managed apart).
+    ///
     /// Example: rollcall tenant create "Acme Ltd"
     Create { name: String },
     /// List tenants with their user counts.
+    ///
+    /// Example: rollcall tenant list
     List,
     /// Show a tenant's settings. Example: rollcall tenant show Acme
     Show { name: String },
@@ -290,12 +294,16 @@ pub enum TenantCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum TeamCmd {
+    /// Add a team to a tenant (teams appear in the templates' Team drop-down).
+    ///
     /// Example: rollcall team add --tenant Acme Sales
     Add {
         #[arg(long)]
         tenant: String,
         name: String,
     },
+    /// List a tenant's teams.
+    ///
     /// Example: rollcall team list --tenant Acme
     List {
         #[arg(long)]
@@ -382,6 +390,8 @@ pub enum AdminCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change an administrator's role.
+    ///
     /// Example: rollcall admin set-role grace operator
     SetRole {
         username: String,
@@ -416,6 +426,8 @@ pub enum TokenCmd {
     },
     /// Every token (never its secret).
     List,
+    /// Revoke an API token: it stops working at once.
+    ///
     /// Example: rollcall token revoke 3
     Revoke { id: i64 },
 }
@@ -473,6 +485,8 @@ pub enum RulesCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum TasksCmd {
+    /// List the housekeeping tasks with their schedules and last runs.
+    ///
     /// Example: rollcall tasks list
     List,
     /// Run a task now. Example: rollcall tasks run purge_files
@@ -516,6 +530,8 @@ pub enum AuditCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum UsersCmd {
+    /// List a tenant's users.
+    ///
     /// Example: rollcall users list --tenant Acme --status active
     List {
         #[arg(long)]
@@ -685,6 +701,30 @@ fn run_read_worker(args_json: &str) -> i32 {
             2
         }
     }
+}
+
+/// Refuses, before any work, a report or output path whose folder does not exist (a usage
+/// error naming the path), rather than failing after the file was checked.
+fn writable_destination(path: &Path) -> AppResult<()> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if path.is_dir() {
+        return Err(AppError::Usage(format!(
+            "cannot write {}: it is a folder; give a file name such as {}",
+            path.display(),
+            path.join("report.xlsx").display()
+        )));
+    }
+    if !folder.is_dir() {
+        return Err(AppError::Usage(format!(
+            "cannot write {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a parsed command line; returns the exit code.
@@ -997,6 +1037,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             preview,
         } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
+            if let Some(r) = &report {
+                writable_destination(r)?;
+            }
             let name = file_name(&file.file);
             let mut effects = Effects::new(json || preview);
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
@@ -1025,11 +1068,14 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     &name,
                     &outcome,
                     &path,
-                )?;
+                )
+                .map_err(|e| AppError::Usage(format!("cannot write {}: {e}", path.display())))?;
                 report_path = Some(path);
             }
             if json {
-                print_json(out, &outcome, &effects.rows, None, None)?;
+                // Submitting it would need the warnings acknowledged (--yes).
+                let needs_ack = outcome.is_valid() && outcome.warnings > 0;
+                print_json(out, &outcome, &effects.rows, None, needs_ack)?;
             } else {
                 print_outcome(out, &name, &outcome, &effects.rows, preview)?;
                 if let Some(p) = &report_path {
@@ -1050,6 +1096,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             confirm,
         } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
+            if let Some(r) = &report {
+                writable_destination(r)?;
+            }
             if no_wait || not_before.is_some() {
                 let not_before = not_before.as_deref().map(parse_time).transpose()?;
                 let name = file_name(&file.file);
@@ -1117,7 +1166,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     &res.outcome,
                     &effects.rows,
                     Some(res.job_id),
-                    Some(res.needs_acknowledgement),
+                    res.needs_acknowledgement,
                 )?;
             } else {
                 print_outcome(out, &name, &res.outcome, &effects.rows, false)?;
@@ -1126,7 +1175,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     writeln!(
                         out,
                         "Applied as job {job}: {}.",
-                        res.outcome.success_message()
+                        res.outcome.applied_message()
                     )
                     .map_err(w)?;
                 } else if let Some(phrase) = &res.needs_confirmation {
@@ -1161,6 +1210,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             json,
         } => {
             let t = db::tenant(&app.conn, &file.tenant)?;
+            if let Some(r) = &report {
+                writable_destination(r)?;
+            }
             let name = file_name(&file.file);
             let mut effects = Effects::new(json);
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
@@ -1190,7 +1242,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 })?;
             }
             if json {
-                print_json(out, &up.outcome, &effects.rows, None, None)?;
+                let o = &up.outcome;
+                let needs_ack = o.is_valid() && o.warnings > 0;
+                print_json(out, o, &effects.rows, None, needs_ack)?;
             } else {
                 print_outcome(out, &name, &up.outcome, &effects.rows, false)?;
                 if up.outcome.is_valid() {
@@ -1645,7 +1699,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 .map_err(w)?;
             }
             if json {
-                print_json(out, &outcome, &effects.rows, None, None)?;
+                // Submitting it would need the warnings acknowledged (--yes).
+                let needs_ack = outcome.is_valid() && outcome.warnings > 0;
+                print_json(out, &outcome, &effects.rows, None, needs_ack)?;
             } else {
                 print_outcome(out, &name, &outcome, &effects.rows, false)?;
             }
@@ -1839,7 +1895,7 @@ fn print_json(
     outcome: &Outcome,
     effects: &[RowEffect],
     job_id: Option<i64>,
-    needs_ack: Option<bool>,
+    needs_ack: bool,
 ) -> AppResult<()> {
     let v = serde_json::json!({
         "valid": outcome.is_valid(),

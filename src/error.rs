@@ -30,7 +30,9 @@ pub enum StartupError {
         found: i64,
         known: i64,
     },
-    #[error("Cannot open the database {path}: {reason}.")]
+    #[error(
+        "Cannot open the database {path}: {reason}. If the file is damaged or not a rollcall database, restore it from a backup, or move it away to start with an empty one."
+    )]
     Database { path: PathBuf, reason: String },
 }
 

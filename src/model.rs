@@ -438,6 +438,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "template_too_new",
     "sheet_missing",
     "columns_mismatch",
+    "no_rows",
     "licence_pool_full",
     "already_applied",
     // One cell or row.

@@ -145,8 +145,10 @@ fn templates_of_every_operation_pass_their_own_structure_check() {
         let p = env.path(&format!("{op}.xlsx"));
         let lists = service::template_lists(&env.app, &t).unwrap();
         rollcall::sheet::template::write_template(op, &lists, &p).unwrap();
+        // Its structure is right: sent back unfilled, the one problem is that it is empty.
         let (o, _) = validate(&env, &t, op, &p);
-        assert!(o.is_valid(), "{op}: {:?}", o.problems);
+        assert_eq!(codes(&o), vec![(None, "no_rows")], "{op}");
+        assert!(o.problems[0].message.contains(&op.sheet_name()), "{op}");
         assert_eq!(o.rows, 0);
         // Read Me First explains every column; the lists sheet carries the tenant's data.
         let mut wb: calamine::Xlsx<_> = calamine::open_workbook(&p).unwrap();
@@ -171,6 +173,18 @@ fn templates_of_every_operation_pass_their_own_structure_check() {
         };
         let (o, _) = validate(&env, &t, other, &p);
         assert_eq!(codes(&o), vec![(None, "wrong_operation")], "{op}");
+        // The message names both column sets, by letter and name.
+        let msg = &o.problems[0].message;
+        for o in [op, other] {
+            let cols = rollcall::model::columns(o);
+            let last = cols.len() - 1;
+            let named = format!(
+                "{} {}",
+                rollcall::model::column_letter(last),
+                cols[last].header
+            );
+            assert!(msg.contains(&named), "{msg}");
+        }
     }
 }
 
@@ -693,6 +707,11 @@ fn structure_errors_name_columns_and_sheets() {
     write_xlsx(&p, &[data_sheet(Operation::Delete, &[])]);
     let (o, _) = validate(&env, &t, Operation::Add, &p);
     assert_eq!(codes(&o), vec![(None, "wrong_operation")]);
+    assert!(
+        o.problems[0].message.contains("B First Name"),
+        "{}",
+        o.problems[0].message
+    );
     let mut meta = meta_sheet(Operation::Deactivate);
     meta.rows[1][1] = s("99");
     write_xlsx(&p, &[data_sheet(Operation::Deactivate, &[]), meta]);
@@ -953,4 +972,81 @@ fn excel_dates_become_text_and_dates_outside_the_calendar_are_errors() {
     let r = import(&mut env, &t, Operation::Add, &bad, false);
     assert!(!r.applied);
     assert_eq!(user_count(&env), before);
+}
+
+/// The error workbook is made to be fixed and uploaded again as is: read by another program,
+/// its flagged cells corrected, every sheet written back (Errors column, Read Me First and the
+/// hidden ones kept), it validates and applies.
+#[test]
+fn the_error_workbook_applies_once_its_flagged_cells_are_fixed() {
+    let mut env = Env::new();
+    let t = setup(&env);
+    let p = env.path("fixme.xlsx");
+    write_xlsx(
+        &p,
+        &[
+            data_sheet(
+                Operation::Add,
+                &[
+                    vec![
+                        "ada@example.com",
+                        "Ada",
+                        "Lovelace",
+                        "",
+                        "Sales",
+                        "Learner",
+                        "",
+                        "Standard",
+                    ],
+                    vec![
+                        "not-an-email",
+                        "Bob",
+                        "Byron",
+                        "",
+                        "",
+                        "Manager",
+                        "",
+                        "Gold",
+                    ],
+                ],
+            ),
+            meta_sheet(Operation::Add),
+        ],
+    );
+    let r = import(&mut env, &t, Operation::Add, &p, false);
+    assert!(!r.applied);
+    let flagged: Vec<_> = codes(&r.outcome);
+    assert!(flagged.contains(&(Some(3), "email_invalid")), "{flagged:?}");
+    assert!(flagged.contains(&(Some(3), "unknown_pool")), "{flagged:?}");
+    let report = r.error_report.unwrap();
+
+    // Read back whole, then the two flagged cells of row 3 corrected.
+    let mut wb: calamine::Xlsx<_> = calamine::open_workbook(&report).unwrap();
+    let meta: Vec<(String, bool)> = wb
+        .sheets_metadata()
+        .iter()
+        .map(|m| (m.name.clone(), m.visible != calamine::SheetVisible::Visible))
+        .collect();
+    let mut sheets = Vec::new();
+    for (name, hidden) in meta {
+        let range = wb.worksheet_range(&name).unwrap();
+        let mut rows: Vec<Vec<C>> = range
+            .rows()
+            .map(|r| r.iter().map(|c| s(&c.to_string())).collect())
+            .collect();
+        if name == Operation::Add.sheet_name() {
+            assert_eq!(range.get_value((0, 8)).unwrap().to_string(), "Errors");
+            rows[2][0] = s("bob@example.com");
+            rows[2][7] = s("Standard");
+        }
+        sheets.push(Sheet { name, rows, hidden });
+    }
+    let fixed = env.path("fixed.xlsx");
+    write_xlsx(&fixed, &sheets);
+    let (o, _) = validate(&env, &t, Operation::Add, &fixed);
+    assert!(o.is_valid(), "{:?}", o.problems);
+    let r = import(&mut env, &t, Operation::Add, &fixed, false);
+    assert!(r.applied, "{:?}", r.outcome.problems);
+    assert!(user(&env, &t, "bob@example.com").is_some());
+    assert!(user(&env, &t, "ada@example.com").is_some());
 }

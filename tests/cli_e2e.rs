@@ -76,6 +76,31 @@ fn a_first_session_from_the_command_line() {
     assert_eq!(v["preview"]["rows"][0]["action"], "create");
     assert_eq!(v["licence_forecast"][0]["free_after"], 0);
 
+    // A report into a folder that does not exist: a usage error naming it, before any work.
+    let missing = dir.path().join("no-such-folder").join("r.xlsx");
+    let o = cli(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            csv.to_str().unwrap(),
+            "--report",
+            missing.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "the folder {} does not exist",
+            dir.path().join("no-such-folder").display()
+        )),
+        "{}",
+        text(&o)
+    );
+
     let o = cli(
         d,
         &[
@@ -88,7 +113,7 @@ fn a_first_session_from_the_command_line() {
         ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(text(&o).contains("Applied as job"), "{}", text(&o));
+    assert!(text(&o).contains(": 2 users added."), "{}", text(&o));
     let o = cli(d, &["pool", "list", "--tenant", "Acme"]);
     assert!(
         text(&o).contains("Standard") && text(&o).contains(" 2 "),
@@ -476,4 +501,21 @@ fn serve_starts_answers_and_stops_cleanly() {
     let mut rest = String::new();
     lines.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("stopped"));
+}
+
+/// A database file that is not one: one sentence saying what is wrong and what to do.
+#[test]
+fn a_damaged_database_is_told_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("rollcall.db"), vec![0x42u8; 8192]).unwrap();
+    let o = cli(&data, &["tenant", "list"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("rollcall.db") && t.contains("restore it from a backup"),
+        "{t}"
+    );
+    assert_eq!(t.trim().lines().count(), 1, "{t}");
 }

@@ -26,6 +26,22 @@ pub struct TemplateLists {
     pub rules: Option<crate::rules::Description>,
 }
 
+/// A column's example on Read Me First: for Team and Licence Pool, the tenant's own first
+/// one (an example copied as is must pass), else the column's.
+fn example_of<'a>(c: &'a model::Column, lists: &'a TemplateLists) -> &'a str {
+    match c.field {
+        model::Field::Team => lists
+            .teams
+            .first()
+            .map_or("(leave empty: no teams yet)", String::as_str),
+        model::Field::Pool => lists
+            .pools
+            .first()
+            .map_or(c.example.as_ref(), String::as_str),
+        _ => c.example.as_ref(),
+    }
+}
+
 /// Excel's limits on what one cell and one sheet can hold.
 pub const EXCEL_MAX_CHARS: usize = 32_767;
 pub const EXCEL_MAX_ROW: u32 = 1_048_575;
@@ -208,7 +224,7 @@ pub fn new_workbook(
             ws.write_string(r, 2, if c.required { "Required" } else { "Optional" })?;
             ws.write_string_with_format(r, 3, format_of(c), &f.wrap)?;
             ws.write_string_with_format(r, 4, echo(&allowed_values(c, lists)), &f.wrap)?;
-            ws.write_string(r, 5, echo(&c.example))?;
+            ws.write_string(r, 5, echo(example_of(c, lists)))?;
             ws.write_string_with_format(r, 6, &c.help, &f.wrap)?;
             r += 1;
         }
