@@ -90,6 +90,18 @@ fn user_count(env: &Env) -> i64 {
         .unwrap()
 }
 
+/// The rows of an applied job's results workbook (without its header): row, email, result,
+/// details.
+fn results(r: &ImportResult) -> Vec<Vec<String>> {
+    let mut wb: calamine::Xlsx<_> =
+        calamine::open_workbook(r.results_report.as_ref().expect("a results workbook")).unwrap();
+    let res = wb.worksheet_range("Results").unwrap();
+    res.rows()
+        .skip(1)
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect()
+}
+
 fn add_three(env: &mut Env, t: &db::Tenant) {
     let p = env.path("add.xlsx");
     write_xlsx(
@@ -344,6 +356,23 @@ fn update_round_trip_from_csv() {
         ("Robert", Some("007"), Some("Research"), "Admin", "German")
     );
     assert!(user(&env, &t, "ada@example.com").is_none());
+    // The results workbook: what was done to each row, with the fields' old and new values.
+    let rows = results(&r);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(
+        rows[0][..3],
+        ["2", "ada.king@example.com", "change"].map(String::from)
+    );
+    assert!(
+        rows[0][3].contains("Last Name: Lovelace -> King"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[1][2], "change");
+    assert!(rows[1][3].contains("Role: Manager -> Admin"), "{rows:?}");
+    assert_eq!(
+        rows[2][..3],
+        ["4", "cy@example.com", "unchanged"].map(String::from)
+    );
 }
 
 #[test]
@@ -387,6 +416,15 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
         user(&env, &t, "bob@example.com").unwrap().status,
         "deactivated"
     );
+    let rows = results(&r);
+    assert_eq!(
+        rows.iter().map(|r| r[2].as_str()).collect::<Vec<_>>(),
+        ["unchanged", "deactivate"]
+    );
+    assert!(
+        rows[1][3].starts_with("Deactivated; seat in pool Standard freed"),
+        "{rows:?}"
+    );
 
     // Reactivate Ada into Premium: Cy holds its one seat -> refused with the forecast.
     let p3 = env.path("react.xlsx");
@@ -417,6 +455,15 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
     );
     let r = import(&mut env, &t, Operation::Reactivate, &p3, false);
     assert!(r.applied, "{:?}", r.outcome.problems);
+    assert_eq!(
+        results(&r),
+        vec![vec![
+            "2".to_string(),
+            "ada@example.com".into(),
+            "reactivate".into(),
+            "Reactivated, seat in pool Standard".into()
+        ]]
+    );
     let ada = user(&env, &t, "ada@example.com").unwrap();
     assert_eq!(
         (ada.status.as_str(), ada.pool.as_str()),
@@ -434,6 +481,15 @@ fn deactivate_warnings_need_acknowledgement_then_reactivate_and_delete() {
     );
     let r = import(&mut env, &t, Operation::Delete, &p4, false);
     assert!(r.applied);
+    assert_eq!(
+        results(&r),
+        vec![vec![
+            "2".to_string(),
+            "cy@example.com".into(),
+            "delete".into(),
+            "Deleted; personal data erased".into()
+        ]]
+    );
     let job = r.job_id;
     assert!(user(&env, &t, "cy@example.com").is_none());
     let before: String = env
