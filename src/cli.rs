@@ -1927,18 +1927,26 @@ fn print_outcome(
     all_rows: bool,
 ) -> AppResult<()> {
     let w = |e: std::io::Error| AppError::internal("writing output", e);
-    writeln!(
-        out,
-        "{name}: {} file, sheet \"{}\", {} rows",
-        if o.format.is_empty() {
-            "unreadable"
-        } else {
-            &o.format
-        },
-        o.sheet,
-        o.rows
-    )
-    .map_err(w)?;
+    let format = if o.format.is_empty() {
+        "unreadable"
+    } else {
+        &o.format
+    };
+    // A file refused for its sheets has no data sheet to name.
+    let no_sheet = o
+        .problems
+        .iter()
+        .any(|p| matches!(p.code, "wrong_operation" | "sheet_missing"));
+    if no_sheet {
+        writeln!(out, "{name}: {format} file").map_err(w)?;
+    } else {
+        writeln!(
+            out,
+            "{name}: {format} file, sheet \"{}\", {} rows",
+            o.sheet, o.rows
+        )
+        .map_err(w)?;
+    }
     for n in &o.notes {
         writeln!(out, "Note: {n}").map_err(w)?;
     }

@@ -38,6 +38,26 @@ fn a_first_session_from_the_command_line() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(tpl.exists());
+    // Checked as another operation: refused, naming the columns, no sheet named that the
+    // file does not have.
+    let o = cli(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "deactivate",
+            tpl.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("[wrong_operation]") && t.contains("B First Name"),
+        "{t}"
+    );
+    assert!(!t.contains("sheet \"Deactivate Users\""), "{t}");
 
     let csv = dir.path().join("add.csv");
     std::fs::write(&csv, "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nada@example.com,Ada,Lovelace,,Sales,Learner,,Standard\nbob@example.com,Bob,Byron,,,Manager,,Standard\n").unwrap();
