@@ -190,6 +190,12 @@ pub fn store_upload_unsynced(
 pub struct PendingSync(Option<std::thread::JoinHandle<std::io::Result<()>>>);
 
 impl PendingSync {
+    /// The fsyncs running on `thread` (what `store_upload_unsynced` starts; a test can hand
+    /// in a thread of its own to watch what waits for it).
+    pub fn from_thread(thread: std::thread::JoinHandle<std::io::Result<()>>) -> PendingSync {
+        PendingSync(Some(thread))
+    }
+
     /// Waits until the stored file and its name are on disk.
     pub fn wait(mut self) -> AppResult<()> {
         self.join()

@@ -1550,3 +1550,65 @@ fn a_job_whose_stored_copy_was_damaged_or_lost_fails_saying_so_and_changes_nothi
     assert_eq!(users, 3, "only the intact job's three users");
     assert!(!env.app.data.progress_file(a).exists());
 }
+
+/// The pass's outcome is committed only once the upload's fsyncs are done: a sync thread that
+/// takes its time finds the job still 'running' when it ends, and the job succeeds after it.
+/// A sync that fails fails the job, applying nothing.
+#[test]
+fn a_job_run_at_once_commits_its_outcome_only_after_its_uploads_fsyncs() {
+    let (env, t) = setup();
+    let run = |name: &str, from: usize, sync_fails: bool| -> (i64, Option<String>) {
+        let p = add_file(&env, name, from, 3);
+        let job = submit(&env, &t, &p, None);
+        let db = env.app.data.database();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let saw = seen.clone();
+        let sync = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let c = rusqlite::Connection::open(db).unwrap();
+            let state: String = c
+                .query_row("SELECT state FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+                .unwrap();
+            *saw.lock().unwrap() = Some(state);
+            if sync_fails {
+                Err(std::io::Error::other("the disk is gone"))
+            } else {
+                Ok(())
+            }
+        });
+        let ahead = scheduler::Ahead {
+            worker: None,
+            stored: Some(service::PendingSync::from_thread(sync)),
+            unsynced: None,
+        };
+        let _ = scheduler::run_job(
+            &env.app,
+            job,
+            scheduler::RunOptions::default(),
+            ahead,
+            &mut |_, _, _| {},
+            &mut |_| {},
+        );
+        let seen = seen.lock().unwrap().clone();
+        (job, seen)
+    };
+    let (job, seen) = run("slow-sync.xlsx", 0, false);
+    assert_eq!(seen.as_deref(), Some("running"));
+    assert_eq!(state(&env, job), "succeeded");
+
+    let users = |env: &Env| -> i64 {
+        env.app
+            .conn
+            .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = users(&env);
+    let (job, seen) = run("failed-sync.xlsx", 10, true);
+    assert_eq!(seen.as_deref(), Some("running"));
+    assert_eq!(state(&env, job), "failed");
+    assert_eq!(
+        users(&env),
+        before,
+        "nothing of a job whose file is not on disk"
+    );
+}
