@@ -119,6 +119,12 @@ impl Outcome {
         msg
     }
 
+    /// "1 error", "3 errors".
+    pub fn errors_message(&self) -> String {
+        let n = self.errors;
+        format!("{n} {}", if n == 1 { "error" } else { "errors" })
+    }
+
     /// What an applied file did, for the one who applied it: "2 users added", "1 user
     /// deactivated, 3 rows changed nothing".
     pub fn applied_message(&self) -> String {
@@ -468,12 +474,16 @@ fn process_from(
     if out2.rows == 0 && out2.errors == 0 {
         // A template sent back unfilled: nothing to do is told, not applied as a job of
         // no change.
-        let sheet = out2.sheet.clone();
+        let what = if out2.format == "csv" {
+            "The file".to_string()
+        } else {
+            format!("The sheet \"{}\"", out2.sheet)
+        };
         refuse(
             &mut out2,
             "no_rows",
             format!(
-                "The sheet \"{sheet}\" has no rows below its column names. Fill in at least one row, from row 2, and upload the file again."
+                "{what} has no rows below its column names. Fill in at least one row, from row 2, and upload the file again."
             ),
         );
     }
@@ -731,7 +741,7 @@ fn columns_compared(found: Operation, op: Operation) -> String {
             .join(", ")
     };
     format!(
-        "its columns are {}; {} users needs {}.",
+        "its columns are {}; a {} users file starts with {}.",
         list(found),
         op.title(),
         list(op)

@@ -718,13 +718,34 @@ fn writable_destination(path: &Path) -> AppResult<()> {
         )));
     }
     if !folder.is_dir() {
+        let why = if folder.exists() {
+            "is not a folder"
+        } else {
+            "does not exist"
+        };
         return Err(AppError::Usage(format!(
-            "cannot write {}: the folder {} does not exist",
+            "cannot write {}: {} {why}",
             path.display(),
             folder.display()
         )));
     }
-    Ok(())
+    // Whether a file can be made there (a read-only folder, one of another user's).
+    let probe = folder.join(format!(".rollcall-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(AppError::Usage(format!(
+            "cannot write {}: no file can be made in {} ({e})",
+            path.display(),
+            folder.display()
+        ))),
+    }
 }
 
 /// Runs a parsed command line; returns the exit code.
@@ -1069,7 +1090,13 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     &outcome,
                     &path,
                 )
-                .map_err(|e| AppError::Usage(format!("cannot write {}: {e}", path.display())))?;
+                .map_err(|e| match e {
+                    // Saving it, not reading the upload again: the path is what to fix.
+                    AppError::Internal { context, reason } if context == "writing a workbook" => {
+                        AppError::Usage(format!("cannot write {}: {reason}", path.display()))
+                    }
+                    other => other,
+                })?;
                 report_path = Some(path);
             }
             if json {
@@ -1155,10 +1182,15 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             )?;
             bar.done();
             let produced = res.results_report.as_ref().or(res.error_report.as_ref());
-            if let (Some(dest), Some(src)) = (&report, produced) {
-                std::fs::copy(src, dest).map_err(|e| {
-                    AppError::Usage(format!("cannot write {}: {e}", dest.display()))
-                })?;
+            if let (Some(dest), Some(src)) = (&report, produced)
+                && let Err(e) = std::fs::copy(src, dest)
+            {
+                // The job is done whatever happens to the copy: said, not an error.
+                eprintln!(
+                    "rollcall: warning: cannot write {} ({e}); the report is at {}",
+                    dest.display(),
+                    src.display()
+                );
             }
             if json {
                 print_json(
@@ -1236,10 +1268,15 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 scheduler::send_mail(&app);
                 drop(lock);
             }
-            if let (Some(dest), Some(src)) = (&report, &up.error_report) {
-                std::fs::copy(src, dest).map_err(|e| {
-                    AppError::Usage(format!("cannot write {}: {e}", dest.display()))
-                })?;
+            if let (Some(dest), Some(src)) = (&report, &up.error_report)
+                && let Err(e) = std::fs::copy(src, dest)
+            {
+                // The upload is recorded whatever happens to the copy: said, not an error.
+                eprintln!(
+                    "rollcall: warning: cannot write {} ({e}); the report is at {}",
+                    dest.display(),
+                    src.display()
+                );
             }
             if json {
                 let o = &up.outcome;
@@ -1899,7 +1936,7 @@ fn print_json(
 ) -> AppResult<()> {
     let v = serde_json::json!({
         "valid": outcome.is_valid(),
-        "message": if outcome.is_valid() { outcome.success_message() } else { format!("{} errors", outcome.errors) },
+        "message": if outcome.is_valid() { outcome.success_message() } else { outcome.errors_message() },
         "operation": outcome.operation,
         "format": outcome.format,
         "sheet": outcome.sheet,

@@ -290,7 +290,7 @@ fn finish(
                 "file": name, "job": null, "state": "checked",
                 "applied": false, "valid": outcome.is_valid(), "rows": outcome.rows,
                 "errors": outcome.errors, "warnings": outcome.warnings,
-                "message": if outcome.is_valid() { outcome.success_message() } else { format!("{} errors", outcome.errors) },
+                "message": if outcome.is_valid() { outcome.success_message() } else { outcome.errors_message() },
                 "note": "checked only: the tenant's drop_folder_submit setting is off",
                 "totals": outcome.totals, "licence_forecast": outcome.forecast,
                 "problems": outcome.problems,

@@ -95,6 +95,7 @@ fn a_first_session_from_the_command_line() {
     assert_eq!(v["valid"], true);
     assert_eq!(v["preview"]["rows"][0]["action"], "create");
     assert_eq!(v["licence_forecast"][0]["free_after"], 0);
+    assert_eq!(v["needs_acknowledgement"], false);
 
     // A report into a folder that does not exist: a usage error naming it, before any work.
     let missing = dir.path().join("no-such-folder").join("r.xlsx");
@@ -114,12 +115,32 @@ fn a_first_session_from_the_command_line() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains(&format!(
-            "the folder {} does not exist",
+            "{} does not exist",
             dir.path().join("no-such-folder").display()
         )),
         "{}",
         text(&o)
     );
+    // The same for an import: refused before anything is applied.
+    for cmd in ["import", "upload"] {
+        let o = cli(
+            d,
+            &[
+                cmd,
+                "--tenant",
+                "Acme",
+                "--op",
+                "add",
+                csv.to_str().unwrap(),
+                "--report",
+                missing.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {}", text(&o));
+        assert!(text(&o).contains("does not exist"), "{cmd}: {}", text(&o));
+    }
+    let o = cli(d, &["users", "list", "--tenant", "Acme"]);
+    assert!(!text(&o).contains("ada@example.com"), "{}", text(&o));
 
     let o = cli(
         d,

@@ -1313,6 +1313,52 @@ fn ods_merges(path: &Path, sheet: &str) -> Option<Vec<calamine::Dimensions>> {
     }
 }
 
+/// The csv reader's own buffer (it reads ahead at most this much).
+const CSV_BUFFER: usize = 8 << 10;
+
+/// How many of the last bytes `Remembered` keeps: more than the csv reader buffers ahead.
+const REMEMBERED: usize = 8 * CSV_BUFFER;
+
+/// A reader that remembers the last bytes it handed on, so the byte that ended a record can
+/// be looked at after the csv reader has read the record.
+struct Remembered<R> {
+    inner: R,
+    ring: Box<[u8]>,
+    /// Bytes handed on so far.
+    given: u64,
+}
+
+impl<R> Remembered<R> {
+    fn new(inner: R) -> Self {
+        Remembered {
+            inner,
+            ring: vec![0; REMEMBERED].into_boxed_slice(),
+            given: 0,
+        }
+    }
+
+    /// The byte at offset `at` of what was handed on, if it is still remembered.
+    fn byte_at(&self, at: u64) -> Option<u8> {
+        let size = REMEMBERED as u64;
+        (at < self.given && self.given - at <= size).then(|| self.ring[(at % size) as usize])
+    }
+}
+
+impl<R: Read> Read for Remembered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        // Only the last REMEMBERED bytes matter.
+        let keep = &buf[n.saturating_sub(REMEMBERED)..n];
+        let skipped = (n - keep.len()) as u64;
+        let start = ((self.given + skipped) % REMEMBERED as u64) as usize;
+        let first = keep.len().min(REMEMBERED - start);
+        self.ring[start..start + first].copy_from_slice(&keep[..first]);
+        self.ring[..keep.len() - first].copy_from_slice(&keep[first..]);
+        self.given += n as u64;
+        Ok(n)
+    }
+}
+
 fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let mut file = BufReader::new(File::open(&args.path).map_err(unreadable)?);
     // Skip a UTF-8 byte-order mark, then find the delimiter from the first line.
@@ -1376,33 +1422,18 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     )?;
     // Rows are numbered as a spreadsheet program shows the file: a blank line is a row (the
     // reader skips it), a quoted cell over several lines is not. The reader counts line
-    // feeds; a record's row is the line feeds before it, less those inside earlier cells.
-    // With CRLF line ends the reader stops at a record's CR, so its LF is counted with the
-    // next record; with LF ends it is counted with its own, except on a last line without
-    // a break. (The first line tells the two apart.)
-    let crlf = first.ends_with(b"\r\n");
-    let body = {
-        use std::os::unix::fs::FileExt;
-        let size = file
-            .get_ref()
-            .metadata()
-            .map_err(|e| fatal("file_unreadable", e.to_string()))?
-            .len();
-        let start = file
-            .stream_position()
-            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
-        let mut last = [0u8; 1];
-        let ends_with_newline = file
-            .get_ref()
-            .read_at(&mut last, size.saturating_sub(1))
-            .is_ok_and(|n| n == 1 && last[0] == b'\n');
-        (size.saturating_sub(start), ends_with_newline)
-    };
+    // feeds; a record's row is the line feeds before it, less those inside earlier cells and
+    // the record's own, which the reader has counted when the last byte it took is a line
+    // feed (LF line ends; with CRLF it stops at the CR; a last line may have no break). That
+    // byte is seen in `Remembered`, line end by line end, so mixed line ends are numbered
+    // right too. (Files with lone CR line ends have no line feeds: their blank lines are not
+    // counted.)
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .delimiter(delim)
-        .from_reader(file);
+        .buffer_capacity(CSV_BUFFER)
+        .from_reader(Remembered::new(file));
     let mut rec = csv::ByteRecord::new();
     let mut sink = RowSink::new(out, &args.limits);
     let mut index: u32 = 0;
@@ -1420,7 +1451,11 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         }
         let now = rdr.position();
         let inside = rec.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
-        let own_counted = !crlf && (now.byte() < body.0 || body.1);
+        let own_counted = now
+            .byte()
+            .checked_sub(1)
+            .and_then(|at| rdr.get_ref().byte_at(at))
+            == Some(b'\n');
         let feeds_before = now
             .line()
             .saturating_sub(1)
@@ -1536,6 +1571,35 @@ mod tests {
             csv_rows("Email\na@x.com"),
             want(&[(1, "Email"), (2, "a@x.com")])
         );
+        // LF ends, a blank line, a last line without a break.
+        assert_eq!(
+            csv_rows("Email\na@x.com\n\nb@x.com"),
+            want(&[(1, "Email"), (2, "a@x.com"), (4, "b@x.com")])
+        );
+        // Mixed line ends, both ways round.
+        assert_eq!(
+            csv_rows("Email\r\na@x.com\nb@x.com\n"),
+            want(&[(1, "Email"), (2, "a@x.com"), (3, "b@x.com")])
+        );
+        assert_eq!(
+            csv_rows("Email\n\na@x.com\r\nb@x.com"),
+            want(&[(1, "Email"), (3, "a@x.com"), (4, "b@x.com")])
+        );
+        // Far beyond what the reader remembers: a blank line after every 100th row.
+        let mut big = String::from("Email,Padding\n");
+        let pad = "p".repeat(40);
+        let mut expect = vec![(1u32, "Email".to_string())];
+        let mut row = 1;
+        for i in 0..5000 {
+            row += 1;
+            big.push_str(&format!("u{i}@x.com,{pad}\n"));
+            expect.push((row, format!("u{i}@x.com")));
+            if i % 100 == 99 {
+                big.push('\n');
+                row += 1;
+            }
+        }
+        assert_eq!(csv_rows(&big), expect);
         // A blank first line: the header is in row 2, as a spreadsheet shows it.
         assert_eq!(csv_rows("\nEmail\n"), want(&[(2, "Email")]));
     }

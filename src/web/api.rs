@@ -1695,7 +1695,7 @@ fn upload_json(app: &App, t: &Tenant, id: i64, preview: Option<Vec<Value>>) -> A
         "rows": outcome.rows,
         "errors": outcome.errors,
         "warnings": outcome.warnings,
-        "message": if valid { outcome.success_message() } else { format!("{} errors: nothing can be submitted until they are fixed.", outcome.errors) },
+        "message": if valid { outcome.success_message() } else { format!("{}: nothing can be submitted until they are fixed.", outcome.errors_message()) },
         "totals": outcome.totals,
         "forecast": outcome.forecast,
         // As recorded with the upload (the outcome read back keeps counts and forecast).
@@ -1898,7 +1898,7 @@ async fn rules_test(
                 "rows": outcome.rows,
                 "errors": outcome.errors,
                 "warnings": outcome.warnings,
-                "message": if outcome.is_valid() { outcome.success_message() } else { format!("{} errors", outcome.errors) },
+                "message": if outcome.is_valid() { outcome.success_message() } else { outcome.errors_message() },
                 "problems": outcome.problems.iter().take(200).collect::<Vec<_>>(),
                 "normalisations": outcome.normalisations,
                 "preview": preview,
