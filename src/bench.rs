@@ -489,6 +489,29 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             rows = rows.saturating_sub(1);
             (secs, cpu) = start.stop();
         }
+        "preview" => {
+            // `rollcall validate --json`, its output thrown away: the dry run with every
+            // row's effect kept (spooled, as the command does) and the document written.
+            let app = prepare(&a.data_dir, a.rows, BenchRules::Declared)?;
+            let t = db::tenant(&app.conn, TENANT)?;
+            let start = Timer::start();
+            let mut effects =
+                crate::cli::Effects::new(Some(crate::cli::SpoolAs::Json), &app.data.tmp_dir())?;
+            let o = service::validate(
+                &app,
+                &t,
+                op,
+                &a.file,
+                file_name,
+                &mut |row, email, e| effects.push(row, email, e),
+                &mut |_| {},
+            )?;
+            crate::cli::print_json(&mut std::io::sink(), &o, &mut effects, None, false)?;
+            drop(effects);
+            (secs, cpu) = start.stop();
+            check_valid(&o)?;
+            rows = o.rows;
+        }
         "validate" | "validate_rowrule" | "validate_rules" => {
             let rules = match a.stage.as_str() {
                 "validate" => BenchRules::Declared,
@@ -698,12 +721,13 @@ fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
 }
 
 /// In run order: the two reads side by side, before anything writes.
-const STAGES: [&str; 11] = [
+const STAGES: [&str; 12] = [
     "bare_read",
     "read",
     "bare_insert",
     "bare_insert_changes",
     "validate",
+    "preview",
     "validate_rowrule",
     "validate_rules",
     "apply",

@@ -1062,7 +1062,16 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 writable_destination(r)?;
             }
             let name = file_name(&file.file);
-            let mut effects = Effects::new(json || preview);
+            let mut effects = Effects::new(
+                if json {
+                    Some(SpoolAs::Json)
+                } else if preview {
+                    Some(SpoolAs::Text)
+                } else {
+                    None
+                },
+                &app.data.tmp_dir(),
+            )?;
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
             let outcome = service::validate_with(
@@ -1102,9 +1111,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             if json {
                 // Submitting it would need the warnings acknowledged (--yes).
                 let needs_ack = outcome.is_valid() && outcome.warnings > 0;
-                print_json(out, &outcome, &effects.rows, None, needs_ack)?;
+                print_json(out, &outcome, &mut effects, None, needs_ack)?;
             } else {
-                print_outcome(out, &name, &outcome, &effects.rows, preview)?;
+                print_outcome(out, &name, &outcome, &mut effects, preview)?;
                 if let Some(p) = &report_path {
                     writeln!(out, "Error workbook: {}", p.display()).map_err(w)?;
                 }
@@ -1161,7 +1170,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 return Ok(0);
             }
             let name = file_name(&file.file);
-            let mut effects = Effects::new(json);
+            let mut effects = Effects::new(json.then_some(SpoolAs::Json), &app.data.tmp_dir())?;
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
             let res = service::import(
@@ -1196,12 +1205,12 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 print_json(
                     out,
                     &res.outcome,
-                    &effects.rows,
+                    &mut effects,
                     Some(res.job_id),
                     res.needs_acknowledgement,
                 )?;
             } else {
-                print_outcome(out, &name, &res.outcome, &effects.rows, false)?;
+                print_outcome(out, &name, &res.outcome, &mut effects, false)?;
                 let job = res.job_id;
                 if res.applied {
                     writeln!(
@@ -1246,7 +1255,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 writable_destination(r)?;
             }
             let name = file_name(&file.file);
-            let mut effects = Effects::new(json);
+            let mut effects = Effects::new(json.then_some(SpoolAs::Json), &app.data.tmp_dir())?;
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let mut bar = Progress::new(json);
             let up = service::upload_with(
@@ -1281,9 +1290,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             if json {
                 let o = &up.outcome;
                 let needs_ack = o.is_valid() && o.warnings > 0;
-                print_json(out, o, &effects.rows, None, needs_ack)?;
+                print_json(out, o, &mut effects, None, needs_ack)?;
             } else {
-                print_outcome(out, &name, &up.outcome, &effects.rows, false)?;
+                print_outcome(out, &name, &up.outcome, &mut effects, false)?;
                 if up.outcome.is_valid() {
                     writeln!(
                         out,
@@ -1708,7 +1717,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         }) => {
             let t = db::tenant(&app.conn, &tenant)?;
             let name = file_name(&file);
-            let mut effects = Effects::new(json);
+            let mut effects = Effects::new(json.then_some(SpoolAs::Json), &app.data.tmp_dir())?;
             let mut sink = |row: u32, email: &str, e: &Effect| effects.push(row, email, e);
             let tested = service::test_rules(&app, &t, op, &file, &name, &mut sink)?;
             let (active, outcome) = match tested {
@@ -1738,9 +1747,9 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             if json {
                 // Submitting it would need the warnings acknowledged (--yes).
                 let needs_ack = outcome.is_valid() && outcome.warnings > 0;
-                print_json(out, &outcome, &effects.rows, None, needs_ack)?;
+                print_json(out, &outcome, &mut effects, None, needs_ack)?;
             } else {
-                print_outcome(out, &name, &outcome, &effects.rows, false)?;
+                print_outcome(out, &name, &outcome, &mut effects, false)?;
             }
             Ok(if outcome.is_valid() { 0 } else { 1 })
         }
@@ -1896,27 +1905,144 @@ fn file_name(p: &Path) -> String {
 }
 
 /// The row effects a command prints: the first ten, or every one (JSON, --preview).
-struct Effects {
-    all: bool,
+pub(crate) struct Effects {
+    /// The first rows, for the summary's sample.
     rows: Vec<RowEffect>,
+    /// Every row, when all are printed: spooled to a file as they come (one line each, in
+    /// the form they are printed in), so a million rows cost no memory.
+    spool: Option<Spool>,
+}
+
+/// How the spooled rows are written: JSON values or the summary's text lines.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum SpoolAs {
+    Json,
+    Text,
+}
+
+struct Spool {
+    path: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    kind: SpoolAs,
+    count: u64,
+    /// The first write that failed (told when the rows are printed).
+    failed: Option<std::io::Error>,
 }
 
 impl Effects {
-    fn new(all: bool) -> Effects {
-        Effects {
-            all,
+    /// `all`: every row is printed, in the form `kind`, from a file in `tmp`.
+    pub(crate) fn new(all: Option<SpoolAs>, tmp: &Path) -> AppResult<Effects> {
+        let spool = match all {
+            None => None,
+            Some(kind) => {
+                let path = tmp.join(format!(
+                    "preview-{}-{}.partial",
+                    std::process::id(),
+                    time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+                ));
+                let file = std::fs::File::create(&path)
+                    .map_err(|e| AppError::internal("keeping the preview", e))?;
+                Some(Spool {
+                    path,
+                    file: Some(std::io::BufWriter::with_capacity(1 << 16, file)),
+                    kind,
+                    count: 0,
+                    failed: None,
+                })
+            }
+        };
+        Ok(Effects {
             rows: Vec::new(),
+            spool,
+        })
+    }
+
+    pub(crate) fn push(&mut self, row: u32, email: &str, effect: &Effect) {
+        let e = RowEffect {
+            row,
+            email: email.to_string(),
+            effect: effect.clone(),
+        };
+        if let Some(s) = &mut self.spool
+            && s.failed.is_none()
+            && let Some(f) = &mut s.file
+        {
+            let written = match s.kind {
+                SpoolAs::Json => serde_json::to_writer(&mut *f, &e).map_err(std::io::Error::from),
+                SpoolAs::Text => f.write_all(row_line(&e).as_bytes()),
+            }
+            .and_then(|()| f.write_all(b"\n"));
+            match written {
+                Ok(()) => s.count += 1,
+                Err(err) => s.failed = Some(err),
+            }
+        }
+        if self.rows.len() < 10 {
+            self.rows.push(e);
         }
     }
-    fn push(&mut self, row: u32, email: &str, effect: &Effect) {
-        if self.all || self.rows.len() < 10 {
-            self.rows.push(RowEffect {
-                row,
-                email: email.to_string(),
-                effect: effect.clone(),
-            });
+
+    /// Every spooled line, in order, handed to `each` (with whether it is the last).
+    fn each_spooled(
+        &mut self,
+        mut each: impl FnMut(&str, bool) -> std::io::Result<()>,
+    ) -> AppResult<()> {
+        use std::io::BufRead;
+        let Some(s) = &mut self.spool else {
+            return Ok(());
+        };
+        let fail = |e: std::io::Error| AppError::internal("keeping the preview", e);
+        if let Some(err) = s.failed.take() {
+            return Err(fail(err));
         }
+        if let Some(f) = s.file.take() {
+            f.into_inner().map_err(|e| fail(e.into_error()))?;
+        }
+        let file = std::fs::File::open(&s.path).map_err(fail)?;
+        let mut lines = std::io::BufReader::with_capacity(1 << 16, file).lines();
+        let mut left = s.count;
+        while left > 0 {
+            let Some(line) = lines.next() else { break };
+            left -= 1;
+            each(&line.map_err(fail)?, left == 0)
+                .map_err(|e| AppError::internal("writing output", e))?;
+        }
+        Ok(())
     }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        drop(self.file.take());
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One row of the preview as the summary prints it.
+fn row_line(e: &RowEffect) -> String {
+    let detail = match &e.effect {
+        Effect::Change { changes } => changes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}: {} -> {}",
+                    c.field,
+                    c.old.as_deref().unwrap_or("(empty)"),
+                    c.new.as_deref().unwrap_or("(empty)")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Effect::Unchanged { reason } => reason.clone(),
+        _ => String::new(),
+    };
+    format!(
+        "  row {}: {} {} {}",
+        e.row,
+        e.effect.label(),
+        e.email,
+        detail
+    )
 }
 
 #[derive(Serialize)]
@@ -1927,13 +2053,16 @@ struct RowEffect {
     effect: Effect,
 }
 
-fn print_json(
+pub(crate) fn print_json(
     out: &mut impl Write,
     outcome: &Outcome,
-    effects: &[RowEffect],
+    effects: &mut Effects,
     job_id: Option<i64>,
     needs_ack: bool,
 ) -> AppResult<()> {
+    // The preview's rows go where the marker is, from the spool: the document is never
+    // held whole (a million rows would take gigabytes as a JSON tree).
+    const MARKER: &str = "\u{0}rows\u{0}";
     let v = serde_json::json!({
         "valid": outcome.is_valid(),
         "message": if outcome.is_valid() { outcome.success_message() } else { outcome.errors_message() },
@@ -1944,23 +2073,47 @@ fn print_json(
         "errors": outcome.errors,
         "warnings": outcome.warnings,
         "problems": outcome.problems,
-        "preview": { "totals": outcome.totals, "rows": effects },
+        "preview": { "totals": outcome.totals, "rows": MARKER },
         "licence_forecast": outcome.forecast,
         "normalisations": outcome.normalisations,
         "notes": outcome.notes,
         "job_id": job_id,
         "needs_acknowledgement": needs_ack,
     });
-    serde_json::to_writer_pretty(&mut *out, &v)
-        .map_err(|e| AppError::internal("writing JSON", e))?;
-    writeln!(out).map_err(|e| AppError::internal("writing output", e))
+    let text =
+        serde_json::to_string_pretty(&v).map_err(|e| AppError::internal("writing JSON", e))?;
+    let marker =
+        serde_json::to_string(MARKER).map_err(|e| AppError::internal("writing JSON", e))?;
+    let (head, tail) = text
+        .split_once(&marker)
+        .ok_or_else(|| AppError::internal("writing JSON", "no place for the preview's rows"))?;
+    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    out.write_all(head.as_bytes()).map_err(w)?;
+    out.write_all(b"[").map_err(w)?;
+    if effects.spool.is_some() {
+        effects.each_spooled(|line, last| {
+            write!(out, "\n      {line}{}", if last { "\n    " } else { "," })
+        })?;
+    } else {
+        let rows = serde_json::to_string(&effects.rows)
+            .map_err(|e| AppError::internal("writing JSON", e))?;
+        out.write_all(
+            rows.trim_start_matches('[')
+                .trim_end_matches(']')
+                .as_bytes(),
+        )
+        .map_err(w)?;
+    }
+    out.write_all(b"]").map_err(w)?;
+    out.write_all(tail.as_bytes()).map_err(w)?;
+    writeln!(out).map_err(w)
 }
 
 fn print_outcome(
     out: &mut impl Write,
     name: &str,
     o: &Outcome,
-    effects: &[RowEffect],
+    effects: &mut Effects,
     all_rows: bool,
 ) -> AppResult<()> {
     let w = |e: std::io::Error| AppError::internal("writing output", e);
@@ -2023,35 +2176,14 @@ fn print_outcome(
             t.create, t.change, t.deactivate, t.reactivate, t.delete, t.unchanged
         )
         .map_err(w)?;
-        for e in effects.iter().take(if all_rows { usize::MAX } else { 10 }) {
-            let detail = match &e.effect {
-                Effect::Change { changes } => changes
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{}: {} -> {}",
-                            c.field,
-                            c.old.as_deref().unwrap_or("(empty)"),
-                            c.new.as_deref().unwrap_or("(empty)")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                Effect::Unchanged { reason } => reason.clone(),
-                _ => String::new(),
-            };
-            writeln!(
-                out,
-                "  row {}: {} {} {}",
-                e.row,
-                e.effect.label(),
-                e.email,
-                detail
-            )
-            .map_err(w)?;
+        if all_rows && effects.spool.is_some() {
+            effects.each_spooled(|line, _| writeln!(out, "{line}"))?;
+        } else {
+            for e in &effects.rows {
+                writeln!(out, "{}", row_line(e)).map_err(w)?;
+            }
         }
-        if !all_rows && (o.totals.changing() + o.totals.unchanged) as usize > effects.len().min(10)
-        {
+        if !all_rows && (o.totals.changing() + o.totals.unchanged) as usize > effects.rows.len() {
             writeln!(out, "  ... (--preview shows every row)").map_err(w)?;
         }
         writeln!(out, "OK: {}", o.success_message()).map_err(w)?;

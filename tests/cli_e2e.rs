@@ -96,6 +96,52 @@ fn a_first_session_from_the_command_line() {
     assert_eq!(v["preview"]["rows"][0]["action"], "create");
     assert_eq!(v["licence_forecast"][0]["free_after"], 0);
     assert_eq!(v["needs_acknowledgement"], false);
+    assert_eq!(v["preview"]["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(v["preview"]["rows"][1]["email"], "bob@example.com");
+    // Every row, as text; the rows were kept in a file of the data directory's tmp/ while
+    // the pass ran, and that file is gone.
+    let o = cli(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            "--preview",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        text(&o).contains("row 3: create bob@example.com"),
+        "{}",
+        text(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(d.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A file with errors: the document is whole, its preview has no rows to show.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "Email,First Name,Last Name,Job Title,Team,Role,Language,Licence Pool\nnot-an-email,A,B,,,Learner,,Standard\n").unwrap();
+    let o = cli(
+        d,
+        &[
+            "validate",
+            "--tenant",
+            "Acme",
+            "--op",
+            "add",
+            "--json",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["problems"][0]["code"], "email_invalid");
+    assert!(v["preview"]["rows"].is_array());
 
     // A report into a folder that does not exist: a usage error naming it, before any work.
     let missing = dir.path().join("no-such-folder").join("r.xlsx");
@@ -443,6 +489,7 @@ fn the_bench_command_times_every_stage_and_prints_the_goals() {
         "read",
         "bare_insert",
         "validate",
+        "preview",
         "validate_rowrule",
         "apply",
         "import",
