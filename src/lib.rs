@@ -1,4 +1,5 @@
 #![recursion_limit = "256"]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 //! rollcall: bulk user management on one's own hardware. See docs/ARCHITECTURE.md for the map.
 
 pub mod admin;
