@@ -489,47 +489,39 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             rows = rows.saturating_sub(1);
             (secs, cpu) = start.stop();
         }
-        "preview" => {
-            // `rollcall validate --json`, its output thrown away: the dry run with every
-            // row's effect kept (spooled, as the command does) and the document written.
-            let app = prepare(&a.data_dir, a.rows, BenchRules::Declared)?;
-            let t = db::tenant(&app.conn, TENANT)?;
-            let start = Timer::start();
-            let mut effects =
-                crate::cli::Effects::new(Some(crate::cli::SpoolAs::Json), &app.data.tmp_dir())?;
-            let o = service::validate(
-                &app,
-                &t,
-                op,
-                &a.file,
-                file_name,
-                &mut |row, email, e| effects.push(row, email, e),
-                &mut |_| {},
-            )?;
-            crate::cli::print_json(&mut std::io::sink(), &o, &mut effects, None, false)?;
-            drop(effects);
-            (secs, cpu) = start.stop();
-            check_valid(&o)?;
-            rows = o.rows;
-        }
-        "validate" | "validate_rowrule" | "validate_rules" => {
+        "validate" | "preview" | "validate_rowrule" | "validate_rules" => {
             let rules = match a.stage.as_str() {
-                "validate" => BenchRules::Declared,
+                "validate" | "preview" => BenchRules::Declared,
                 "validate_rowrule" => BenchRules::RowRule,
                 _ => BenchRules::Full,
             };
             let app = prepare(&a.data_dir, a.rows, rules)?;
             let t = db::tenant(&app.conn, TENANT)?;
+            let preview = a.stage == "preview";
             let start = Timer::start();
+            // preview: `rollcall validate --json`, its output thrown away: every row's
+            // effect kept (spooled, as the command does) and the document written.
+            let mut effects = crate::cli::Effects::new(
+                preview.then_some(crate::cli::SpoolAs::Json),
+                &app.data.tmp_dir(),
+            )?;
             let o = service::validate(
                 &app,
                 &t,
                 op,
                 &a.file,
                 file_name,
-                &mut |_, _, _| {},
+                &mut |row, email, e| {
+                    if preview {
+                        effects.push(row, email, e);
+                    }
+                },
                 &mut |_| {},
             )?;
+            if preview {
+                crate::cli::print_json(&mut std::io::sink(), &o, &mut effects, None, false)?;
+            }
+            drop(effects);
             (secs, cpu) = start.stop();
             check_valid(&o)?;
             rows = o.rows;

@@ -1906,8 +1906,8 @@ fn file_name(p: &Path) -> String {
 
 /// The row effects a command prints: the first ten, or every one (JSON, --preview).
 pub(crate) struct Effects {
-    /// The first rows, for the summary's sample.
-    rows: Vec<RowEffect>,
+    /// The first rows (row, email, effect), for the summary's sample.
+    rows: Vec<(u32, String, Effect)>,
     /// Every row, when all are printed: spooled to a file as they come (one line each, in
     /// the form they are printed in), so a million rows cost no memory.
     spool: Option<Spool>,
@@ -1958,18 +1958,14 @@ impl Effects {
     }
 
     pub(crate) fn push(&mut self, row: u32, email: &str, effect: &Effect) {
-        let e = RowEffect {
-            row,
-            email: email.to_string(),
-            effect: effect.clone(),
-        };
         if let Some(s) = &mut self.spool
             && s.failed.is_none()
             && let Some(f) = &mut s.file
         {
             let written = match s.kind {
-                SpoolAs::Json => serde_json::to_writer(&mut *f, &e).map_err(std::io::Error::from),
-                SpoolAs::Text => f.write_all(row_line(&e).as_bytes()),
+                SpoolAs::Json => serde_json::to_writer(&mut *f, &RowEffect { row, email, effect })
+                    .map_err(std::io::Error::from),
+                SpoolAs::Text => f.write_all(row_line(row, email, effect).as_bytes()),
             }
             .and_then(|()| f.write_all(b"\n"));
             match written {
@@ -1978,7 +1974,7 @@ impl Effects {
             }
         }
         if self.rows.len() < 10 {
-            self.rows.push(e);
+            self.rows.push((row, email.to_string(), effect.clone()));
         }
     }
 
@@ -2019,8 +2015,8 @@ impl Drop for Spool {
 }
 
 /// One row of the preview as the summary prints it.
-fn row_line(e: &RowEffect) -> String {
-    let detail = match &e.effect {
+fn row_line(row: u32, email: &str, effect: &Effect) -> String {
+    let detail = match effect {
         Effect::Change { changes } => changes
             .iter()
             .map(|c| {
@@ -2036,21 +2032,16 @@ fn row_line(e: &RowEffect) -> String {
         Effect::Unchanged { reason } => reason.clone(),
         _ => String::new(),
     };
-    format!(
-        "  row {}: {} {} {}",
-        e.row,
-        e.effect.label(),
-        e.email,
-        detail
-    )
+    format!("  row {row}: {} {email} {detail}", effect.label())
 }
 
+/// One row of the preview in the JSON output.
 #[derive(Serialize)]
-struct RowEffect {
+struct RowEffect<'a> {
     row: u32,
-    email: String,
+    email: &'a str,
     #[serde(flatten)]
-    effect: Effect,
+    effect: &'a Effect,
 }
 
 pub(crate) fn print_json(
@@ -2090,20 +2081,10 @@ pub(crate) fn print_json(
     let w = |e: std::io::Error| AppError::internal("writing output", e);
     out.write_all(head.as_bytes()).map_err(w)?;
     out.write_all(b"[").map_err(w)?;
-    if effects.spool.is_some() {
-        effects.each_spooled(|line, last| {
-            write!(out, "\n      {line}{}", if last { "\n    " } else { "," })
-        })?;
-    } else {
-        let rows = serde_json::to_string(&effects.rows)
-            .map_err(|e| AppError::internal("writing JSON", e))?;
-        out.write_all(
-            rows.trim_start_matches('[')
-                .trim_end_matches(']')
-                .as_bytes(),
-        )
-        .map_err(w)?;
-    }
+    // (Effects made for JSON spool every row as JSON: `SpoolAs::Json`.)
+    effects.each_spooled(|line, last| {
+        write!(out, "\n      {line}{}", if last { "\n    " } else { "," })
+    })?;
     out.write_all(b"]").map_err(w)?;
     out.write_all(tail.as_bytes()).map_err(w)?;
     writeln!(out).map_err(w)
@@ -2179,8 +2160,8 @@ fn print_outcome(
         if all_rows && effects.spool.is_some() {
             effects.each_spooled(|line, _| writeln!(out, "{line}"))?;
         } else {
-            for e in &effects.rows {
-                writeln!(out, "{}", row_line(e)).map_err(w)?;
+            for (row, email, effect) in &effects.rows {
+                writeln!(out, "{}", row_line(*row, email, effect)).map_err(w)?;
             }
         }
         if !all_rows && (o.totals.changing() + o.totals.unchanged) as usize > effects.rows.len() {
