@@ -1077,7 +1077,35 @@ fn the_error_workbook_applies_once_its_flagged_cells_are_fixed() {
     let report = r.error_report.unwrap();
 
     // Read back whole, then the two flagged cells of row 3 corrected.
-    let mut wb: calamine::Xlsx<_> = calamine::open_workbook(&report).unwrap();
+    let fixed = env.path("fixed.xlsx");
+    rewrite_workbook(&report, &fixed, |name, rows| {
+        if name == Operation::Add.sheet_name() {
+            assert!(
+                matches!(&rows[0][8], C::S(h) if h == "Errors"),
+                "{:?}",
+                rows[0]
+            );
+            rows[2][0] = s("bob@example.com");
+            rows[2][7] = s("Standard");
+        }
+    });
+    let (o, _) = validate(&env, &t, Operation::Add, &fixed);
+    assert!(o.is_valid(), "{:?}", o.problems);
+    let r = import(&mut env, &t, Operation::Add, &fixed, false);
+    assert!(r.applied, "{:?}", r.outcome.problems);
+    assert!(user(&env, &t, "bob@example.com").is_some());
+    assert!(user(&env, &t, "ada@example.com").is_some());
+}
+
+/// Reads every sheet of `from` back and writes them to `to` with the test's own xlsx
+/// writer (another writer than ours; hidden sheets kept hidden), after `edit` has had each
+/// sheet's cells as text.
+fn rewrite_workbook(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    mut edit: impl FnMut(&str, &mut Vec<Vec<C>>),
+) {
+    let mut wb: calamine::Xlsx<_> = calamine::open_workbook(from).unwrap();
     let meta: Vec<(String, bool)> = wb
         .sheets_metadata()
         .iter()
@@ -1090,55 +1118,25 @@ fn the_error_workbook_applies_once_its_flagged_cells_are_fixed() {
             .rows()
             .map(|r| r.iter().map(|c| s(&c.to_string())).collect())
             .collect();
-        if name == Operation::Add.sheet_name() {
-            assert_eq!(range.get_value((0, 8)).unwrap().to_string(), "Errors");
-            rows[2][0] = s("bob@example.com");
-            rows[2][7] = s("Standard");
-        }
+        edit(&name, &mut rows);
         sheets.push(Sheet { name, rows, hidden });
     }
-    let fixed = env.path("fixed.xlsx");
-    write_xlsx(&fixed, &sheets);
-    let (o, _) = validate(&env, &t, Operation::Add, &fixed);
-    assert!(o.is_valid(), "{:?}", o.problems);
-    let r = import(&mut env, &t, Operation::Add, &fixed, false);
-    assert!(r.applied, "{:?}", r.outcome.problems);
-    assert!(user(&env, &t, "bob@example.com").is_some());
-    assert!(user(&env, &t, "ada@example.com").is_some());
+    write_xlsx(to, &sheets);
 }
 
-/// Fills `template` (as written by us) with `rows` from row 2 in another writer: every sheet
-/// read back and written again by the test's own xlsx writer, hidden ones kept hidden.
+/// Fills `template` (as written by us) with `rows` from row 2 in another writer.
 fn fill_template(
     template: &std::path::Path,
     sheet: &str,
     rows: &[Vec<&str>],
     out: &std::path::Path,
 ) {
-    let mut wb: calamine::Xlsx<_> = calamine::open_workbook(template).unwrap();
-    let meta: Vec<(String, bool)> = wb
-        .sheets_metadata()
-        .iter()
-        .map(|m| (m.name.clone(), m.visible != calamine::SheetVisible::Visible))
-        .collect();
-    let mut sheets = Vec::new();
-    for (name, hidden) in meta {
-        let range = wb.worksheet_range(&name).unwrap();
-        let mut cells: Vec<Vec<C>> = range
-            .rows()
-            .map(|r| r.iter().map(|c| s(&c.to_string())).collect())
-            .collect();
+    rewrite_workbook(template, out, |name, cells| {
         if name == sheet {
             cells.truncate(1);
             cells.extend(rows.iter().map(|r| r.iter().map(|v| s(v)).collect()));
         }
-        sheets.push(Sheet {
-            name,
-            rows: cells,
-            hidden,
-        });
-    }
-    write_xlsx(out, &sheets);
+    });
 }
 
 /// Each operation from its own template: downloaded, filled in by another program, checked
