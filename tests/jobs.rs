@@ -1124,14 +1124,10 @@ fn reader_setup(env: &Env) -> rollcall::sheet::reader::ReaderSetup {
     }
 }
 
-/// The processes whose command line names `path` (a file worker reading it).
-fn workers_on(path: &std::path::Path) -> usize {
-    let needle = path.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
-        .count()
+/// Whether process `pid` is still there (running, or exited and not yet reaped). Looked up
+/// by pid: a child just spawned may still be inside exec, its command line not yet set.
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[test]
@@ -1148,6 +1144,7 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
 
     // Started on a, opened for a: the same worker.
     let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    let pid = started.pid();
     assert!(started.is_for(&a, "a.xlsx", &sheet));
     assert!(
         !started.is_for(&a, "a.csv", &sheet),
@@ -1156,25 +1153,34 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     assert!(!started.is_for(&a, "a.xlsx", "Update Users"));
     let r = SheetReader::open_started(Some(started), &setup, &a, "a.xlsx", &sheet).unwrap();
     assert_eq!(rows(&r), Some(30));
+    assert_eq!(
+        r.pid(),
+        pid,
+        "the worker started early was not the one used"
+    );
     drop(r);
-    assert_eq!(workers_on(&a), 0);
+    assert!(!process_exists(pid), "the worker was not reaped");
 
-    // Started on a, opened for b: a's worker is stopped, b is read.
+    // Started on a, opened for b: a's worker is stopped, b is read. a's rows overfill the
+    // pipe, so its worker cannot finish on its own while the test looks.
+    rollcall::bench::generate(&a, 3000).unwrap();
     let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
-    assert_eq!(workers_on(&a), 1);
+    let pid = started.pid();
+    assert!(process_exists(pid));
     let r = SheetReader::open_started(Some(started), &setup, &b, "b.xlsx", &sheet).unwrap();
     assert_eq!(rows(&r), Some(40));
-    assert_eq!(
-        workers_on(&a),
-        0,
+    assert_ne!(r.pid(), pid);
+    assert!(
+        !process_exists(pid),
         "the worker for another file was left running"
     );
     drop(r);
 
     // Dropped unopened: stopped, nothing waits.
     let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    let pid = started.pid();
     drop(started);
-    assert_eq!(workers_on(&a), 0);
+    assert!(!process_exists(pid));
 
     // A file the worker refuses is refused when opened, as without starting early.
     let png = env.path("picture.xlsx");

@@ -96,7 +96,7 @@ impl Starting {
 
     /// The worker's process id.
     pub fn pid(&self) -> u32 {
-        self.reader.child.id()
+        self.reader.pid()
     }
 
     /// Waits for the workbook information (or the worker's refusal of the file).
@@ -256,6 +256,11 @@ impl SheetReader {
 
     pub fn info(&self) -> &WorkbookInfo {
         &self.info
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Notes the worker sent after the rows, known once all rows were read.
