@@ -286,7 +286,8 @@ fn process_from(
     if let Some(sheet) = &info.data_sheet {
         out.sheet = sheet.clone();
     }
-    if let Err((code, msg)) = check_workbook(req.op, &info) {
+    let description = req.rules.map(|r| &r.active.description);
+    if let Err((code, msg)) = check_workbook(req.op, &info, description) {
         refuse(&mut out, code, msg);
         return Ok(out);
     }
@@ -659,8 +660,13 @@ fn refuse(out: &mut Outcome, code: &str, message: String) {
     out.problems.push(file_problem(&sheet, code, message));
 }
 
-/// Checks the sheet set and the template metadata.
-fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static str, String)> {
+/// Checks the sheet set and the template metadata. `rules` gives the tenant's own columns,
+/// named with the built-in ones when a file of another operation is refused.
+fn check_workbook(
+    op: Operation,
+    info: &WorkbookInfo,
+    rules: Option<&crate::rules::Description>,
+) -> Result<(), (&'static str, String)> {
     if let Some(meta) = &info.meta {
         if let Some(found) = meta.get("operation")
             && let Ok(found_op) = found.parse::<Operation>()
@@ -672,7 +678,7 @@ fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static st
                     "This file is a template for {} users, not {} users: {} Upload it as {}, or download the {} template.",
                     found_op.title(),
                     op.title(),
-                    columns_compared(found_op, op),
+                    columns_compared(found_op, op, rules),
                     found_op.title(),
                     op.title()
                 ),
@@ -705,7 +711,7 @@ fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static st
                     other.title(),
                     other.sheet_name(),
                     op.title(),
-                    columns_compared(other, op),
+                    columns_compared(other, op, rules),
                     other.title(),
                     op.title()
                 ),
@@ -728,12 +734,16 @@ fn check_workbook(op: Operation, info: &WorkbookInfo) -> Result<(), (&'static st
     ))
 }
 
-/// The built-in columns of the operation a file was made for against those `op` needs, by
-/// letter and name: "its columns are A Email, B Reason; Add users needs A Email, B First
-/// Name, …."
-fn columns_compared(found: Operation, op: Operation) -> String {
+/// The columns of the operation a file was made for against those `op` needs (the tenant's
+/// own columns included), by letter and name: "its columns are A Email, B Reason; an Add
+/// users file has A Email, B First Name, …."
+fn columns_compared(
+    found: Operation,
+    op: Operation,
+    rules: Option<&crate::rules::Description>,
+) -> String {
     let list = |o: Operation| {
-        model::columns(o)
+        model::columns_with(o, rules)
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{} {}", column_letter(i), c.header))
@@ -741,8 +751,13 @@ fn columns_compared(found: Operation, op: Operation) -> String {
             .join(", ")
     };
     format!(
-        "its columns are {}; a {} users file starts with {}.",
+        "its columns are {}; {} {} users file has {}.",
         list(found),
+        if op.title().starts_with(['A', 'E', 'I', 'O', 'U']) {
+            "an"
+        } else {
+            "a"
+        },
         op.title(),
         list(op)
     )

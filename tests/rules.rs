@@ -632,6 +632,38 @@ fn required_custom_columns_bind_add_files_only_and_rules_see_corrected_spellings
 }
 
 #[test]
+fn a_template_of_another_operation_is_refused_naming_the_tenants_own_columns_too() {
+    let env = Env::new();
+    let t = tenant(&env, "Example Corp");
+    let lists = service::template_lists(&env.app, &t).unwrap();
+    let tpl = env.path("update.xlsx");
+    rollcall::sheet::template::write_template(Operation::Update, &lists, &tpl).unwrap();
+    let o = service::validate(
+        &env.app,
+        &t,
+        Operation::Add,
+        &tpl,
+        "update.xlsx",
+        &mut |_, _, _| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(codes(&o), vec!["wrong_operation"], "{}", messages(&o));
+    let m = &o.problems[0].message;
+    // Both sets in full, the tenant's columns after the built-in ones, by letter.
+    for (op, wanted) in [
+        (
+            Operation::Update,
+            "J Cost Centre, K Employee ID, L Manager Email",
+        ),
+        (Operation::Add, "I Cost Centre, J Employee ID"),
+    ] {
+        assert!(m.contains(wanted), "{op}: {m}");
+    }
+    assert!(m.contains("an Add users file has A Email"), "{m}");
+}
+
+#[test]
 fn tenants_cannot_share_a_rules_folder() {
     let env = Env::new();
     db::create_tenant(&env.app.conn, "Acme Corp").unwrap();
