@@ -1319,13 +1319,40 @@ const CSV_BUFFER: usize = 8 << 10;
 /// How many of the last bytes `Remembered` keeps: more than the csv reader buffers ahead.
 const REMEMBERED: usize = 8 * CSV_BUFFER;
 
-/// A reader that remembers the last bytes it handed on, so the byte that ended a record can
-/// be looked at after the csv reader has read the record.
+/// Whether byte `b`, after `prev`, ends a line as a spreadsheet program reads a CSV file: a
+/// CR, or a line feed that does not complete a CRLF.
+fn breaks_line(prev: Option<u8>, b: u8) -> bool {
+    b == b'\r' || (b == b'\n' && prev != Some(b'\r'))
+}
+
+/// The line ends in `bytes` (`breaks_line`), the byte before them being `prev`.
+fn line_breaks(mut prev: Option<u8>, bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut from = 0;
+    for at in memchr::memchr2_iter(b'\r', b'\n', bytes) {
+        if at > from {
+            prev = Some(bytes[at - 1]);
+        }
+        n += u64::from(breaks_line(prev, bytes[at]));
+        prev = Some(bytes[at]);
+        from = at + 1;
+    }
+    n
+}
+
+/// A reader that counts the line ends (`breaks_line`) of what it hands on and remembers the
+/// last bytes, so that the line ends before any offset the csv reader has reached, and the
+/// byte that ended a record, can be told after the reader has read past them.
 struct Remembered<R> {
     inner: R,
     ring: Box<[u8]>,
-    /// Bytes handed on so far.
+    /// Bytes handed on so far, their line ends, and the last of them.
     given: u64,
+    given_breaks: u64,
+    last: Option<u8>,
+    /// An offset already asked for (`breaks_before`), and the line ends before it.
+    counted: u64,
+    counted_breaks: u64,
 }
 
 impl<R> Remembered<R> {
@@ -1334,6 +1361,10 @@ impl<R> Remembered<R> {
             inner,
             ring: vec![0; REMEMBERED].into_boxed_slice(),
             given: 0,
+            given_breaks: 0,
+            last: None,
+            counted: 0,
+            counted_breaks: 0,
         }
     }
 
@@ -1342,11 +1373,52 @@ impl<R> Remembered<R> {
         let size = REMEMBERED as u64;
         (at < self.given && self.given - at <= size).then(|| self.ring[(at % size) as usize])
     }
+
+    /// The line ends in the bytes from offset `from` to `to`, if they (and the one before
+    /// them) are still remembered.
+    fn breaks_between(&self, from: u64, to: u64) -> Option<u64> {
+        let size = REMEMBERED as u64;
+        if from > to || to > self.given || self.given - from > size {
+            return None;
+        }
+        let prev = match from {
+            0 => None,
+            _ => Some(self.byte_at(from - 1)?),
+        };
+        // The bytes lie in the ring in at most two pieces.
+        let start = (from % size) as usize;
+        let len = (to - from) as usize;
+        let first = len.min(REMEMBERED - start);
+        let (a, b) = (&self.ring[start..start + first], &self.ring[..len - first]);
+        Some(line_breaks(prev, a) + line_breaks(a.last().copied().or(prev), b))
+    }
+
+    /// The line ends before offset `at` (at most what was handed on): counted on from the
+    /// last offset asked for while its bytes are remembered, else back from the end of what
+    /// was handed on (the csv reader is never more than its buffer ahead). `None` when the
+    /// bytes needed are no longer remembered.
+    fn breaks_before(&mut self, at: u64) -> Option<u64> {
+        let breaks = if at < self.counted || at > self.given {
+            None
+        } else if let Some(n) = self.breaks_between(self.counted, at) {
+            Some(self.counted_breaks + n)
+        } else {
+            self.breaks_between(at, self.given)
+                .map(|n| self.given_breaks - n)
+        }?;
+        self.counted = at;
+        self.counted_breaks = breaks;
+        Some(breaks)
+    }
 }
 
 impl<R: Read> Read for Remembered<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.given_breaks += line_breaks(self.last, &buf[..n]);
+        if n > 0 {
+            self.last = Some(buf[n - 1]);
+        }
         // Only the last REMEMBERED bytes matter.
         let keep = &buf[n.saturating_sub(REMEMBERED)..n];
         let skipped = (n - keep.len()) as u64;
@@ -1389,7 +1461,7 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         let _ = (&mut file).take(64 * 1024).read_to_end(&mut sample);
         file.seek(io::SeekFrom::Start(pos))
             .map_err(|e| fatal("file_unreadable", e.to_string()))?;
-        let lines = sample.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+        let lines = line_breaks(None, &sample).max(1);
         let size = std::fs::metadata(&args.path).map(|m| m.len()).unwrap_or(0);
         let per_line = (sample.len() as u64 / lines).max(1);
         Some((size / per_line).saturating_sub(1))
@@ -1421,13 +1493,11 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         },
     )?;
     // Rows are numbered as a spreadsheet program shows the file: a blank line is a row (the
-    // reader skips it), a quoted cell over several lines is not. The reader counts line
-    // feeds; a record's row is the line feeds before it, less those inside earlier cells and
-    // the record's own, which the reader has counted when the last byte it took is a line
-    // feed (LF line ends; with CRLF it stops at the CR; a last line may have no break). That
-    // byte is seen in `Remembered`, line end by line end, so mixed line ends are numbered
-    // right too. (Files with lone CR line ends have no line feeds: their blank lines are not
-    // counted.)
+    // reader skips it), a quoted cell over several lines is not. A record's row is the line
+    // ends (CRLF, LF or a lone CR) before it, less those inside earlier cells: the line ends
+    // before the offset the reader stopped at (`Remembered`), less the record's own inside
+    // its cells and the one that ended it, when the reader took it. Line end by line end, so
+    // mixed line ends are numbered right too.
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -1449,20 +1519,22 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
                 ));
             }
         }
-        let now = rdr.position();
-        let inside = rec.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
-        let own_counted = now
-            .byte()
+        let end = rdr.position().byte();
+        let inside: u64 = rec.iter().map(|cell| line_breaks(None, cell)).sum();
+        let remembered = rdr.get_mut();
+        let own = end
             .checked_sub(1)
-            .and_then(|at| rdr.get_ref().byte_at(at))
-            == Some(b'\n');
-        let feeds_before = now
-            .line()
-            .saturating_sub(1)
-            .saturating_sub(inside_before + inside)
-            .saturating_sub(u64::from(own_counted));
+            .and_then(|at| remembered.byte_at(at))
+            .is_some_and(|b| b == b'\r' || b == b'\n');
+        // (Bytes no longer remembered, which only a record of tens of KiB can cause without
+        // them being asked for first: the record takes the next row.)
+        if let Some(before_end) = remembered.breaks_before(end) {
+            let before = before_end
+                .saturating_sub(inside_before + inside)
+                .saturating_sub(u64::from(own));
+            index = index.max(u32::try_from(before).unwrap_or(u32::MAX));
+        }
         inside_before += inside;
-        index = index.max(u32::try_from(feeds_before).unwrap_or(u32::MAX));
         for (c, field) in rec.iter().enumerate() {
             if field.is_empty() {
                 continue;
@@ -1602,6 +1674,25 @@ mod tests {
         assert_eq!(csv_rows(&big), expect);
         // A blank first line: the header is in row 2, as a spreadsheet shows it.
         assert_eq!(csv_rows("\nEmail\n"), want(&[(2, "Email")]));
+        // Lone CR line ends (as older Mac programs save CSV): blank lines count as rows, a
+        // cell over two lines does not.
+        assert_eq!(
+            csv_rows("Email\ra@x.com\r\rb@x.com\r"),
+            want(&[(1, "Email"), (2, "a@x.com"), (4, "b@x.com")])
+        );
+        assert_eq!(
+            csv_rows("Email,Note\r\"a@x.com\",\"x\ry\"\r\rbad,z"),
+            want(&[(1, "Email"), (2, "a@x.com"), (4, "bad")])
+        );
+        // A record longer than what the reader remembers, with a cell over two lines,
+        // then a blank line.
+        let long = "n".repeat(30_000);
+        assert_eq!(
+            csv_rows(&format!(
+                "Email,A,B,C,Note\na@x.com,{long},{long},{long},\"two\nlines\"\n\nb@x.com\n"
+            )),
+            want(&[(1, "Email"), (2, "a@x.com"), (4, "b@x.com")])
+        );
     }
 
     /// Reads `path` with our reader and with calamine's, checks that ours did read it (no
