@@ -237,7 +237,7 @@ pub enum Command {
     ReadWorker { args_json: String },
     /// Internal: run a tenant's Lua rules under limits (started by rollcall itself).
     #[command(name = "__rules-worker", hide = true)]
-    RulesWorker,
+    RulesWorker { confinement_json: String },
     /// Internal: one benchmark stage in its own process.
     #[command(name = "__bench-stage", hide = true)]
     BenchStage { args_json: String },
@@ -688,8 +688,18 @@ fn rules_check(
 pub fn run_helper(args: &[std::ffi::OsString]) -> Option<i32> {
     match args {
         [_, cmd, json] if cmd == "__read-worker" => Some(run_read_worker(json.to_str()?)),
-        [_, cmd] if cmd == "__rules-worker" => Some(crate::rules::worker::run()),
+        [_, cmd, json] if cmd == "__rules-worker" => Some(run_rules_worker(json.to_str()?)),
         _ => None,
+    }
+}
+
+fn run_rules_worker(confinement_json: &str) -> i32 {
+    match serde_json::from_str(confinement_json) {
+        Ok(confinement) => crate::rules::worker::run(confinement),
+        Err(e) => {
+            eprintln!("rollcall: bad rules worker arguments: {e}");
+            2
+        }
     }
 }
 
@@ -753,8 +763,8 @@ pub fn run(cli: Cli) -> i32 {
     if let Command::ReadWorker { args_json } = &cli.command {
         return run_read_worker(args_json);
     }
-    if let Command::RulesWorker = &cli.command {
-        return crate::rules::worker::run();
+    if let Command::RulesWorker { confinement_json } = &cli.command {
+        return run_rules_worker(confinement_json);
     }
     if let Command::BenchStage { args_json } = &cli.command {
         let result = serde_json::from_str(args_json)
@@ -859,7 +869,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
     let w = |e: std::io::Error| AppError::internal("writing output", e);
     match cli.command {
         Command::ReadWorker { .. }
-        | Command::RulesWorker
+        | Command::RulesWorker { .. }
         | Command::BenchStage { .. }
         | Command::Bench { .. }
         | Command::Restore { .. }

@@ -1323,6 +1323,36 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     );
     p.finish();
 
+    // In place before it reads anything from the parent: a rules worker whose parent never
+    // writes its scripts is confined meanwhile (the limits come on its command line).
+    let confinement = rollcall::confine::Confinement {
+        memory_bytes: 300 << 20,
+        cpu_seconds: 7,
+        may_write_files: true,
+    };
+    let mut silent = std::process::Command::new(BIN)
+        .arg(rollcall::rules::worker::WORKER_SUBCOMMAND)
+        .arg(serde_json::to_string(&confinement).unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .env_clear()
+        .spawn()
+        .unwrap();
+    let pid = silent.id();
+    let want = (300u64 << 20).to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while limit_of(pid, "Max address space").0 != want {
+        assert!(
+            Instant::now() < deadline,
+            "the rules worker did not confine itself before reading its scripts"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(limit_of(pid, "Max cpu time"), ("7".into(), "7".into()));
+    assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
+    drop(silent.stdin.take());
+    assert!(!silent.wait().unwrap().success(), "no init, no work");
+
     // The checking thread lowers only itself: the thread that writes keeps its priority.
     let inner = std::thread::spawn(move || {
         rollcall::priority::lower_this_thread();

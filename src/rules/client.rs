@@ -134,14 +134,19 @@ impl RulesProcess {
             .map(|c| c.header.to_string())
             .collect();
         let run_seconds = setup.limits.rules_seconds.max(1);
-        // The worker confines itself on reading this (see `crate::confine`).
+        // The worker confines itself first thing, before it reads the scripts (see
+        // `crate::confine`).
         let confinement = crate::confine::Confinement {
             memory_bytes: (limits.memory_mib + WORKER_OVERHEAD_MIB).saturating_mul(1024 * 1024),
             cpu_seconds: run_seconds + 5,
             may_write_files: true,
         };
+        let confinement = serde_json::to_string(&confinement).map_err(|e| {
+            StartError::Failed(internal(format!(
+                "the rules process could not be started: {e}"
+            )))
+        })?;
         let init = WorkerInit {
-            confinement,
             scripts: scripts.to_vec(),
             context: context.clone(),
             op,
@@ -152,6 +157,7 @@ impl RulesProcess {
         };
         let mut cmd = Command::new(&setup.worker_exe);
         cmd.arg(worker::WORKER_SUBCOMMAND)
+            .arg(confinement)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

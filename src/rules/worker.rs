@@ -29,8 +29,6 @@ pub const WORKER_SUBCOMMAND: &str = "__rules-worker";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WorkerInit {
-    /// The limits the worker puts on itself before it loads a script.
-    pub confinement: crate::confine::Confinement,
     pub scripts: Vec<Script>,
     pub context: Context,
     pub op: Operation,
@@ -274,7 +272,13 @@ fn user_lookup(path: PathBuf, tenant_id: i64) -> UserLookup {
 }
 
 /// The worker's entry point; returns the exit code.
-pub fn run() -> i32 {
+/// The worker's body. `confinement` (from its command line) is applied first thing, before
+/// anything is read from the parent.
+pub fn run(confinement: crate::confine::Confinement) -> i32 {
+    if let Err(e) = confinement.apply() {
+        eprintln!("rules worker: cannot limit its memory and time: {e}");
+        return 2;
+    }
     let stdin = std::io::stdin();
     let mut input = BufReader::with_capacity(1 << 20, stdin.lock());
     let out = Arc::new(Mutex::new(BufWriter::with_capacity(
@@ -295,10 +299,6 @@ pub fn run() -> i32 {
             return 2;
         }
     };
-    if let Err(e) = init.confinement.apply() {
-        eprintln!("rules worker: cannot limit its memory and time: {e}");
-        return 2;
-    }
     let state = CallState::new();
     let locations: RuleLocations = Arc::new(Mutex::new(Vec::new()));
     start_watchdog(state.clone(), locations.clone(), out.clone(), init.limits);
