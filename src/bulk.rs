@@ -734,33 +734,29 @@ fn check_workbook(
     ))
 }
 
-/// The columns of the operation a file was made for against those `op` needs (the tenant's
-/// own columns included), by letter and name: "its columns are A Email, B Reason; an Add
-/// users file has A Email, B First Name, …."
+/// The columns of the template of the operation a file was made for against those of `op`'s
+/// (the tenant's own columns included, as they are now), by letter and name: "an Update
+/// users file has A Email, B New Email, …; an Add users file has A Email, B First Name, …."
 fn columns_compared(
     found: Operation,
     op: Operation,
     rules: Option<&crate::rules::Description>,
 ) -> String {
-    let list = |o: Operation| {
-        model::columns_with(o, rules)
+    let describe = |o: Operation| {
+        let article = if o.title().starts_with(['A', 'E', 'I', 'O', 'U']) {
+            "an"
+        } else {
+            "a"
+        };
+        let cols = model::columns_with(o, rules)
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{} {}", column_letter(i), c.header))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        format!("{article} {} users file has {cols}", o.title())
     };
-    format!(
-        "its columns are {}; {} {} users file has {}.",
-        list(found),
-        if op.title().starts_with(['A', 'E', 'I', 'O', 'U']) {
-            "an"
-        } else {
-            "a"
-        },
-        op.title(),
-        list(op)
-    )
+    format!("{}; {}.", describe(found), describe(op))
 }
 
 fn cell_text(c: &RawCell) -> String {

@@ -660,7 +660,14 @@ fn a_template_of_another_operation_is_refused_naming_the_tenants_own_columns_too
     ] {
         assert!(m.contains(wanted), "{op}: {m}");
     }
-    assert!(m.contains("an Add users file has A Email"), "{m}");
+    assert!(
+        m.contains("an Update users file has A Email, B New Email"),
+        "{m}"
+    );
+    assert!(
+        m.contains("an Add users file has A Email, B First Name"),
+        "{m}"
+    );
 }
 
 #[test]

@@ -1442,30 +1442,27 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         file.seek(io::SeekFrom::Start(0))
             .map_err(|e| fatal("file_unreadable", e.to_string()))?;
     }
-    let mut first = Vec::new();
-    {
-        use io::BufRead;
-        let pos = file
-            .stream_position()
-            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
-        let _ = (&mut file).take(64 * 1024).read_until(b'\n', &mut first);
-        file.seek(io::SeekFrom::Start(pos))
-            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
-    }
-    // About how many rows: the file's size over the mean length of its first 64 KiB of lines.
+    // The first 64 KiB: the row estimate and the delimiter come from them.
+    let mut sample = Vec::new();
+    let pos = file
+        .stream_position()
+        .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+    let _ = (&mut file).take(64 * 1024).read_to_end(&mut sample);
+    file.seek(io::SeekFrom::Start(pos))
+        .map_err(|e| fatal("file_unreadable", e.to_string()))?;
+    // About how many rows: the file's size over the mean length of the sample's lines.
     let estimated_rows = {
-        let mut sample = Vec::new();
-        let pos = file
-            .stream_position()
-            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
-        let _ = (&mut file).take(64 * 1024).read_to_end(&mut sample);
-        file.seek(io::SeekFrom::Start(pos))
-            .map_err(|e| fatal("file_unreadable", e.to_string()))?;
         let lines = line_breaks(None, &sample).max(1);
         let size = std::fs::metadata(&args.path).map(|m| m.len()).unwrap_or(0);
         let per_line = (sample.len() as u64 / lines).max(1);
         Some((size / per_line).saturating_sub(1))
     };
+    // The delimiter is judged from the first line that is not blank (the column names),
+    // whatever ends it: CRLF, LF or a lone CR.
+    let first = sample
+        .split(|&b| b == b'\r' || b == b'\n')
+        .find(|line| !line.is_empty())
+        .unwrap_or_default();
     let count = |b: u8| first.iter().filter(|&&x| x == b).count();
     let (delim, dname) = [(b',', "comma"), (b';', "semicolon"), (b'\t', "tab")]
         .into_iter()
@@ -1674,6 +1671,36 @@ mod tests {
         assert_eq!(csv_rows(&big), expect);
         // A blank first line: the header is in row 2, as a spreadsheet shows it.
         assert_eq!(csv_rows("\nEmail\n"), want(&[(2, "Email")]));
+        // The delimiter comes from the column names' line, whatever ends it, even after a
+        // blank line: semicolons here, though the cells hold commas.
+        for text in [
+            "Email;Note\ra@x.com;one, two, three\rb@x.com;four, five\r",
+            "\r\nEmail;Note\r\na@x.com;one, two, three\r\n",
+        ] {
+            let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            let mut args = upload(f.path(), "Add Users");
+            args.declared_name = "upload.csv".into();
+            let mut out = Vec::new();
+            assert!(read_file(&args, &mut out).is_ok());
+            let mut r = &out[..];
+            let mut row = codec::RawRow::default();
+            let mut cells = Vec::new();
+            while !r.is_empty() {
+                match codec::read_frame(&mut r, &mut row, 1 << 20, 1 << 24).unwrap() {
+                    codec::Frame::Row => cells.push(
+                        row.cells()
+                            .iter()
+                            .map(|c| c.text.clone())
+                            .collect::<Vec<_>>(),
+                    ),
+                    codec::Frame::Json(..) => {}
+                    _ => break,
+                }
+            }
+            assert_eq!(cells[0], ["Email", "Note"], "{text:?}");
+            assert_eq!(cells[1], ["a@x.com", "one, two, three"], "{text:?}");
+        }
         // Lone CR line ends (as older Mac programs save CSV): blank lines count as rows, a
         // cell over two lines does not.
         assert_eq!(
