@@ -2245,18 +2245,18 @@ mod tests {
 
     #[test]
     fn only_a_helpers_exact_command_line_skips_the_parser() {
-        // Bad arguments: the read worker says so and exits 2, reading nothing.
-        assert_eq!(
-            run_helper(&args(&["rollcall", "__read-worker", "{not json"])),
-            Some(2)
-        );
+        // Bad arguments: each worker says so and exits 2, reading nothing.
+        for bad in ["__read-worker", "__rules-worker"] {
+            assert_eq!(run_helper(&args(&["rollcall", bad, "{not json"])), Some(2));
+        }
         for other in [
             &["rollcall"][..],
             &["rollcall", "tenant", "list"],
             &["rollcall", "__read-worker"],
             &["rollcall", "__read-worker", "{}", "extra"],
-            &["rollcall", "__rules-worker", "extra"],
-            &["rollcall", "--data-dir", "d", "__rules-worker"],
+            &["rollcall", "__rules-worker"],
+            &["rollcall", "__rules-worker", "{}", "extra"],
+            &["rollcall", "--data-dir", "d", "__rules-worker", "{}"],
         ] {
             assert_eq!(run_helper(&args(other)), None, "{other:?}");
         }
