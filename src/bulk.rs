@@ -342,6 +342,8 @@ fn process_from(
     // and no lock taken and released per looked-up row. (Apply runs in the caller's.)
     let _snapshot = ReadSnapshot::begin(conn, req.mode)?;
     let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
+    // The checks word some messages for the file's format (a CSV cell over several lines).
+    v.out.format = out.format.clone();
     if let Some(name) = req.default_pool
         && v.default_pool.is_none()
     {
@@ -1431,7 +1433,23 @@ impl Checker {
             }
             if let Some(bad) = v.chars().find(|ch| ch.is_control()) {
                 let v = self.values[c].clone();
-                self.problem(Severity::Error, Some(row), Some(c), Some(&v), "control_character", format!("The value contains a line break or control character (U+{:04X}). Remove it.", bad as u32));
+                let message = if self.out.format == "csv" && v.contains(['\n', '\r']) {
+                    // The usual cause in a CSV file is a quote opened and never closed.
+                    "The value runs over several lines. In a CSV file that happens when a cell opens a quote (\") that is not closed at its end: the lines after it, up to the next quote, are read into this cell. Close or remove the quote (the rows it swallowed are checked once it is fixed), or remove the line breaks.".to_string()
+                } else {
+                    format!(
+                        "The value contains a line break or control character (U+{:04X}). Remove it.",
+                        bad as u32
+                    )
+                };
+                self.problem(
+                    Severity::Error,
+                    Some(row),
+                    Some(c),
+                    Some(&v),
+                    "control_character",
+                    message,
+                );
                 ok = false;
             }
         }
@@ -2100,6 +2118,7 @@ impl<'c> Validator<'c> {
     fn checker(&self, errors_column: bool) -> Checker {
         let mut out = Outcome::new(self.op);
         out.sheet = self.out.sheet.clone();
+        out.format = self.out.format.clone();
         Checker {
             op: self.op,
             cols: self.cols.clone(),

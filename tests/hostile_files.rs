@@ -790,3 +790,32 @@ fn too_many_parts_and_files_that_cannot_be_read() {
         assert!(f.message.contains("cannot be read"), "{}", f.message);
     }
 }
+
+/// A quote opened in a CSV cell and not closed at its end swallows the lines after it (up
+/// to the next quote) into that cell, as a spreadsheet program would read them: the cell is
+/// refused, and the message says what happened and how to fix it.
+#[test]
+fn a_csv_quote_left_open_is_named_with_the_lines_it_swallowed() {
+    let env = Env::new();
+    let t = tenant(&env);
+    let o = check(
+        &env,
+        &t,
+        "open-quote.csv",
+        b"Email,Reason\na@b.co,\"5 inch\nb@b.co,left\nc@b.co,\"moved\"\n",
+    );
+    assert!(!o.refused && o.errors > 0, "{:?}", o.problems);
+    let p = o
+        .problems
+        .iter()
+        .find(|p| p.code == "control_character")
+        .unwrap_or_else(|| panic!("{:?}", o.problems));
+    assert_eq!((p.row, p.column.as_deref()), (Some(2), Some("B")));
+    assert_eq!(
+        p.value.as_deref(),
+        Some("5 inch\nb@b.co,left\nc@b.co,moved\"")
+    );
+    assert!(p.message.contains("opens a quote"), "{}", p.message);
+    // Outside CSV files a line break is told as before.
+    assert!(!p.message.contains("U+000A"), "{}", p.message);
+}
