@@ -803,7 +803,7 @@ impl Filter {
 
 /// Writes the entries that pass the filter as JSON lines or CSV; returns how many.
 pub fn show(dir: &Path, filter: &Filter, csv_out: bool, out: &mut dyn Write) -> AppResult<u64> {
-    let werr = |e: std::io::Error| AppError::internal("writing output", e);
+    let werr = AppError::output;
     if !csv_out {
         return each_entry(dir, filter, |_, line| writeln!(out, "{line}").map_err(werr));
     }

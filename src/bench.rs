@@ -737,7 +737,7 @@ pub fn run(
     dir: &Path,
     out: &mut dyn std::io::Write,
 ) -> AppResult<()> {
-    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    let w = AppError::output;
     std::fs::create_dir_all(dir).map_err(|e| AppError::internal("bench directory", e))?;
     let exe = std::env::current_exe().map_err(|e| AppError::internal("finding the binary", e))?;
     for &n in sizes {

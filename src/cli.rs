@@ -570,7 +570,7 @@ fn rules_check(
     app: &service::App,
     t: &db::Tenant,
 ) -> AppResult<bool> {
-    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    let w = AppError::output;
     let files = crate::rules::find_files(&app.data, &t.name)?;
     if files.scripts.is_empty() {
         writeln!(
@@ -775,10 +775,7 @@ pub fn run(cli: Cli) -> i32 {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
                 0
             }
-            Err(e) => {
-                eprintln!("rollcall: {e}");
-                e.exit_code()
-            }
+            Err(e) => e.report(),
         };
     }
     if let Command::Bench { rows, repeat, dir } = &cli.command {
@@ -787,10 +784,7 @@ pub fn run(cli: Cli) -> i32 {
             .unwrap_or_else(|| std::env::temp_dir().join("rollcall-bench"));
         return match crate::bench::run(rows, *repeat, &dir, &mut std::io::stdout()) {
             Ok(()) => 0,
-            Err(e) => {
-                eprintln!("rollcall: {e}");
-                e.exit_code()
-            }
+            Err(e) => e.report(),
         };
     }
     if matches!(
@@ -801,18 +795,12 @@ pub fn run(cli: Cli) -> i32 {
         // only asks the server.
         return match no_app(&cli) {
             Ok(code) => code,
-            Err(e) => {
-                eprintln!("rollcall: {e}");
-                e.exit_code()
-            }
+            Err(e) => e.report(),
         };
     }
     match dispatch(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("rollcall: {e}");
-            e.exit_code()
-        }
+        Err(e) => e.report(),
     }
 }
 
@@ -866,7 +854,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
     };
     let mut app = open_app(&cli, listen)?;
     let out = &mut std::io::stdout().lock();
-    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    let w = AppError::output;
     match cli.command {
         Command::ReadWorker { .. }
         | Command::RulesWorker { .. }
@@ -2010,8 +1998,7 @@ impl Effects {
         while left > 0 {
             let Some(line) = lines.next() else { break };
             left -= 1;
-            each(&line.map_err(fail)?, left == 0)
-                .map_err(|e| AppError::internal("writing output", e))?;
+            each(&line.map_err(fail)?, left == 0).map_err(AppError::output)?;
         }
         Ok(())
     }
@@ -2088,7 +2075,7 @@ pub(crate) fn print_json(
     let (head, tail) = text
         .split_once(&marker)
         .ok_or_else(|| AppError::internal("writing JSON", "no place for the preview's rows"))?;
-    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    let w = AppError::output;
     out.write_all(head.as_bytes()).map_err(w)?;
     out.write_all(b"[").map_err(w)?;
     // (Effects made for JSON spool every row as JSON: `SpoolAs::Json`.)
@@ -2107,7 +2094,7 @@ fn print_outcome(
     effects: &mut Effects,
     all_rows: bool,
 ) -> AppResult<()> {
-    let w = |e: std::io::Error| AppError::internal("writing output", e);
+    let w = AppError::output;
     let format = if o.format.is_empty() {
         "unreadable"
     } else {

@@ -50,6 +50,10 @@ pub enum AppError {
     /// An internal failure: database, disk. The message says what was being done.
     #[error("{context}: {reason}")]
     Internal { context: String, reason: String },
+    /// Standard output was closed by its reader (`rollcall … | head`): nothing to report;
+    /// the process ends as a program stopped by SIGPIPE does (exit code 141).
+    #[error("the output was closed by its reader")]
+    OutputClosed,
 }
 
 impl AppError {
@@ -60,13 +64,33 @@ impl AppError {
         }
     }
 
-    /// The process exit code for this error: 1 refused file, 2 usage, 3 environment.
+    /// A failure to write the command's output: `OutputClosed` when the reader went away.
+    pub fn output(e: std::io::Error) -> AppError {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            AppError::OutputClosed
+        } else {
+            AppError::internal("writing output", e)
+        }
+    }
+
+    /// The process exit code for this error: 1 refused file, 2 usage, 3 environment, 141
+    /// output closed by its reader.
     pub fn exit_code(&self) -> i32 {
         match self {
             AppError::Refused(_) => 1,
             AppError::Usage(_) => 2,
             AppError::Startup(_) | AppError::Internal { .. } => 3,
+            AppError::OutputClosed => 141,
         }
+    }
+
+    /// Prints the error for the command line (nothing when the output was closed: the
+    /// reader stopped reading on purpose) and gives the exit code.
+    pub fn report(&self) -> i32 {
+        if !matches!(self, AppError::OutputClosed) {
+            eprintln!("rollcall: {self}");
+        }
+        self.exit_code()
     }
 }
 

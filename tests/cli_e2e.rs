@@ -607,3 +607,24 @@ fn a_damaged_database_is_told_with_what_to_do() {
     );
     assert_eq!(t.trim().lines().count(), 1, "{t}");
 }
+
+/// Output read only in part (`rollcall … | head`): the reader went away, so the command
+/// ends quietly, as a program stopped by SIGPIPE does (141), with no error message.
+#[test]
+fn output_closed_by_its_reader_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(cli(&data, &["tenant", "create", "Acme"]).status.success());
+    // A pipe whose reading end is closed before the command starts: its first write fails.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["tenant", "list"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(141));
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
+}
