@@ -807,7 +807,7 @@ pub fn show(dir: &Path, filter: &Filter, csv_out: bool, out: &mut dyn Write) -> 
     if !csv_out {
         return each_entry(dir, filter, |_, line| writeln!(out, "{line}").map_err(werr));
     }
-    let cerr = |e: csv::Error| AppError::internal("writing CSV", e);
+    let cerr = |e: csv::Error| AppError::writing_csv("writing CSV", e);
     let mut c = csv::Writer::from_writer(out);
     c.write_record([
         "seq", "time", "actor", "tenant", "action", "target", "details",

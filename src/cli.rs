@@ -909,7 +909,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                 &mut *out,
                 &serde_json::json!({ "tenant": t.name, "settings": s }),
             )
-            .map_err(|e| AppError::internal("writing JSON", e))?;
+            .map_err(AppError::writing_json)?;
             writeln!(out).map_err(w)?;
             Ok(0)
         }
@@ -1375,8 +1375,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
             };
             let progress = scheduler::progress(&app.data, id);
             let v = serde_json::json!({ "job": j, "progress": progress });
-            serde_json::to_writer_pretty(&mut *out, &v)
-                .map_err(|e| AppError::internal("writing JSON", e))?;
+            serde_json::to_writer_pretty(&mut *out, &v).map_err(AppError::writing_json)?;
             writeln!(out).map_err(w)?;
             Ok(0)
         }
@@ -1506,7 +1505,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
                     let all = crate::admin::list(&app.conn)?;
                     if json {
                         serde_json::to_writer_pretty(&mut *out, &all)
-                            .map_err(|e| AppError::internal("writing JSON", e))?;
+                            .map_err(AppError::writing_json)?;
                         writeln!(out).map_err(w)?;
                     } else {
                         for a in all {
@@ -1609,8 +1608,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         Command::Mail(MailCmd::List { state, limit, json }) => {
             let rows = crate::mail::list(&app.conn, state.as_deref(), limit)?;
             if json {
-                serde_json::to_writer_pretty(&mut *out, &rows)
-                    .map_err(|e| AppError::internal("writing JSON", e))?;
+                serde_json::to_writer_pretty(&mut *out, &rows).map_err(AppError::writing_json)?;
                 writeln!(out).map_err(w)?;
             } else if rows.is_empty() {
                 writeln!(out, "No messages.").map_err(w)?;
@@ -1754,8 +1752,7 @@ fn dispatch(cli: Cli) -> AppResult<i32> {
         Command::Audit(AuditCmd::Verify { json }) => {
             let v = crate::audit::verify(&app.conn, &app.data.audit_dir())?;
             if json {
-                serde_json::to_writer_pretty(&mut *out, &v)
-                    .map_err(|e| AppError::internal("writing JSON", e))?;
+                serde_json::to_writer_pretty(&mut *out, &v).map_err(AppError::writing_json)?;
                 writeln!(out).map_err(w)?;
             } else if let Some(p) = &v.problem {
                 writeln!(
@@ -2068,10 +2065,8 @@ pub(crate) fn print_json(
         "job_id": job_id,
         "needs_acknowledgement": needs_ack,
     });
-    let text =
-        serde_json::to_string_pretty(&v).map_err(|e| AppError::internal("writing JSON", e))?;
-    let marker =
-        serde_json::to_string(MARKER).map_err(|e| AppError::internal("writing JSON", e))?;
+    let text = serde_json::to_string_pretty(&v).map_err(AppError::writing_json)?;
+    let marker = serde_json::to_string(MARKER).map_err(AppError::writing_json)?;
     let (head, tail) = text
         .split_once(&marker)
         .ok_or_else(|| AppError::internal("writing JSON", "no place for the preview's rows"))?;

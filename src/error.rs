@@ -66,10 +66,35 @@ impl AppError {
 
     /// A failure to write the command's output: `OutputClosed` when the reader went away.
     pub fn output(e: std::io::Error) -> AppError {
+        Self::writing("writing output", e)
+    }
+
+    /// A failure to write (`context` says what): `OutputClosed` when it was a pipe whose
+    /// reader went away.
+    pub fn writing(context: &str, e: std::io::Error) -> AppError {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             AppError::OutputClosed
         } else {
-            AppError::internal("writing output", e)
+            AppError::internal(context, e)
+        }
+    }
+
+    /// `writing` for the JSON writer's errors.
+    pub fn writing_json(e: serde_json::Error) -> AppError {
+        if e.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe) {
+            AppError::OutputClosed
+        } else {
+            AppError::internal("writing JSON", e)
+        }
+    }
+
+    /// `writing` for the CSV writer's errors.
+    pub fn writing_csv(context: &str, e: csv::Error) -> AppError {
+        match e.kind() {
+            csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                AppError::OutputClosed
+            }
+            _ => AppError::internal(context, e),
         }
     }
 

@@ -1212,7 +1212,7 @@ pub fn export_users(
         None => Box::new(std::io::stdout().lock()),
     };
     let mut w = csv::Writer::from_writer(sink);
-    let cerr = |e: csv::Error| AppError::internal("writing the export", e);
+    let cerr = |e: csv::Error| AppError::writing_csv("writing the export", e);
     w.write_record(
         headers
             .iter()
@@ -1226,7 +1226,7 @@ pub fn export_users(
             .map_err(cerr)
     })?;
     w.flush()
-        .map_err(|e| AppError::internal("writing the export", e))?;
+        .map_err(|e| AppError::writing("writing the export", e))?;
     Ok(n)
 }
 

@@ -616,15 +616,22 @@ fn output_closed_by_its_reader_ends_the_command_quietly() {
     let data = dir.path().join("data");
     assert!(cli(&data, &["tenant", "create", "Acme"]).status.success());
     // A pipe whose reading end is closed before the command starts: its first write fails.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let o = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["tenant", "list"])
-        .stdout(writer)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(141));
-    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
+    // Plain text, CSV through the CSV writer, JSON through the JSON writer.
+    for args in [
+        &["tenant", "list"][..],
+        &["users", "export", "--tenant", "Acme"],
+        &["tenant", "show", "Acme"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(141), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&o.stderr), "", "{args:?}");
+    }
 }
