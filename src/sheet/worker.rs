@@ -1519,12 +1519,20 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         let end = rdr.position().byte();
         let inside: u64 = rec.iter().map(|cell| line_breaks(None, cell)).sum();
         let remembered = rdr.get_mut();
-        let own = end
-            .checked_sub(1)
-            .and_then(|at| remembered.byte_at(at))
-            .is_some_and(|b| b == b'\r' || b == b'\n');
-        // (Bytes no longer remembered, which only a record of tens of KiB can cause without
-        // them being asked for first: the record takes the next row.)
+        let is_end = |b: u8| b == b'\r' || b == b'\n';
+        let byte_before = |back: u64| end.checked_sub(back).and_then(|at| remembered.byte_at(at));
+        // The record's own line end was taken when the last byte read is one, unless that
+        // byte is the end of its last cell: a quote left open up to the end of the file
+        // (a closed quoted cell ending in a line break has its closing quote after it).
+        let last_cell_open = rec
+            .iter()
+            .next_back()
+            .and_then(|c| c.last())
+            .is_some_and(|&b| is_end(b))
+            && byte_before(2) != Some(b'"');
+        let own = byte_before(1).is_some_and(is_end) && !last_cell_open;
+        // (The bytes are always remembered: the csv reader is never more than its buffer
+        // ahead. Were they not, the record would take the next row.)
         if let Some(before_end) = remembered.breaks_before(end) {
             let before = before_end
                 .saturating_sub(inside_before + inside)
@@ -1710,6 +1718,19 @@ mod tests {
         assert_eq!(
             csv_rows("Email,Note\r\"a@x.com\",\"x\ry\"\r\rbad,z"),
             want(&[(1, "Email"), (2, "a@x.com"), (4, "bad")])
+        );
+        // A quote left open to the end of the file, after a blank line: the line ends after
+        // it are inside its cell, not rows.
+        assert_eq!(csv_rows("a\n\n\"b\n"), want(&[(1, "a"), (3, "b\n")]));
+        assert_eq!(
+            csv_rows("a\r\n\r\n\"b\r\nc\r\n"),
+            want(&[(1, "a"), (3, "b\r\nc\r\n")])
+        );
+        assert_eq!(csv_rows("a\r\r\"b\r"), want(&[(1, "a"), (3, "b\r")]));
+        // A closed quoted cell that ends in a line break is a row as usual.
+        assert_eq!(
+            csv_rows("a\n\n\"b\n\"\nc\n"),
+            want(&[(1, "a"), (3, "b\n"), (4, "c")])
         );
         // A record longer than what the reader remembers, with a cell over two lines,
         // then a blank line.
