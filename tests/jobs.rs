@@ -1287,16 +1287,28 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     let started =
         rollcall::sheet::reader::SheetReader::start(&setup, &fifo, "pipe.xlsx", &sheet).unwrap();
     let pid = started.pid();
+    // (The limits are set one after the other: wait for the whole set, the priority last.)
+    let confined = || {
+        (
+            limit_of(pid, "Max address space"),
+            limit_of(pid, "Max file size"),
+            nice_of(&format!("/proc/{pid}/stat")),
+        )
+    };
+    let want = (
+        (mem.clone(), mem.clone()),
+        ("0".to_string(), "0".to_string()),
+        expected,
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while limit_of(pid, "Max address space").0 != mem {
+    while confined() != want {
         assert!(
             Instant::now() < deadline,
-            "the worker did not confine itself before opening its file"
+            "the worker did not confine itself before opening its file: {:?}",
+            confined()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(limit_of(pid, "Max file size"), ("0".into(), "0".into()));
-    assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
     drop(started);
 
     // The rules worker, once it has loaded the (no) scripts.
@@ -1339,17 +1351,28 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
         .spawn()
         .unwrap();
     let pid = silent.id();
-    let want = (300u64 << 20).to_string();
+    let bytes = (300u64 << 20).to_string();
+    let confined = || {
+        (
+            limit_of(pid, "Max address space"),
+            limit_of(pid, "Max cpu time"),
+            nice_of(&format!("/proc/{pid}/stat")),
+        )
+    };
+    let want = (
+        (bytes.clone(), bytes),
+        ("7".to_string(), "7".to_string()),
+        expected,
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while limit_of(pid, "Max address space").0 != want {
+    while confined() != want {
         assert!(
             Instant::now() < deadline,
-            "the rules worker did not confine itself before reading its scripts"
+            "the rules worker did not confine itself before reading its scripts: {:?}",
+            confined()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(limit_of(pid, "Max cpu time"), ("7".into(), "7".into()));
-    assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
     drop(silent.stdin.take());
     assert!(!silent.wait().unwrap().success(), "no init, no work");
 
