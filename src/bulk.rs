@@ -273,7 +273,8 @@ fn process_from(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
     let mut out = Outcome::new(req.op);
-    let cols = model::columns_with(req.op, req.rules.map(|r| &r.active.description));
+    let description = req.rules.map(|r| &r.active.description);
+    let cols = model::columns_with(req.op, description);
     let info = reader.info().clone();
     if let Some(r) = req.rules {
         out.notes.extend(r.active.notes.iter().cloned());
@@ -286,7 +287,6 @@ fn process_from(
     if let Some(sheet) = &info.data_sheet {
         out.sheet = sheet.clone();
     }
-    let description = req.rules.map(|r| &r.active.description);
     if let Err((code, msg)) = check_workbook(req.op, &info, description) {
         refuse(&mut out, code, msg);
         return Ok(out);

@@ -1243,6 +1243,20 @@ fn limit_of(pid: u32, name: &str) -> (String, String) {
     )
 }
 
+/// Waits up to 20 s for `probe` to give `want` (a helper sets its limits one after the
+/// other), failing with `what` and the last state seen.
+fn await_state<T: PartialEq + std::fmt::Debug>(what: &str, probe: impl Fn() -> T, want: T) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = probe();
+        if seen == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {seen:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The helpers confine themselves once started (no hook runs between fork and exec): checked
 /// after each has answered, so the limits are known to be in place.
 #[test]
@@ -1300,15 +1314,11 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
         ("0".to_string(), "0".to_string()),
         expected,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while confined() != want {
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not confine itself before opening its file: {:?}",
-            confined()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    await_state(
+        "the worker did not confine itself before opening its file",
+        confined,
+        want,
+    );
     drop(started);
 
     // The rules worker, once it has loaded the (no) scripts.
@@ -1364,15 +1374,11 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
         ("7".to_string(), "7".to_string()),
         expected,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while confined() != want {
-        assert!(
-            Instant::now() < deadline,
-            "the rules worker did not confine itself before reading its scripts: {:?}",
-            confined()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    await_state(
+        "the rules worker did not confine itself before reading its scripts",
+        confined,
+        want,
+    );
     drop(silent.stdin.take());
     assert!(!silent.wait().unwrap().success(), "no init, no work");
 

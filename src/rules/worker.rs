@@ -271,9 +271,8 @@ fn user_lookup(path: PathBuf, tenant_id: i64) -> UserLookup {
     })
 }
 
-/// The worker's entry point; returns the exit code.
-/// The worker's body. `confinement` (from its command line) is applied first thing, before
-/// anything is read from the parent.
+/// The worker's entry point; returns the exit code. `confinement` (from its command line)
+/// is applied first thing, before anything is read from the parent.
 pub fn run(confinement: crate::confine::Confinement) -> i32 {
     if let Err(e) = confinement.apply() {
         eprintln!("rules worker: cannot limit its memory and time: {e}");

@@ -1584,6 +1584,14 @@ mod tests {
 
     /// The rows of a CSV file as (Excel row number, first cell's text).
     fn csv_rows(text: &str) -> Vec<(u32, String)> {
+        csv_records(text)
+            .into_iter()
+            .map(|(n, cells)| (n, cells.into_iter().next().unwrap_or_default()))
+            .collect()
+    }
+
+    /// The rows of a CSV file as (Excel row number, every cell's text).
+    fn csv_records(text: &str) -> Vec<(u32, Vec<String>)> {
         let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         let mut args = upload(f.path(), "Add Users");
@@ -1600,12 +1608,8 @@ mod tests {
             }
             match codec::read_frame(&mut r, &mut row, 1 << 20, 1 << 24).unwrap() {
                 codec::Frame::Row => {
-                    let first = row
-                        .cells()
-                        .first()
-                        .map(|c| c.text.clone())
-                        .unwrap_or_default();
-                    rows.push((row.index + 1, first));
+                    let cells = row.cells().iter().map(|c| c.text.clone()).collect();
+                    rows.push((row.index + 1, cells));
                 }
                 codec::Frame::End(_) => return rows,
                 codec::Frame::Json(..) => {}
@@ -1685,27 +1689,7 @@ mod tests {
             "Email;Note\ra@x.com;one, two, three\rb@x.com;four, five\r",
             "\r\nEmail;Note\r\na@x.com;one, two, three\r\n",
         ] {
-            let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
-            f.write_all(text.as_bytes()).unwrap();
-            let mut args = upload(f.path(), "Add Users");
-            args.declared_name = "upload.csv".into();
-            let mut out = Vec::new();
-            assert!(read_file(&args, &mut out).is_ok());
-            let mut r = &out[..];
-            let mut row = codec::RawRow::default();
-            let mut cells = Vec::new();
-            while !r.is_empty() {
-                match codec::read_frame(&mut r, &mut row, 1 << 20, 1 << 24).unwrap() {
-                    codec::Frame::Row => cells.push(
-                        row.cells()
-                            .iter()
-                            .map(|c| c.text.clone())
-                            .collect::<Vec<_>>(),
-                    ),
-                    codec::Frame::Json(..) => {}
-                    _ => break,
-                }
-            }
+            let cells: Vec<Vec<String>> = csv_records(text).into_iter().map(|r| r.1).collect();
             assert_eq!(cells[0], ["Email", "Note"], "{text:?}");
             assert_eq!(cells[1], ["a@x.com", "one, two, three"], "{text:?}");
         }
