@@ -210,6 +210,11 @@ pub struct StageResult {
     /// and starting the job). 0 for the other stages.
     #[serde(default)]
     pub first_row_secs: f64,
+    /// `apply` and `import`: seconds from the writer's last batch written to the stage's end
+    /// (the pass's commit; in the import also the helpers' end, the job's records and the
+    /// queue's look at what is next). 0 for the other stages.
+    #[serde(default)]
+    pub after_last_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,11 +340,30 @@ impl Timer {
     }
 }
 
-/// Notes the wall-clock seconds since `start` the first time it is called (the writer's
-/// first batch written, from the pass's progress callback).
-fn first_once(first: &std::cell::Cell<Option<f64>>, start: &Timer) {
-    if first.get().is_none() {
-        first.set(Some(start.wall.elapsed().as_secs_f64()));
+/// When the writer wrote its first and its last batch of rows (from the pass's progress
+/// callback), in wall-clock seconds since the stage's start.
+#[derive(Default)]
+struct Batches {
+    first: std::cell::Cell<Option<f64>>,
+    last: std::cell::Cell<f64>,
+}
+
+impl Batches {
+    fn written(&self, start: &Timer) {
+        let now = start.wall.elapsed().as_secs_f64();
+        if self.first.get().is_none() {
+            self.first.set(Some(now));
+        }
+        self.last.set(now);
+    }
+
+    /// Seconds before the first batch, and from the last batch to `end`.
+    fn head_and_tail(&self, end: f64) -> (f64, f64) {
+        let last = self.last.get();
+        (
+            self.first.get().unwrap_or_default(),
+            if last > 0.0 { end - last } else { 0.0 },
+        )
     }
 }
 
@@ -364,6 +388,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
     let mut rows = 0u64;
     let mut audit_bytes = 0u64;
     let mut first_row_secs = 0.0;
+    let mut after_last_secs = 0.0;
     let secs;
     let cpu;
     match a.stage.as_str() {
@@ -603,26 +628,26 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                 mode: Mode::Apply { job_id },
                 estimate: None,
             };
-            let first_batch = std::cell::Cell::new(None);
+            let batches = Batches::default();
             let o = bulk::process_rows(
                 &tx,
                 &app.config.limits,
                 &req,
                 &mut source,
                 &mut |_, _, _| {},
-                &mut |_| first_once(&first_batch, &start),
+                &mut |_| batches.written(&start),
             )?;
-            first_row_secs = first_batch.get().unwrap_or_default();
             check_valid(&o)?;
             tx.commit()?;
             (secs, cpu) = start.stop();
+            (first_row_secs, after_last_secs) = batches.head_and_tail(secs);
             rows = o.rows;
         }
         "import" | "report" | "audit" => {
             let mut app = prepare(&a.data_dir, a.rows, BenchRules::Declared)?;
             let t = db::tenant(&app.conn, TENANT)?;
             let start = Timer::start();
-            let first_batch = std::cell::Cell::new(None);
+            let batches = Batches::default();
             let r = service::import(
                 &mut app,
                 &t,
@@ -635,10 +660,10 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
                     ..ImportOptions::default()
                 },
                 &mut |_, _, _| {},
-                &mut |_| first_once(&first_batch, &start),
+                &mut |_| batches.written(&start),
             )?;
             let import = start.stop();
-            first_row_secs = first_batch.get().unwrap_or_default();
+            (first_row_secs, after_last_secs) = batches.head_and_tail(import.0);
             check_valid(&r.outcome)?;
             rows = r.outcome.rows;
             (secs, cpu) = if a.stage == "import" {
@@ -685,6 +710,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             .load(std::sync::atomic::Ordering::Relaxed) as f64
             / 1000.0,
         first_row_secs,
+        after_last_secs,
     })
 }
 
@@ -906,6 +932,20 @@ pub fn run(
             first("apply"),
             first("import"),
             100.0 * first("import") / t("apply"),
+        )
+        .map_err(w)?;
+        let last = |s: &str| {
+            results
+                .get(s)
+                .map(|r| r.after_last_secs)
+                .unwrap_or(f64::NAN)
+        };
+        writeln!(
+            out,
+            "after the writer's last rows: {:.3} s in apply (the commit); {:.3} s in import (the helpers' end, the job's records and commit, the queue's next look), {:.0}% of apply",
+            last("apply"),
+            last("import"),
+            100.0 * last("import") / t("apply"),
         )
         .map_err(w)?;
         let c = |s: &str| results.get(s).map(|r| r.cpu_secs).unwrap_or(f64::NAN);

@@ -296,6 +296,43 @@ impl<R: Read> Xml<R> {
         Some(text)
     }
 
+    /// When the window holds, at the scanner's position, a cell's start tag of the usual
+    /// shape (`<c`, then any of ` r="…"`, ` s="…"`, ` t="…"` in that order with one space
+    /// before each, then `>` or `/>`): consumes it and gives the places of the three values
+    /// and whether the tag is empty. The same as `next` and `attrs` would give, in one pass
+    /// over the tag's bytes: the hot path of a sheet, with `take_simple` for the value. `None`
+    /// (anything else: other attributes, spacing or quotes, a long value, or the bytes not
+    /// all in the window yet) leaves the position as it was.
+    fn take_cell_tag(&mut self) -> Option<([Option<Range<usize>>; 3], bool)> {
+        let base = self.pos;
+        let rest = &self.buf[base..];
+        if !rest.starts_with(b"<c") {
+            return None;
+        }
+        let mut i = 2;
+        let mut values: [Option<Range<usize>>; 3] = [None, None, None];
+        for (slot, key) in values.iter_mut().zip([b'r', b's', b't']) {
+            if rest.get(i..i + 4) == Some(&[b' ', key, b'=', b'"'][..]) {
+                let start = i + 4;
+                // The three are a few bytes long; a longer one is left to the tokens.
+                let tail = rest.get(start..)?;
+                let len = tail.iter().take(32).position(|&b| b == b'"')?;
+                *slot = Some(base + start..base + start + len);
+                i = start + len + 1;
+            }
+        }
+        let empty = match rest.get(i)? {
+            b'>' => false,
+            b'/' if rest.get(i + 1) == Some(&b'>') => {
+                i += 1;
+                true
+            }
+            _ => return None,
+        };
+        self.pos = base + i + 1;
+        Some((values, empty))
+    }
+
     /// Appends the text `take_simple` found, as `text_into` does a text token's.
     fn decode(&self, text: Range<usize>, out: &mut String) -> Result<(), XmlError> {
         decode_into(&self.buf[text], out, true)
@@ -1119,6 +1156,65 @@ enum Name {
     SheetData,
 }
 
+/// What a cell's start tag says: its place, whether its style is a date's, its type, and
+/// whether the type was given.
+struct CellHead {
+    pos: (u32, u32),
+    date: bool,
+    t: T,
+    typed: bool,
+}
+
+/// Reads a cell's attributes `r`, `s` and `t` (raw values); `row` and `col` are where the
+/// cell is when it has no `r` (`col` moves past it).
+fn cell_head(
+    row: u32,
+    col: &mut u32,
+    dates: &[bool],
+    r: Option<&[u8]>,
+    s: Option<&[u8]>,
+    t: Option<&[u8]>,
+) -> Result<CellHead, XmlError> {
+    let pos = match r {
+        Some(r) => match cell_ref(r) {
+            Some((row, Some(c))) => {
+                *col = c;
+                (row, c)
+            }
+            _ => return Err(ref_error(r)),
+        },
+        None => (row, *col),
+    };
+    *col = col.saturating_add(1);
+    let date = match s {
+        Some(s) => dates.get(number(s).unwrap_or(0)).copied().unwrap_or(false),
+        None => false,
+    };
+    let typed = t.is_some();
+    let t = match t {
+        None | Some(b"n") => T::N,
+        Some(b"s") => T::S,
+        Some(b"b") => T::B,
+        Some(b"e") => T::E,
+        Some(b"str") => T::Str,
+        Some(b"d") => T::D,
+        Some(b"inlineStr" | b"is") => T::Inline,
+        Some(other) => {
+            let shown = String::from_utf8_lossy(&other[..other.len().min(20)]).into_owned();
+            return err(format!("unknown cell type `{shown}`"));
+        }
+    };
+    Ok(CellHead {
+        pos,
+        date,
+        t,
+        typed,
+    })
+}
+
+/// A cell's shared string number that the table does not have (calamine's words).
+const NO_SUCH_STRING: &str = "Cell string index not found in shared strings table";
+
 /// A cell's type (its `t`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum T {
@@ -1158,6 +1254,11 @@ impl Cells<'_> {
             return Ok(None);
         }
         loop {
+            if let Some((values, empty)) = self.xml.take_cell_tag() {
+                let [r, s, t] = values.map(|v| v.map(|v| &self.xml.buf[v]));
+                let head = cell_head(self.row, &mut self.col, self.dates, r, s, t)?;
+                return self.cell_body(head, empty).map(Some);
+            }
             let tok = self.xml.next()?;
             // The element's name is looked at once per token (this is the hot loop).
             let name = match tok {
@@ -1196,47 +1297,37 @@ impl Cells<'_> {
 
     fn cell(&mut self, tok: Tok) -> Result<(u32, u32, bool), XmlError> {
         let [r, s, t] = self.xml.attrs([b"r", b"s", b"t"])?;
-        let pos = match r {
-            Some(r) => match cell_ref(r) {
-                Some((row, Some(col))) => {
-                    self.col = col;
-                    (row, col)
-                }
-                _ => return Err(ref_error(r)),
-            },
-            None => (self.row, self.col),
-        };
-        self.col = self.col.saturating_add(1);
-        let date = match s {
-            Some(s) => self
-                .dates
-                .get(number(s).unwrap_or(0))
-                .copied()
-                .unwrap_or(false),
-            None => false,
-        };
-        let typed = t.is_some();
-        let t = match t {
-            None | Some(b"n") => T::N,
-            Some(b"s") => T::S,
-            Some(b"b") => T::B,
-            Some(b"e") => T::E,
-            Some(b"str") => T::Str,
-            Some(b"d") => T::D,
-            Some(b"inlineStr" | b"is") => T::Inline,
-            Some(other) => {
-                let shown = String::from_utf8_lossy(&other[..other.len().min(20)]).into_owned();
-                return err(format!("unknown cell type `{shown}`"));
-            }
-        };
+        let head = cell_head(self.row, &mut self.col, self.dates, r, s, t)?;
+        self.cell_body(head, tok == Tok::Empty)
+    }
+
+    /// The cell whose start tag `cell_head` read: its value (none for an empty tag).
+    fn cell_body(&mut self, head: CellHead, empty: bool) -> Result<(u32, u32, bool), XmlError> {
+        let CellHead {
+            pos,
+            date,
+            t,
+            typed,
+        } = head;
         self.got = Got::Skip;
         let mut formula = false;
-        if tok == Tok::Empty {
+        if empty {
             return Ok((pos.0, pos.1, false));
         }
         if t != T::Inline
             && let Some(text) = self.xml.take_simple(b"<v>", b"</v></c>")
         {
+            // A shared string's number (nearly every text cell) is read from the bytes as
+            // they are: digits decode to themselves.
+            if t == T::S
+                && let Some(i) = number(&self.xml.buf[text.clone()])
+            {
+                if self.strings.get(i)?.is_none() {
+                    return err(NO_SUCH_STRING);
+                }
+                self.got = Got::Shared(i);
+                return Ok((pos.0, pos.1, false));
+            }
             self.text.clear();
             self.xml.decode(text, &mut self.text)?;
             self.took_v(t, typed, date)?;
@@ -1315,7 +1406,7 @@ impl Cells<'_> {
                 }
                 let i = number(v.as_bytes()).unwrap_or(0);
                 if self.strings.get(i)?.is_none() {
-                    return err("Cell string index not found in shared strings table");
+                    return err(NO_SUCH_STRING);
                 }
                 Got::Shared(i)
             }
@@ -1471,6 +1562,71 @@ mod tests {
         let mut s = String::new();
         xml.text_into(&mut s).unwrap();
         assert_eq!(s, "12");
+    }
+
+    #[test]
+    fn a_cell_tag_is_taken_as_its_tokens_give_it() {
+        let taken = [
+            &b"<c>"[..],
+            b"<c/>",
+            b"<c r=\"A1\">",
+            b"<c r=\"B7\" s=\"3\" t=\"s\">",
+            b"<c s=\"1\"/>",
+            b"<c t=\"inlineStr\">",
+            b"<c r=\"A1\" t=\"s\"/>",
+            b"<c r=\"A>1\" t=\"\">",
+        ];
+        for tag in taken {
+            let mut fast = Xml::new(tag);
+            fast.more().unwrap();
+            let (values, empty) = fast
+                .take_cell_tag()
+                .unwrap_or_else(|| panic!("not taken: {:?}", String::from_utf8_lossy(tag)));
+            assert_eq!(fast.pos, tag.len());
+            let got: Vec<Option<&[u8]>> = values
+                .iter()
+                .map(|v| v.clone().map(|v| &fast.buf[v]))
+                .collect();
+            let mut slow = Xml::new(tag);
+            let tok = slow.next().unwrap();
+            assert_eq!(slow.local(), b"c");
+            assert_eq!(empty, tok == Tok::Empty);
+            assert_eq!(got, slow.attrs([b"r", b"s", b"t"]).unwrap().to_vec());
+        }
+        // Anything else is left where it was, for the tokens.
+        let long = format!("<c r=\"A1\" s=\"{}\">", "1".repeat(40));
+        for tag in [
+            &b"<c t=\"s\" r=\"A1\">"[..],
+            b"<c  r=\"A1\">",
+            b"<c r='A1'>",
+            b"<c r=\"A1\" />",
+            b"<c\tr=\"A1\">",
+            b"<c r=\"A1\" r=\"B1\">",
+            b"<c r=\"A1\"s=\"1\">",
+            b"<c r=\"A1\" x=\"1\">",
+            b"<cell>",
+            b"<x:c r=\"A1\">",
+            b"<c r=\"A1\"",
+            b"<c r=\"A1",
+            long.as_bytes(),
+        ] {
+            let mut xml = Xml::new(tag);
+            xml.more().unwrap();
+            assert!(
+                xml.take_cell_tag().is_none(),
+                "{:?}",
+                String::from_utf8_lossy(tag)
+            );
+            assert_eq!(xml.pos, 0);
+        }
+        // Across the end of the window: left for the tokens, which read on.
+        let mut part = vec![b'x'; CHUNK - 6];
+        part.extend_from_slice(b"<c r=\"A1\"><v>1</v></c>");
+        let mut xml = Xml::new(&part[..]);
+        assert_eq!(xml.next().unwrap(), Tok::Text);
+        assert!(xml.take_cell_tag().is_none());
+        assert_eq!((xml.next().unwrap(), xml.local()), (Tok::Start, &b"c"[..]));
+        assert_eq!(xml.attr(b"r").unwrap(), Some(&b"A1"[..]));
     }
 
     #[test]
