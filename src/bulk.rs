@@ -1083,11 +1083,7 @@ impl Image<'_> {
 fn json_str(out: &mut String, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
-    // Without an early exit: every byte is looked at, many per instruction.
-    let plain = bytes.iter().fold(true, |plain, &b| {
-        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
-    });
-    if plain {
+    if json_plain(bytes) {
         out.push('"');
         out.push_str(s);
         out.push('"');
@@ -1113,10 +1109,45 @@ fn json_str(out: &mut String, s: &str) {
 }
 
 /// Whether every byte is printable ASCII (a space to `~`), as nearly all of a roster's text
-/// is. Without an early exit, so that the compiler looks at many bytes per instruction.
+/// is.
 fn printable_ascii(s: &[u8]) -> bool {
-    s.iter()
-        .fold(true, |ok, &b| ok & (b.wrapping_sub(0x20) < 0x5f))
+    words(s).all(|x| !(any_below(x, 0x20) | (x & HIGHS != 0) | any_is(x, 0x7f)))
+}
+
+/// Whether a JSON string holds `s` as it is: no control character, quote or backslash.
+fn json_plain(s: &[u8]) -> bool {
+    words(s).all(|x| !(any_below(x, 0x20) | any_is(x, b'"') | any_is(x, b'\\')))
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The bytes of `s` eight at a time, as words (the last one filled up with `a`s), for the
+/// tests below: a roster's strings are mostly shorter than a vector register, where a
+/// byte-by-byte loop is all the compiler makes, and a word tests eight bytes in a few
+/// instructions.
+fn words(s: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    let chunks = s.chunks_exact(8);
+    let rest = chunks.remainder();
+    let last = (!rest.is_empty()).then(|| {
+        let mut w = [b'a'; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        u64::from_le_bytes(w)
+    });
+    chunks
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([b'a'; 8])))
+        .chain(last)
+}
+
+/// Whether a byte of `x` is below `n` (at most 128): a byte below borrows into its top bit,
+/// which a byte of 128 or more (`!x`) cannot give.
+fn any_below(x: u64, n: u8) -> bool {
+    x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS != 0
+}
+
+/// Whether a byte of `x` is `b` (a zero byte of `x ^ b…b`).
+fn any_is(x: u64, b: u8) -> bool {
+    any_below(x ^ (ONES * u64::from(b)), 1)
 }
 
 /// `str::trim`, without its character-by-character look at both ends when they are
@@ -2884,6 +2915,40 @@ mod tests {
             let mut s = String::from("x");
             json_str(&mut s, t);
             assert_eq!(s, format!("x{}", serde_json::to_string(t).unwrap()));
+        }
+    }
+
+    #[test]
+    fn byte_tests_by_word_are_the_byte_by_byte_ones() {
+        let printable = |s: &[u8]| s.iter().all(|&b| (0x20..0x7f).contains(&b));
+        let plain = |s: &[u8]| s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\');
+        for len in 0..=17 {
+            for at in 0..len {
+                for filler in [b'a', b' ', 0x7e, 0xc3] {
+                    for b in 0..=255u8 {
+                        let mut s = vec![filler; len];
+                        s[at] = b;
+                        assert_eq!(printable_ascii(&s), printable(&s), "{s:?}");
+                        assert_eq!(json_plain(&s), plain(&s), "{s:?}");
+                    }
+                }
+            }
+        }
+        assert!(printable_ascii(b"") && json_plain(b""));
+        for s in [
+            "Ann-Marie O'Neil",
+            "caf\u{e9}",
+            "a\"b",
+            "C:\\x",
+            "tab\there",
+            "\u{7f}",
+        ] {
+            assert_eq!(
+                printable_ascii(s.as_bytes()),
+                printable(s.as_bytes()),
+                "{s}"
+            );
+            assert_eq!(json_plain(s.as_bytes()), plain(s.as_bytes()), "{s}");
         }
     }
 
