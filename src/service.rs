@@ -306,7 +306,10 @@ fn hash_through(
     write_failed: impl Fn(std::io::Error) -> AppError,
 ) -> AppResult<Hashed> {
     let mut h = ContentHash::default();
-    let mut buf = vec![0u8; 1 << 20];
+    // Small enough to come from the heap's free memory: a larger buffer is mapped afresh
+    // for each file, and its first touch costs page faults (1 MiB took 0.35 ms more of a
+    // 600 kB upload's 5 ms before its first rows were written).
+    let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match input.read(&mut buf) {
             Ok(0) => break,
@@ -800,20 +803,9 @@ pub fn upload_stored(
 }
 
 fn store_hash(file: &Path) -> AppResult<String> {
-    let mut f = fs::File::open(file)
-        .map_err(|e| AppError::Usage(format!("cannot read {}: {e}", file.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| AppError::Usage(format!("cannot read {}: {e}", file.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    let read = |e: std::io::Error| AppError::Usage(format!("cannot read {}: {e}", file.display()));
+    let mut f = fs::File::open(file).map_err(read)?;
+    Ok(hash_through(&mut f, std::io::sink(), read, read)?.sha256)
 }
 
 /// What an import did.
