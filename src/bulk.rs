@@ -880,6 +880,16 @@ pub fn excel_date(serial: f64) -> Option<String> {
 
 /// Checks an email address; `Err` says what is wrong in words.
 pub fn check_email(s: &str) -> Result<(), &'static str> {
+    // Nearly every address is ASCII and valid: that is settled byte by byte, and only the
+    // rest is looked at character by character, to say what is wrong.
+    if email_ascii_ok(s.as_bytes()) {
+        return Ok(());
+    }
+    email_problem(s)
+}
+
+/// `check_email` character by character: what is wrong with the address.
+fn email_problem(s: &str) -> Result<(), &'static str> {
     if s.chars().any(char::is_whitespace) {
         return Err("an email address cannot contain spaces");
     }
@@ -954,6 +964,48 @@ pub fn check_email(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether `b` is an ASCII address `check_email` accepts, tested byte by byte with the
+/// same rules (a false answer only sends the address to `check_email`'s own tests).
+fn email_ascii_ok(b: &[u8]) -> bool {
+    let Some(at) = b.iter().rposition(|&c| c == b'@') else {
+        return false;
+    };
+    let (local, domain) = (&b[..at], &b[at + 1..]);
+    if local.is_empty() || local.len() > 64 {
+        return false;
+    }
+    let mut prev = b'.';
+    for &c in local {
+        let ok = c.is_ascii_alphanumeric() || LOCAL_SIGNS.contains(&c);
+        if !ok || (c == b'.' && prev == b'.') {
+            return false;
+        }
+        prev = c;
+    }
+    if prev == b'.' {
+        return false;
+    }
+    let mut labels = domain.split(|&c| c == b'.');
+    let mut tld: &[u8] = &[];
+    let mut count = 0;
+    for l in labels.by_ref() {
+        let ok = !l.is_empty()
+            && l.len() <= 63
+            && l[0] != b'-'
+            && l[l.len() - 1] != b'-'
+            && l.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-');
+        if !ok {
+            return false;
+        }
+        tld = l;
+        count += 1;
+    }
+    count >= 2 && tld.len() >= 2 && !tld.iter().all(u8::is_ascii_digit)
+}
+
+/// The signs the part of an address before the @ may have besides letters and digits.
+const LOCAL_SIGNS: &[u8] = b"!#$%&'*+/=?^_`{|}~.-";
+
 struct PoolState {
     id: i64,
     name: String,
@@ -998,6 +1050,7 @@ fn create_image<'a>(
     team: Option<&'a str>,
     pool: &'a str,
     custom: Option<&'a str>,
+    custom_quoted: Option<&'a str>,
 ) -> Image<'a> {
     Image {
         email: &rv.email,
@@ -1012,6 +1065,7 @@ fn create_image<'a>(
         pool,
         status: "active",
         custom,
+        custom_quoted,
     }
 }
 
@@ -1038,6 +1092,9 @@ struct Image<'a> {
     pool: &'a str,
     status: &'a str,
     custom: Option<&'a str>,
+    /// `custom` already written as a JSON string (quotes included), when it was made with
+    /// it (`CustomKeys::json`): written as it is.
+    custom_quoted: Option<&'a str>,
 }
 
 impl Image<'_> {
@@ -1071,7 +1128,10 @@ impl Image<'_> {
         out.push(',');
         json_str(out, self.status);
         out.push(',');
-        json_opt_str(out, self.custom);
+        match self.custom_quoted {
+            Some(q) => out.push_str(q),
+            None => json_opt_str(out, self.custom),
+        }
         out.push(']');
     }
 }
@@ -1194,6 +1254,7 @@ fn image_of(u: &User) -> Image<'_> {
         pool: &u.pool,
         status: &u.status,
         custom: u.custom.as_deref(),
+        custom_quoted: None,
     }
 }
 
@@ -1257,9 +1318,11 @@ struct Checker {
     errors_column: bool,
     /// Make each new user's records ahead (`RowValues::prepared`): adding, in apply mode.
     prepare_creates: bool,
-    /// Team names by id and the custom columns' names by number, for those records.
+    /// Team names by id and the custom columns' names, for those records.
     team_names: FastMap<i64, String>,
-    custom_names: Vec<String>,
+    custom_keys: CustomKeys,
+    /// Scratch for a new user's custom values as an image holds them.
+    quoted: String,
     /// Scratch for the lowercased key of a team or pool looked up.
     lower: String,
 }
@@ -1267,16 +1330,18 @@ struct Checker {
 impl Checker {
     /// Makes the records of the new users of a batch about to be written (see
     /// `RowValues::prepared`); rows with errors are never written and are left alone.
-    fn prepare(&self, batch: &mut [Checked]) {
+    fn prepare(&mut self, batch: &mut [Checked]) {
         if !self.prepare_creates {
             return;
         }
         for c in batch.iter_mut().filter(|c| c.ok && !c.rv.email.is_empty()) {
             let rv = &c.rv;
-            let custom = new_custom_json(&self.custom_names, &rv.custom);
+            self.quoted.clear();
+            let custom = self.custom_keys.json(&rv.custom, Some(&mut self.quoted));
+            let quoted = custom.is_some().then_some(self.quoted.as_str());
             let (team, pool) = team_and_pool(&self.team_names, &self.pools, rv);
             let mut after = String::with_capacity(256);
-            create_image(rv, team, pool, custom.as_deref()).write_json(&mut after);
+            create_image(rv, team, pool, custom.as_deref(), quoted).write_json(&mut after);
             c.rv.prepared = Some(PreparedCreate { custom, after });
         }
     }
@@ -1895,21 +1960,19 @@ impl Checker {
     /// Records that `email` (lowercased: `key`) is used by `row`; reports both rows when it
     /// was used before.
     fn claim(&mut self, key: &str, email: &str, row: u32, col: Option<usize>) -> bool {
-        match self.seen.get_mut(key) {
-            None => {
-                self.seen.insert(key.into(), (row, false));
+        // One look-up for the usual case, a new email (a duplicate's key is made in vain).
+        match self.seen.entry(key.into()) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((row, false));
                 true
             }
-            Some((first, flagged)) => {
+            std::collections::hash_map::Entry::Occupied(mut seen) => {
+                let (first, flagged) = seen.get_mut();
                 let first = *first;
                 let first_flagged = std::mem::replace(flagged, true);
                 if !first_flagged {
-                    let first_value = self
-                        .seen
-                        .get_key_value(key)
-                        .map(|(k, _)| k.to_string())
-                        .unwrap_or_default();
-                    self.problem(Severity::Error, Some(first), col, Some(&first_value), "duplicate_in_file", format!("The email {email} appears again in row {row}; each user may appear only once in a file. Keep one of the rows."));
+                    // The first row's value as its key holds it (the same lowercased email).
+                    self.problem(Severity::Error, Some(first), col, Some(key), "duplicate_in_file", format!("The email {email} appears again in row {row}; each user may appear only once in a file. Keep one of the rows."));
                 }
                 self.problem(Severity::Error, Some(row), col, Some(email), "duplicate_in_file", format!("The email {email} appears already in row {first}; each user may appear only once in a file. Keep one of the rows."));
                 false
@@ -2039,7 +2102,7 @@ struct Validator<'c> {
     /// Errors the `Checker` found in the rows received so far.
     checker_errors: u64,
     /// The custom columns' names, by their number (`Field::Custom(n)`).
-    custom_names: Vec<String>,
+    custom_keys: CustomKeys,
     /// Which custom columns name a user (checked against the roster, then the file).
     custom_refs: Vec<bool>,
     /// Values of such columns that name no existing user: (row, column, value).
@@ -2131,11 +2194,12 @@ impl<'c> Validator<'c> {
             now: db::now(),
             row_errors: 0,
             checker_errors: 0,
-            custom_names: cols
-                .iter()
-                .filter(|c| matches!(c.field, Field::Custom(_)))
-                .map(|c| c.header.clone())
-                .collect(),
+            custom_keys: CustomKeys::new(
+                cols.iter()
+                    .filter(|c| matches!(c.field, Field::Custom(_)))
+                    .map(|c| c.header.clone())
+                    .collect(),
+            ),
             custom_refs: cols
                 .iter()
                 .filter(|c| matches!(c.field, Field::Custom(_)))
@@ -2178,7 +2242,8 @@ impl<'c> Validator<'c> {
             errors_column,
             prepare_creates: self.op == Operation::Add && self.writer.is_some(),
             team_names: self.team_names.clone(),
-            custom_names: self.custom_names.clone(),
+            custom_keys: self.custom_keys.clone(),
+            quoted: String::new(),
             lower: String::new(),
         }
     }
@@ -2452,13 +2517,13 @@ impl<'c> Validator<'c> {
     /// A user's custom values with a row's applied (`None` when there are none).
     fn merged_custom(&self, old: Option<&str>, rv: &RowValues) -> Option<String> {
         if old.is_none() {
-            return new_custom_json(&self.custom_names, &rv.custom);
+            return self.custom_keys.json(&rv.custom, None);
         }
         let mut map: serde_json::Map<String, serde_json::Value> = old
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
         for (n, v) in &rv.custom {
-            let Some(name) = self.custom_names.get(*n as usize) else {
+            let Some(name) = self.custom_keys.names.get(*n as usize) else {
                 continue;
             };
             match v {
@@ -2548,7 +2613,7 @@ impl<'c> Validator<'c> {
                 .and_then(|j| serde_json::from_str(j).ok())
                 .unwrap_or_default();
             for (n, v) in &rv.custom {
-                let Some(name) = self.custom_names.get(*n as usize) else {
+                let Some(name) = self.custom_keys.names.get(*n as usize) else {
                     continue;
                 };
                 let before = old.get(name).and_then(|x| x.as_str()).map(str::to_string);
@@ -2648,7 +2713,7 @@ impl<'c> Validator<'c> {
                     Some(p) => p.custom.as_deref(),
                     None => new_custom.as_deref(),
                 };
-                let img = create_image(rv, team_name, pool_name, custom);
+                let img = create_image(rv, team_name, pool_name, custom, None);
                 let inserted = w.insert.execute(params![
                     tenant_id,
                     img.email,
@@ -2806,35 +2871,119 @@ fn pool_name_in(pools: &[PoolState], id: i64) -> &str {
         .unwrap_or("")
 }
 
-/// A new user's custom values as the users table keeps them: a JSON object with the keys in
-/// the order a JSON map keeps them (by name), written directly (`None` when there are none).
-/// The same text as building a `serde_json::Map`, without the map and its copies.
-fn new_custom_json(names: &[String], custom: &[(u16, Option<String>)]) -> Option<String> {
-    let mut pairs: Vec<(&str, &str)> = custom
-        .iter()
-        .filter_map(|(n, v)| Some((names.get(*n as usize)?.as_str(), v.as_deref()?)))
-        .collect();
-    if pairs.is_empty() {
-        return None;
-    }
-    // Stable, so a column given twice keeps its last value (as a map insert would).
-    pairs.sort_by(|a, b| a.0.cmp(b.0));
-    let room: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
-    let mut out = String::with_capacity(2 + room);
-    out.push('{');
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if pairs.get(i + 1).is_some_and(|next| next.0 == *k) {
-            continue;
+/// The custom columns' names, for writing a new user's custom values: the users table keeps
+/// them as a JSON object with the keys in the order a JSON map keeps them (by name), and an
+/// image holds that text as a JSON string. Each name is written as a key, in both forms,
+/// once per pass instead of once per row.
+#[derive(Clone)]
+struct CustomKeys {
+    /// By the column's number (`Field::Custom(n)`).
+    names: Vec<String>,
+    /// Per column: its name's place among the names in order (the same name, the same place).
+    rank: Vec<usize>,
+    /// Per column: `"name":`, as JSON writes the key.
+    key: Vec<String>,
+    /// Per column: the key as it reads inside a JSON string (`\"name\":`).
+    quoted_key: Vec<String>,
+}
+
+impl CustomKeys {
+    fn new(names: Vec<String>) -> CustomKeys {
+        let mut sorted: Vec<&str> = names.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let rank = names
+            .iter()
+            .map(|n| sorted.binary_search(&n.as_str()).unwrap_or_default())
+            .collect();
+        let key: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let mut k = String::new();
+                json_str(&mut k, n);
+                k.push(':');
+                k
+            })
+            .collect();
+        let quoted_key = key.iter().map(|k| quoted_inner(k)).collect();
+        CustomKeys {
+            names,
+            rank,
+            key,
+            quoted_key,
         }
-        if out.len() > 1 {
-            out.push(',');
-        }
-        json_str(&mut out, k);
-        out.push(':');
-        json_str(&mut out, v);
     }
-    out.push('}');
-    Some(out)
+
+    /// A new user's custom values as the users table keeps them (`None` when there are
+    /// none): the same text as building a `serde_json::Map`, without the map and its copies.
+    /// With `quoted`, that text is also appended to it as a JSON string (what
+    /// `json_str` would write for it), piece by piece as it is made.
+    fn json(
+        &self,
+        custom: &[(u16, Option<String>)],
+        mut quoted: Option<&mut String>,
+    ) -> Option<String> {
+        let mut pairs: Vec<(usize, usize, &str)> = custom
+            .iter()
+            .filter_map(|(n, v)| {
+                let n = *n as usize;
+                Some((*self.rank.get(n)?, n, v.as_deref()?))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return None;
+        }
+        // Stable, so a column given twice keeps its last value (as a map insert would).
+        pairs.sort_by_key(|p| p.0);
+        let room: usize = pairs
+            .iter()
+            .map(|(_, n, v)| self.key[*n].len() + v.len() + 3)
+            .sum();
+        let mut out = String::with_capacity(2 + room);
+        out.push('{');
+        if let Some(q) = quoted.as_deref_mut() {
+            q.reserve(4 + room + room / 4);
+            q.push_str("\"{");
+        }
+        for (i, &(rank, n, v)) in pairs.iter().enumerate() {
+            if pairs.get(i + 1).is_some_and(|next| next.0 == rank) {
+                continue;
+            }
+            if out.len() > 1 {
+                out.push(',');
+                if let Some(q) = quoted.as_deref_mut() {
+                    q.push(',');
+                }
+            }
+            out.push_str(&self.key[n]);
+            let start = out.len();
+            json_str(&mut out, v);
+            if let Some(q) = quoted.as_deref_mut() {
+                q.push_str(&self.quoted_key[n]);
+                if json_plain(v.as_bytes()) {
+                    q.push_str("\\\"");
+                    q.push_str(v);
+                    q.push_str("\\\"");
+                } else {
+                    q.push_str(&quoted_inner(&out[start..]));
+                }
+            }
+        }
+        out.push('}');
+        if let Some(q) = quoted {
+            q.push_str("}\"");
+        }
+        Some(out)
+    }
+}
+
+/// `s` as it reads inside a JSON string: what `json_str` writes, without the quotes.
+fn quoted_inner(s: &str) -> String {
+    let mut q = String::new();
+    json_str(&mut q, s);
+    q.get(1..q.len().saturating_sub(1))
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -2861,12 +3010,39 @@ mod tests {
                 map.insert(name.clone(), serde_json::Value::String(v.clone()));
             }
         }
+        let keys = CustomKeys::new(names);
+        let text = serde_json::Value::Object(map).to_string();
+        assert_eq!(keys.json(&custom, None), Some(text.clone()));
+        // The same text as an image's JSON string, made beside it.
+        let mut quoted = String::from("x");
+        assert_eq!(keys.json(&custom, Some(&mut quoted)), Some(text.clone()));
         assert_eq!(
-            new_custom_json(&names, &custom),
-            Some(serde_json::Value::Object(map).to_string())
+            quoted,
+            format!("x{}", serde_json::to_string(&text).unwrap())
         );
-        assert_eq!(new_custom_json(&names, &[(2, None)]), None);
-        assert_eq!(new_custom_json(&names, &[]), None);
+        for (n, v) in [
+            (0, "plain"),
+            (1, "a \"quote\""),
+            (2, "back\\slash"),
+            (3, "tab\t"),
+        ] {
+            let one = [(n, Some(v.to_string()))];
+            let mut quoted = String::new();
+            let text = keys.json(&one, Some(&mut quoted)).unwrap();
+            assert_eq!(quoted, serde_json::to_string(&text).unwrap(), "{v:?}");
+        }
+        let mut untouched = String::new();
+        assert_eq!(keys.json(&[(2, None)], Some(&mut untouched)), None);
+        assert_eq!(untouched, "");
+        assert_eq!(keys.json(&[], None), None);
+        // Two columns of the same name: the later one's value, as a map keeps it.
+        let twice = CustomKeys::new(vec!["B".into(), "A".into(), "B".into()]);
+        let given = [
+            (0, Some("1".into())),
+            (1, Some("2".into())),
+            (2, Some("3".into())),
+        ];
+        assert_eq!(twice.json(&given, None).unwrap(), r#"{"A":"2","B":"3"}"#);
     }
 
     #[test]
@@ -2894,6 +3070,7 @@ mod tests {
                 pool: t,
                 status: "active",
                 custom: some,
+                custom_quoted: None,
             };
             let tuple = (
                 img.email,
@@ -2995,6 +3172,70 @@ mod tests {
         for c in "()<>[]:;\"\\,\u{a0}€".chars() {
             assert!(check_email(&format!("a{c}b@c.com")).is_err(), "{c:?}");
         }
+    }
+
+    #[test]
+    fn ascii_addresses_are_judged_by_bytes_as_by_characters() {
+        // Addresses made of the parts that matter (signs, dots, hyphens, digits, spaces,
+        // a non-ASCII letter, quotes), whole and at random, judged both ways.
+        let parts = [
+            "a", "Z", "0", "9", ".", "..", "-", "@", "_", "+", " ", "\t", "é", "\"", "\\", ",",
+            "!", "~", "co", "com", "123", "x-y", "a.b", "@b.co", "@", "é.de",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut judged = 0;
+        let mut valid = 0;
+        for _ in 0..100_000 {
+            let mut s = String::new();
+            for _ in 0..next(9) {
+                s.push_str(parts[next(parts.len())]);
+            }
+            if next(2) == 0 {
+                s.push('@');
+                // Mostly well-formed domains, some with a fault.
+                let labels = ["co", "com", "x-y", "b", "123", "", "-a", "é", "q_"];
+                for i in 0..1 + next(4) {
+                    if i > 0 {
+                        s.push('.');
+                    }
+                    let among = if next(4) == 0 { labels.len() } else { 5 };
+                    s.push_str(labels[next(among)]);
+                }
+            }
+            let by_chars = s.is_ascii() && email_problem(&s).is_ok();
+            assert_eq!(email_ascii_ok(s.as_bytes()), by_chars, "{s:?}");
+            judged += 1;
+            valid += usize::from(by_chars);
+        }
+        let long = format!("{}@example.com", "a".repeat(64));
+        let longer = format!("{}@example.com", "a".repeat(65));
+        let label = format!("a@{}.com", "b".repeat(64));
+        for s in [
+            long.as_str(),
+            &longer,
+            &label,
+            "a@b.c0",
+            "a@b.00",
+            "a@b-.co",
+            "a@-b.co",
+        ] {
+            assert_eq!(
+                email_ascii_ok(s.as_bytes()),
+                email_problem(s).is_ok(),
+                "{s}"
+            );
+        }
+        // The random addresses hit both answers often.
+        assert!(
+            valid > 1_000 && judged - valid > 1_000,
+            "{valid} of {judged}"
+        );
     }
 
     #[test]
