@@ -985,10 +985,9 @@ fn email_ascii_ok(b: &[u8]) -> bool {
     if prev == b'.' {
         return false;
     }
-    let mut labels = domain.split(|&c| c == b'.');
     let mut tld: &[u8] = &[];
     let mut count = 0;
-    for l in labels.by_ref() {
+    for l in domain.split(|&c| c == b'.') {
         let ok = !l.is_empty()
             && l.len() <= 63
             && l[0] != b'-'
