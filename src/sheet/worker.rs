@@ -1353,6 +1353,71 @@ struct Remembered<R> {
     /// An offset already asked for (`breaks_before`), and the line ends before it.
     counted: u64,
     counted_breaks: u64,
+    /// The reader has asked past the end of the file.
+    at_end: bool,
+}
+
+/// Where the bytes read so far leave a CSV cell, as the csv reader reads them (quotes are
+/// doubled inside a quoted cell; a quote after a cell's first byte is text).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Quoting {
+    /// At the start of a cell (or of a line).
+    CellStart,
+    /// In a cell that did not start with a quote, or after a quoted cell's closing quote.
+    Unquoted,
+    /// Inside a quoted cell.
+    Quoted,
+    /// Inside a quoted cell just after a quote: it closes the cell, unless another follows.
+    QuoteInQuoted,
+}
+
+impl Quoting {
+    /// The state after `bytes`, read with `delimiter`.
+    fn after(mut self, bytes: &[u8], delimiter: u8) -> Quoting {
+        let mut at = 0;
+        while at < bytes.len() {
+            match self {
+                Quoting::CellStart => {
+                    self = if bytes[at] == b'"' {
+                        Quoting::Quoted
+                    } else if bytes[at] == delimiter || bytes[at] == b'\r' || bytes[at] == b'\n' {
+                        Quoting::CellStart
+                    } else {
+                        Quoting::Unquoted
+                    };
+                    at += 1;
+                }
+                Quoting::Unquoted => {
+                    // To the cell's end: the next byte starts a cell.
+                    match memchr::memchr3(delimiter, b'\r', b'\n', &bytes[at..]) {
+                        Some(i) => {
+                            at += i + 1;
+                            self = Quoting::CellStart;
+                        }
+                        None => return self,
+                    }
+                }
+                Quoting::Quoted => match memchr::memchr(b'"', &bytes[at..]) {
+                    Some(i) => {
+                        at += i + 1;
+                        self = Quoting::QuoteInQuoted;
+                    }
+                    None => return self,
+                },
+                Quoting::QuoteInQuoted => {
+                    self = if bytes[at] == b'"' {
+                        Quoting::Quoted
+                    } else if bytes[at] == delimiter || bytes[at] == b'\r' || bytes[at] == b'\n' {
+                        Quoting::CellStart
+                    } else {
+                        Quoting::Unquoted
+                    };
+                    at += 1;
+                }
+            }
+        }
+        self
+    }
 }
 
 impl<R> Remembered<R> {
@@ -1365,7 +1430,31 @@ impl<R> Remembered<R> {
             last: None,
             counted: 0,
             counted_breaks: 0,
+            at_end: false,
         }
+    }
+
+    /// Whether the file ended inside a quoted cell, for a record read from offset `from` to
+    /// `to`: only the record the reader took at the end of the file can (a record before it
+    /// ended at its line end). The record's bytes, from the line start where the one before
+    /// it left off, show whether a quote stayed open. `None` when they are no longer
+    /// remembered (a record longer than the reader's memory).
+    fn ended_in_quote(&self, from: u64, to: u64, delimiter: u8) -> Option<bool> {
+        if !self.at_end || to != self.given {
+            return Some(false);
+        }
+        let size = REMEMBERED as u64;
+        if from > to || self.given - from > size {
+            return None;
+        }
+        // The bytes lie in the ring in at most two pieces.
+        let start = (from % size) as usize;
+        let len = (to - from) as usize;
+        let first = len.min(REMEMBERED - start);
+        let state = Quoting::CellStart
+            .after(&self.ring[start..start + first], delimiter)
+            .after(&self.ring[..len - first], delimiter);
+        Some(state == Quoting::Quoted)
     }
 
     /// The byte at offset `at` of what was handed on, if it is still remembered.
@@ -1415,6 +1504,9 @@ impl<R> Remembered<R> {
 impl<R: Read> Read for Remembered<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.at_end = true;
+        }
         self.given_breaks += line_breaks(self.last, &buf[..n]);
         if n > 0 {
             self.last = Some(buf[n - 1]);
@@ -1506,6 +1598,8 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
     let mut index: u32 = 0;
     let mut inside_before = 0u64;
     loop {
+        // Where the record starts, blank lines before it included.
+        let start = rdr.position().byte();
         match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
@@ -1522,15 +1616,20 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         let is_end = |b: u8| b == b'\r' || b == b'\n';
         let byte_before = |back: u64| end.checked_sub(back).and_then(|at| remembered.byte_at(at));
         // The record's own line end was taken when the last byte read is one, unless that
-        // byte is the end of its last cell: a quote left open up to the end of the file
-        // (a closed quoted cell ending in a line break has its closing quote after it).
-        let last_cell_open = rec
-            .iter()
-            .next_back()
-            .and_then(|c| c.last())
-            .is_some_and(|&b| is_end(b))
-            && byte_before(2) != Some(b'"');
-        let own = byte_before(1).is_some_and(is_end) && !last_cell_open;
+        // byte is the end of its last cell: a quote left open up to the end of the file.
+        let open = remembered
+            .ended_in_quote(start, end, delim)
+            // Not remembered: a closed quoted cell that ends in a line break has its
+            // closing quote after it (a guess only a quote doubled just before the file's
+            // end can mislead).
+            .unwrap_or_else(|| {
+                rec.iter()
+                    .next_back()
+                    .and_then(|c| c.last())
+                    .is_some_and(|&b| is_end(b))
+                    && byte_before(2) != Some(b'"')
+            });
+        let own = byte_before(1).is_some_and(is_end) && !open;
         // (The bytes are always remembered: the csv reader is never more than its buffer
         // ahead. Were they not, the record would take the next row.)
         if let Some(before_end) = remembered.breaks_before(end) {
@@ -1614,6 +1713,68 @@ mod tests {
                 codec::Frame::End(_) => return rows,
                 codec::Frame::Json(..) => {}
             }
+        }
+    }
+
+    #[test]
+    fn generated_csv_files_are_numbered_as_they_were_made() {
+        // Files made record by record, so each record's row is known: one kind of line end
+        // per file, blank lines between records, quoted cells holding quotes, delimiters and
+        // line ends of every kind, a last line with or without its end, and sometimes a
+        // last cell whose quote is never closed.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let bits = ["x", "\"", "\n", "\r", "\r\n", ",", " ", "é", "y"];
+        for file in 0..400 {
+            let end = ["\n", "\r\n", "\r"][file % 3];
+            let mut text = String::from("Email,Note");
+            let mut want = vec![(1u32, vec!["Email".to_string(), "Note".to_string()])];
+            let mut row = 1u32;
+            let records = 1 + next(6);
+            for r in 0..records {
+                text.push_str(end);
+                row += 1;
+                for _ in 0..next(3) {
+                    text.push_str(end);
+                    row += 1;
+                }
+                let mut cells = vec![format!("id{r}")];
+                text.push_str(&cells[0]);
+                let last = r + 1 == records;
+                let open = last && next(3) == 0;
+                let count = next(3) + usize::from(open);
+                for c in 0..count {
+                    let cell: String = (0..next(5)).map(|_| bits[next(bits.len())]).collect();
+                    text.push(',');
+                    text.push('"');
+                    text.push_str(&cell.replace('"', "\"\""));
+                    if !(open && c + 1 == count) {
+                        text.push('"');
+                    }
+                    cells.push(cell);
+                }
+                want.push((row, cells));
+                // A closed last record may end with a line end and blank lines after it.
+                if last && !open && next(2) == 0 {
+                    for _ in 0..1 + next(2) {
+                        text.push_str(end);
+                    }
+                }
+            }
+            let got: Vec<(u32, Vec<String>)> = csv_records(&text)
+                .into_iter()
+                .map(|(n, cells)| (n, cells.into_iter().filter(|c| !c.is_empty()).collect()))
+                .collect();
+            let want: Vec<(u32, Vec<String>)> = want
+                .into_iter()
+                .map(|(n, cells)| (n, cells.into_iter().filter(|c| !c.is_empty()).collect()))
+                .collect();
+            assert_eq!(got, want, "{text:?}");
         }
     }
 
@@ -1711,11 +1872,32 @@ mod tests {
             want(&[(1, "a"), (3, "b\r\nc\r\n")])
         );
         assert_eq!(csv_rows("a\r\r\"b\r"), want(&[(1, "a"), (3, "b\r")]));
+        // ... also when the open cell's text ends in a quote (doubled in the file) and a
+        // line end.
+        assert_eq!(csv_rows("a\n\n\"b\"\"\n"), want(&[(1, "a"), (3, "b\"\n")]));
+        assert_eq!(
+            csv_rows("a\r\n\r\n\"b\"\"\r\n"),
+            want(&[(1, "a"), (3, "b\"\r\n")])
+        );
+        assert_eq!(csv_rows("a\r\r\"\"\"\r"), want(&[(1, "a"), (3, "\"\r")]));
         // A closed quoted cell that ends in a line break is a row as usual.
         assert_eq!(
             csv_rows("a\n\n\"b\n\"\nc\n"),
             want(&[(1, "a"), (3, "b\n"), (4, "c")])
         );
+        // ... with each line end, with a quote in its text, and as the last line.
+        for end in ["\n", "\r\n", "\r"] {
+            let text = format!("a{end}{end}\"b\"\"{end}\"{end}c{end}");
+            let cell = format!("b\"{end}");
+            assert_eq!(
+                csv_rows(&text),
+                want(&[(1, "a"), (3, &cell), (4, "c")]),
+                "{text:?}"
+            );
+            let text = format!("a{end}{end}\"b{end}\"{end}");
+            let cell = format!("b{end}");
+            assert_eq!(csv_rows(&text), want(&[(1, "a"), (3, &cell)]), "{text:?}");
+        }
         // A record longer than what the reader remembers, with a cell over two lines,
         // then a blank line.
         let long = "n".repeat(30_000);
