@@ -3181,13 +3181,7 @@ mod tests {
             "a", "Z", "0", "9", ".", "..", "-", "@", "_", "+", " ", "\t", "é", "\"", "\\", ",",
             "!", "~", "co", "com", "123", "x-y", "a.b", "@b.co", "@", "é.de",
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::test_random(0x2545_f491_4f6c_dd1d);
         let mut judged = 0;
         let mut valid = 0;
         for _ in 0..100_000 {

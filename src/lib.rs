@@ -25,3 +25,15 @@ pub mod sheet;
 pub mod tasks;
 pub mod undo;
 pub mod web;
+
+/// For tests that generate their inputs: numbers below `n`, the same from the same (non-zero)
+/// seed on every run (xorshift), so a failure can be reproduced.
+#[cfg(test)]
+pub(crate) fn test_random(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    }
+}

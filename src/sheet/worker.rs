@@ -1377,7 +1377,11 @@ impl Quoting {
         let mut at = 0;
         while at < bytes.len() {
             match self {
-                Quoting::CellStart => {
+                // At a cell's start a quote opens it; after a quote inside one, a second
+                // quote is the first's double: either way it is (again) inside quotes.
+                // Otherwise a delimiter or line end starts the next cell, and anything
+                // else is text of a cell that is not (or no longer) quoted.
+                Quoting::CellStart | Quoting::QuoteInQuoted => {
                     self = if bytes[at] == b'"' {
                         Quoting::Quoted
                     } else if bytes[at] == delimiter || bytes[at] == b'\r' || bytes[at] == b'\n' {
@@ -1404,16 +1408,6 @@ impl Quoting {
                     }
                     None => return self,
                 },
-                Quoting::QuoteInQuoted => {
-                    self = if bytes[at] == b'"' {
-                        Quoting::Quoted
-                    } else if bytes[at] == delimiter || bytes[at] == b'\r' || bytes[at] == b'\n' {
-                        Quoting::CellStart
-                    } else {
-                        Quoting::Unquoted
-                    };
-                    at += 1;
-                }
             }
         }
         self
@@ -1722,13 +1716,7 @@ mod tests {
         // per file, blank lines between records, quoted cells holding quotes, delimiters and
         // line ends of every kind, a last line with or without its end, and sometimes a
         // last cell whose quote is never closed.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::test_random(0x9e37_79b9_7f4a_7c15);
         let bits = ["x", "\"", "\n", "\r", "\r\n", ",", " ", "é", "y"];
         for file in 0..400 {
             let end = ["\n", "\r\n", "\r"][file % 3];
