@@ -205,19 +205,13 @@ pub fn process(
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
-    // The rules worker loads the scripts while the file's worker opens the file.
+    // The rules worker loads the scripts, and the pass reads what it needs of the database,
+    // while the file's worker starts and opens the file.
     let rules = begin_rules(conn, req)?;
+    let before = Before::read(conn, &setup.limits, req)?;
     let sheet = req.op.sheet_name();
     match SheetReader::open_started(started, setup, req.path, req.file_name, &sheet) {
-        Ok(mut reader) => process_from(
-            conn,
-            &setup.limits,
-            req,
-            &mut reader,
-            rules,
-            on_effect,
-            progress,
-        ),
+        Ok(mut reader) => process_from(req, &mut reader, rules, before, on_effect, progress),
         Err(f) => {
             let mut out = Outcome::new(req.op);
             refuse(&mut out, &f.code, f.message);
@@ -259,16 +253,49 @@ pub fn process_rows(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
     let rules = begin_rules(conn, req)?;
-    process_from(conn, limits, req, reader, rules, on_effect, progress)
+    let before = Before::read(conn, limits, req)?;
+    process_from(req, reader, rules, before, on_effect, progress)
 }
 
-/// The pass itself, with the rules worker begun (`begin_rules`).
+/// What a pass reads from the database before the file's first row, made while the file's
+/// worker starts (its first frame comes a few milliseconds after the spawn).
+struct Before<'c> {
+    /// A dry run's read transaction: one snapshot of the roster for the whole file.
+    snapshot: ReadSnapshot<'c>,
+    /// The tenant's teams and pools, the prepared statements, an earlier job of the same
+    /// file (`check_already_applied`).
+    validator: Validator<'c>,
+}
+
+impl<'c> Before<'c> {
+    fn read(
+        conn: &'c Connection,
+        limits: &crate::config::Limits,
+        req: &Request<'_>,
+    ) -> AppResult<Before<'c>> {
+        // A dry run reads the roster in one read transaction: one snapshot for the whole
+        // file, and no lock taken and released per looked-up row. (Apply runs in the
+        // caller's.) It is begun before the tenant's lists are read, so they belong to it.
+        let snapshot = ReadSnapshot::begin(conn, req.mode)?;
+        let cols = model::columns_with(req.op, req.rules.map(|r| &r.active.description));
+        let mut validator = Validator::new(conn, req, &cols, limits)?;
+        if let Some(sha) = req.file_sha256 {
+            validator.check_already_applied(sha)?;
+        }
+        Ok(Before {
+            snapshot,
+            validator,
+        })
+    }
+}
+
+/// The pass itself, with the rules worker begun (`begin_rules`) and the database read
+/// (`Before`).
 fn process_from(
-    conn: &Connection,
-    limits: &crate::config::Limits,
     req: &Request<'_>,
     reader: &mut (dyn RowSource + Send),
     rules: Option<RulesBegun>,
+    before: Before<'_>,
     on_effect: &mut EffectSink<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
@@ -338,10 +365,11 @@ fn process_from(
         _ => None,
     };
     let declared = declared_columns(req);
-    // A dry run reads the roster in one read transaction: one snapshot for the whole file,
-    // and no lock taken and released per looked-up row. (Apply runs in the caller's.)
-    let _snapshot = ReadSnapshot::begin(conn, req.mode)?;
-    let mut v = Validator::new(conn, req, &cols, limits, out.sheet.clone())?;
+    let Before {
+        snapshot: _snapshot,
+        validator: mut v,
+    } = before;
+    v.out.sheet = out.sheet.clone();
     // The checks word some messages for the file's format (a CSV cell over several lines).
     v.out.format = out.format.clone();
     if let Some(name) = req.default_pool
@@ -362,9 +390,6 @@ fn process_from(
             ),
         );
         return Ok(out);
-    }
-    if let Some(sha) = req.file_sha256 {
-        v.check_already_applied(sha)?;
     }
     // Two threads here (and the worker process): this one looks users up and writes while
     // the checker reads and checks the next rows.
@@ -1014,33 +1039,107 @@ struct PoolState {
     needed: i64,
 }
 
-/// A row's values after normalisation, resolved against the tenant's data.
+/// A row's values after normalisation, resolved against the tenant's data. Its texts are
+/// kept one after the other in one buffer (`text`), each field naming its part (`Span`): a
+/// row costs one allocation, not one per value, on the thread that checks it and on the one
+/// that frees it.
 #[derive(Default)]
 struct RowValues {
-    email: String,
+    text: String,
+    email: Span,
     /// `email` lowercased: the key users are matched by.
-    email_norm: String,
-    new_email: Option<String>,
-    first_name: Option<String>,
-    last_name: Option<String>,
-    job_title: Option<Option<String>>,
+    email_norm: Span,
+    new_email: Option<Span>,
+    first_name: Option<Span>,
+    last_name: Option<Span>,
+    job_title: Option<Option<Span>>,
     team: Option<Option<i64>>,
     role: Option<&'static str>,
     language: Option<&'static str>,
     pool: Option<i64>,
     /// The Reason column of deactivate and delete files, kept with the change.
-    reason: Option<String>,
+    reason: Option<Span>,
     /// Custom columns given: (n-th custom column, value; `None` clears it in an update).
-    custom: Vec<(u16, Option<String>)>,
+    custom: Vec<(u16, Option<Span>)>,
     /// For a new user in apply mode, what the writer records, made ahead by the checking
     /// thread (which has time to spare) so the writing thread only writes.
     prepared: Option<PreparedCreate>,
 }
 
-/// A new user's custom values (as the users table keeps them) and after-image.
+/// Where one of a row's texts lies in `RowValues::text` (byte offsets).
+#[derive(Clone, Copy, Default, PartialEq, Debug)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl RowValues {
+    /// Appends `v` to the row's text and says where it lies.
+    fn keep(&mut self, v: &str) -> Span {
+        let start = self.text.len();
+        self.text.push_str(v);
+        self.span_from(start)
+    }
+
+    /// The span from `start` to the end of the row's text.
+    fn span_from(&self, start: usize) -> Span {
+        // A row's text is a few cells of at most `max_cell_chars` each: far below 4 GiB.
+        let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Span {
+            start: at(start),
+            end: at(self.text.len()),
+        }
+    }
+
+    /// The text of a span ("" for one that does not lie in the row's text).
+    fn get(&self, s: Span) -> &str {
+        self.text
+            .get(s.start as usize..s.end as usize)
+            .unwrap_or_default()
+    }
+
+    fn email(&self) -> &str {
+        self.get(self.email)
+    }
+
+    fn email_norm(&self) -> &str {
+        self.get(self.email_norm)
+    }
+
+    fn new_email(&self) -> Option<&str> {
+        self.new_email.map(|s| self.get(s))
+    }
+
+    fn first_name(&self) -> Option<&str> {
+        self.first_name.map(|s| self.get(s))
+    }
+
+    fn last_name(&self) -> Option<&str> {
+        self.last_name.map(|s| self.get(s))
+    }
+
+    /// `Some(None)`: cleared (an update's `CLEAR_TOKEN`).
+    fn job_title(&self) -> Option<Option<&str>> {
+        self.job_title.map(|t| t.map(|s| self.get(s)))
+    }
+
+    fn reason(&self) -> Option<&str> {
+        self.reason.map(|s| self.get(s))
+    }
+
+    /// The custom columns given, in the file's order (`None`: cleared).
+    fn custom(&self) -> impl Iterator<Item = (u16, Option<&str>)> + '_ {
+        self.custom
+            .iter()
+            .map(|(n, v)| (*n, v.map(|s| self.get(s))))
+    }
+}
+
+/// A new user's custom values (as the users table keeps them) and after-image, in the
+/// row's text.
 struct PreparedCreate {
-    custom: Option<String>,
-    after: String,
+    custom: Option<Span>,
+    after: Span,
 }
 
 /// The after-image of a new user made from a row (the defaults of an add filled in).
@@ -1052,10 +1151,10 @@ fn create_image<'a>(
     custom_quoted: Option<&'a str>,
 ) -> Image<'a> {
     Image {
-        email: &rv.email,
-        first_name: rv.first_name.as_deref().unwrap_or(""),
-        last_name: rv.last_name.as_deref().unwrap_or(""),
-        job_title: rv.job_title.as_ref().and_then(|t| t.as_deref()),
+        email: rv.email(),
+        first_name: rv.first_name().unwrap_or(""),
+        last_name: rv.last_name().unwrap_or(""),
+        job_title: rv.job_title().flatten(),
         team_id: rv.team.flatten(),
         team,
         role: rv.role.unwrap_or("Learner"),
@@ -1320,8 +1419,11 @@ struct Checker {
     /// Team names by id and the custom columns' names, for those records.
     team_names: FastMap<i64, String>,
     custom_keys: CustomKeys,
-    /// Scratch for a new user's custom values as an image holds them.
+    /// Scratch for a new user's custom values, as the users table and as an image hold
+    /// them, and for the after-image.
+    custom_json: String,
     quoted: String,
+    after: String,
     /// Scratch for the lowercased key of a team or pool looked up.
     lower: String,
 }
@@ -1333,15 +1435,27 @@ impl Checker {
         if !self.prepare_creates {
             return;
         }
-        for c in batch.iter_mut().filter(|c| c.ok && !c.rv.email.is_empty()) {
+        for c in batch
+            .iter_mut()
+            .filter(|c| c.ok && !c.rv.email().is_empty())
+        {
             let rv = &c.rv;
             self.quoted.clear();
-            let custom = self.custom_keys.json(&rv.custom, Some(&mut self.quoted));
-            let quoted = custom.is_some().then_some(self.quoted.as_str());
+            self.custom_json.clear();
+            let has_custom = self.custom_keys.json_into(
+                rv.custom(),
+                &mut self.custom_json,
+                Some(&mut self.quoted),
+            );
+            let custom = has_custom.then_some(self.custom_json.as_str());
+            let quoted = has_custom.then_some(self.quoted.as_str());
             let (team, pool) = team_and_pool(&self.team_names, &self.pools, rv);
-            let mut after = String::with_capacity(256);
-            create_image(rv, team, pool, custom.as_deref(), quoted).write_json(&mut after);
-            c.rv.prepared = Some(PreparedCreate { custom, after });
+            self.after.clear();
+            create_image(rv, team, pool, custom, quoted).write_json(&mut self.after);
+            let rv = &mut c.rv;
+            let custom = has_custom.then(|| rv.keep(&self.custom_json));
+            let after = rv.keep(&self.after);
+            rv.prepared = Some(PreparedCreate { custom, after });
         }
     }
 
@@ -1355,15 +1469,26 @@ impl Checker {
             return None;
         }
         self.out.rows += 1;
-        let mut rv = RowValues::default();
+        // Room for the row's values, the email's key and (adding) the new user's records.
+        let given: usize = self.values.iter().map(String::len).sum();
+        let room = if self.prepare_creates {
+            4 * given + 256
+        } else {
+            2 * given + 16
+        };
+        let mut rv = RowValues {
+            text: String::with_capacity(room),
+            ..RowValues::default()
+        };
         ok &= self.resolve(row, &mut rv);
-        if !rv.email.is_empty() {
-            rv.email_norm = rv.email.to_lowercase();
+        if !rv.email().is_empty() {
+            lower_into(&mut self.lower, rv.email());
+            rv.email_norm = rv.keep(&self.lower);
             let email_col = self.col_of(Field::Email);
-            ok &= self.claim(&rv.email_norm, &rv.email, row, email_col);
-            if let Some(ne) = rv.new_email.as_deref() {
+            ok &= self.claim(rv.email_norm(), rv.email(), row, email_col);
+            if let Some(ne) = rv.new_email() {
                 let ne_norm = ne.to_lowercase();
-                if ne_norm != rv.email_norm {
+                if ne_norm != rv.email_norm() {
                     let c = self.col_of(Field::NewEmail);
                     ok &= self.claim(&ne_norm, ne, row, c);
                 }
@@ -1641,7 +1766,8 @@ impl Checker {
                 Kind::Custom => {
                     // Checked by the rules worker (declared checks and the scripts').
                     if let Field::Custom(n) = col.field {
-                        rv.custom.push((n, Some(v.to_string())));
+                        let kept = rv.keep(v);
+                        rv.custom.push((n, Some(kept)));
                     }
                 }
                 Kind::Email => {
@@ -1656,16 +1782,16 @@ impl Checker {
                         );
                         ok = false;
                     } else if col.field == Field::Email {
-                        rv.email = v.to_string();
+                        rv.email = rv.keep(v);
                     } else {
-                        rv.new_email = Some(v.to_string());
+                        rv.new_email = Some(rv.keep(v));
                     }
                 }
                 Kind::Text => match col.field {
-                    Field::FirstName => rv.first_name = Some(v.to_string()),
-                    Field::LastName => rv.last_name = Some(v.to_string()),
-                    Field::JobTitle => rv.job_title = Some(Some(v.to_string())),
-                    Field::Reason => rv.reason = Some(v.to_string()),
+                    Field::FirstName => rv.first_name = Some(rv.keep(v)),
+                    Field::LastName => rv.last_name = Some(rv.keep(v)),
+                    Field::JobTitle => rv.job_title = Some(Some(rv.keep(v))),
+                    Field::Reason => rv.reason = Some(rv.keep(v)),
                     _ => {}
                 },
                 Kind::Choice => match col.field {
@@ -1983,9 +2109,10 @@ impl Checker {
 /// Replaces the value of custom column `col` in a row (after a rule normalised it).
 fn set_custom(cols: &[Column], rv: &mut RowValues, col: usize, value: String) {
     if let Some(Field::Custom(n)) = cols.get(col).map(|c| c.field)
-        && let Some(slot) = rv.custom.iter_mut().find(|(k, _)| *k == n)
+        && let Some(i) = rv.custom.iter().position(|(k, _)| *k == n)
     {
-        slot.1 = Some(value);
+        let kept = rv.keep(&value);
+        rv.custom[i].1 = Some(kept);
     }
 }
 
@@ -2125,7 +2252,6 @@ impl<'c> Validator<'c> {
         req: &Request<'_>,
         cols: &[Column],
         limits: &crate::config::Limits,
-        sheet: String,
     ) -> AppResult<Validator<'c>> {
         let teams: FastMap<String, (i64, String)> = db::list_teams(conn, req.tenant.id)?
             .into_iter()
@@ -2170,8 +2296,7 @@ impl<'c> Validator<'c> {
                 after: String::with_capacity(512),
             }),
         };
-        let mut out = Outcome::new(req.op);
-        out.sheet = sheet;
+        let out = Outcome::new(req.op);
         let default_pool = req
             .default_pool
             .and_then(|name| pool_index.get(&db::norm(name)).copied());
@@ -2242,7 +2367,9 @@ impl<'c> Validator<'c> {
             prepare_creates: self.op == Operation::Add && self.writer.is_some(),
             team_names: self.team_names.clone(),
             custom_keys: self.custom_keys.clone(),
+            custom_json: String::new(),
             quoted: String::new(),
+            after: String::new(),
             lower: String::new(),
         }
     }
@@ -2350,11 +2477,11 @@ impl<'c> Validator<'c> {
         self.checker_errors += errors;
         self.row_errors = 0;
         let email_col = self.col_of(Field::Email);
-        if rv.email.is_empty() {
+        if rv.email().is_empty() {
             return Ok(());
         }
-        let email = rv.email.as_str();
-        let email_norm = rv.email_norm.as_str();
+        let email = rv.email();
+        let email_norm = rv.email_norm();
         // Adding while writing without errors so far: the insert itself finds an existing
         // user (its unique index), which spares a lookup per row.
         let insert_finds_existing =
@@ -2497,17 +2624,17 @@ impl<'c> Validator<'c> {
     /// Notes the values of user-naming custom columns that name no existing user; they
     /// must then be added by the file (checked at the end, in `into_outcome`).
     fn check_user_refs(&mut self, row: u32, rv: &RowValues) -> AppResult<()> {
-        for (n, v) in &rv.custom {
-            let (Some(v), Some(true)) = (v, self.custom_refs.get(*n as usize)) else {
+        for (n, v) in rv.custom() {
+            let (Some(v), Some(true)) = (v, self.custom_refs.get(n as usize)) else {
                 continue;
             };
             if self.lookup(v)?.is_none() {
                 let col = self
                     .cols
                     .iter()
-                    .position(|c| c.field == Field::Custom(*n))
+                    .position(|c| c.field == Field::Custom(n))
                     .unwrap_or(0);
-                self.pending_refs.push((row, col, v.clone()));
+                self.pending_refs.push((row, col, v.to_string()));
             }
         }
         Ok(())
@@ -2516,18 +2643,18 @@ impl<'c> Validator<'c> {
     /// A user's custom values with a row's applied (`None` when there are none).
     fn merged_custom(&self, old: Option<&str>, rv: &RowValues) -> Option<String> {
         if old.is_none() {
-            return self.custom_keys.json(&rv.custom, None);
+            return self.custom_keys.json(rv.custom(), None);
         }
         let mut map: serde_json::Map<String, serde_json::Value> = old
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
-        for (n, v) in &rv.custom {
-            let Some(name) = self.custom_keys.names.get(*n as usize) else {
+        for (n, v) in rv.custom() {
+            let Some(name) = self.custom_keys.names.get(n as usize) else {
                 continue;
             };
             match v {
                 Some(v) => {
-                    map.insert(name.clone(), serde_json::Value::String(v.clone()));
+                    map.insert(name.clone(), serde_json::Value::String(v.to_string()));
                 }
                 None => {
                     map.remove(name);
@@ -2548,7 +2675,7 @@ impl<'c> Validator<'c> {
                 });
             }
         };
-        if let Some(ne) = &rv.new_email {
+        if let Some(ne) = rv.new_email() {
             if ne.to_lowercase() != u.email.to_lowercase()
                 && let Some(other) = self.lookup(ne)?
             {
@@ -2568,16 +2695,20 @@ impl<'c> Validator<'c> {
                     reason: String::new(),
                 });
             }
-            diff("Email", Some(u.email.clone()), Some(ne.clone()));
+            diff("Email", Some(u.email.clone()), Some(ne.to_string()));
         }
-        if let Some(v) = &rv.first_name {
-            diff("First Name", Some(u.first_name.clone()), Some(v.clone()));
+        if let Some(v) = rv.first_name() {
+            diff(
+                "First Name",
+                Some(u.first_name.clone()),
+                Some(v.to_string()),
+            );
         }
-        if let Some(v) = &rv.last_name {
-            diff("Last Name", Some(u.last_name.clone()), Some(v.clone()));
+        if let Some(v) = rv.last_name() {
+            diff("Last Name", Some(u.last_name.clone()), Some(v.to_string()));
         }
-        if let Some(v) = &rv.job_title {
-            diff("Job Title", u.job_title.clone(), v.clone());
+        if let Some(v) = rv.job_title() {
+            diff("Job Title", u.job_title.clone(), v.map(str::to_string));
         }
         if let Some(v) = rv.team {
             diff("Team", u.team.clone(), self.team_name(v));
@@ -2611,16 +2742,16 @@ impl<'c> Validator<'c> {
                 .as_deref()
                 .and_then(|j| serde_json::from_str(j).ok())
                 .unwrap_or_default();
-            for (n, v) in &rv.custom {
-                let Some(name) = self.custom_keys.names.get(*n as usize) else {
+            for (n, v) in rv.custom() {
+                let Some(name) = self.custom_keys.names.get(n as usize) else {
                     continue;
                 };
-                let before = old.get(name).and_then(|x| x.as_str()).map(str::to_string);
-                if before != *v {
+                let before = old.get(name).and_then(|x| x.as_str());
+                if before != v {
                     changes.push(FieldChange {
                         field: name.clone().into(),
-                        old: before,
-                        new: v.clone(),
+                        old: before.map(str::to_string),
+                        new: v.map(str::to_string),
                     });
                 }
             }
@@ -2660,17 +2791,17 @@ impl<'c> Validator<'c> {
             match effect {
                 Effect::Change { .. } => {
                     u.custom.clone_from(&new_custom);
-                    if let Some(v) = &rv.new_email {
-                        u.email = v.clone();
+                    if let Some(v) = rv.new_email() {
+                        u.email = v.to_string();
                     }
-                    if let Some(v) = &rv.first_name {
-                        u.first_name = v.clone();
+                    if let Some(v) = rv.first_name() {
+                        u.first_name = v.to_string();
                     }
-                    if let Some(v) = &rv.last_name {
-                        u.last_name = v.clone();
+                    if let Some(v) = rv.last_name() {
+                        u.last_name = v.to_string();
                     }
-                    if let Some(v) = &rv.job_title {
-                        u.job_title = v.clone();
+                    if let Some(v) = rv.job_title() {
+                        u.job_title = v.map(str::to_string);
                     }
                     if let Some(v) = rv.team {
                         u.team_id = v;
@@ -2709,7 +2840,7 @@ impl<'c> Validator<'c> {
         let (user_id, action) = match effect {
             Effect::Create => {
                 let custom = match prepared {
-                    Some(p) => p.custom.as_deref(),
+                    Some(p) => p.custom.map(|s| rv.get(s)),
                     None => new_custom.as_deref(),
                 };
                 let img = create_image(rv, team_name, pool_name, custom, None);
@@ -2739,7 +2870,7 @@ impl<'c> Validator<'c> {
                 }
                 let id = self.conn.last_insert_rowid();
                 match prepared {
-                    Some(p) => w.after.push_str(&p.after),
+                    Some(p) => w.after.push_str(rv.get(p.after)),
                     None => img.write_json(&mut w.after),
                 }
                 (id, "create")
@@ -2794,7 +2925,7 @@ impl<'c> Validator<'c> {
             action,
             before,
             after,
-            rv.reason.as_deref()
+            rv.reason()
         ])?;
         Ok(true)
     }
@@ -2917,20 +3048,31 @@ impl CustomKeys {
     /// none): the same text as building a `serde_json::Map`, without the map and its copies.
     /// With `quoted`, that text is also appended to it as a JSON string (what
     /// `json_str` would write for it), piece by piece as it is made.
-    fn json(
+    fn json<'v>(
         &self,
-        custom: &[(u16, Option<String>)],
-        mut quoted: Option<&mut String>,
+        custom: impl IntoIterator<Item = (u16, Option<&'v str>)>,
+        quoted: Option<&mut String>,
     ) -> Option<String> {
+        let mut out = String::new();
+        self.json_into(custom, &mut out, quoted).then_some(out)
+    }
+
+    /// `json`, appended to `out`; false (nothing appended) when there are no values.
+    fn json_into<'v>(
+        &self,
+        custom: impl IntoIterator<Item = (u16, Option<&'v str>)>,
+        out: &mut String,
+        mut quoted: Option<&mut String>,
+    ) -> bool {
         let mut pairs: Vec<(usize, usize, &str)> = custom
-            .iter()
+            .into_iter()
             .filter_map(|(n, v)| {
-                let n = *n as usize;
-                Some((*self.rank.get(n)?, n, v.as_deref()?))
+                let n = n as usize;
+                Some((*self.rank.get(n)?, n, v?))
             })
             .collect();
         if pairs.is_empty() {
-            return None;
+            return false;
         }
         // Stable, so a column given twice keeps its last value (as a map insert would).
         pairs.sort_by_key(|p| p.0);
@@ -2938,7 +3080,8 @@ impl CustomKeys {
             .iter()
             .map(|(_, n, v)| self.key[*n].len() + v.len() + 3)
             .sum();
-        let mut out = String::with_capacity(2 + room);
+        let base = out.len();
+        out.reserve(2 + room);
         out.push('{');
         if let Some(q) = quoted.as_deref_mut() {
             q.reserve(4 + room + room / 4);
@@ -2948,7 +3091,7 @@ impl CustomKeys {
             if pairs.get(i + 1).is_some_and(|next| next.0 == rank) {
                 continue;
             }
-            if out.len() > 1 {
+            if out.len() > base + 1 {
                 out.push(',');
                 if let Some(q) = quoted.as_deref_mut() {
                     q.push(',');
@@ -2956,7 +3099,7 @@ impl CustomKeys {
             }
             out.push_str(&self.key[n]);
             let start = out.len();
-            json_str(&mut out, v);
+            json_str(out, v);
             if let Some(q) = quoted.as_deref_mut() {
                 q.push_str(&self.quoted_key[n]);
                 if json_plain(v.as_bytes()) {
@@ -2972,7 +3115,7 @@ impl CustomKeys {
         if let Some(q) = quoted {
             q.push_str("}\"");
         }
-        Some(out)
+        true
     }
 }
 
@@ -3011,10 +3154,20 @@ mod tests {
         }
         let keys = CustomKeys::new(names);
         let text = serde_json::Value::Object(map).to_string();
-        assert_eq!(keys.json(&custom, None), Some(text.clone()));
+        fn borrowed(v: &[(u16, Option<String>)]) -> Vec<(u16, Option<&str>)> {
+            v.iter().map(|(n, v)| (*n, v.as_deref())).collect()
+        }
+        assert_eq!(keys.json(borrowed(&custom), None), Some(text.clone()));
+        // Appended after what the buffer holds already.
+        let mut out = String::from("[1,");
+        assert!(keys.json_into(borrowed(&custom), &mut out, None));
+        assert_eq!(out, format!("[1,{text}"));
         // The same text as an image's JSON string, made beside it.
         let mut quoted = String::from("x");
-        assert_eq!(keys.json(&custom, Some(&mut quoted)), Some(text.clone()));
+        assert_eq!(
+            keys.json(borrowed(&custom), Some(&mut quoted)),
+            Some(text.clone())
+        );
         assert_eq!(
             quoted,
             format!("x{}", serde_json::to_string(&text).unwrap())
@@ -3025,23 +3178,21 @@ mod tests {
             (2, "back\\slash"),
             (3, "tab\t"),
         ] {
-            let one = [(n, Some(v.to_string()))];
+            let one = [(n, Some(v))];
             let mut quoted = String::new();
-            let text = keys.json(&one, Some(&mut quoted)).unwrap();
+            let text = keys.json(one, Some(&mut quoted)).unwrap();
             assert_eq!(quoted, serde_json::to_string(&text).unwrap(), "{v:?}");
         }
         let mut untouched = String::new();
-        assert_eq!(keys.json(&[(2, None)], Some(&mut untouched)), None);
+        assert_eq!(keys.json([(2, None)], Some(&mut untouched)), None);
         assert_eq!(untouched, "");
-        assert_eq!(keys.json(&[], None), None);
+        let mut out = String::from("kept");
+        assert!(!keys.json_into([], &mut out, None));
+        assert_eq!(out, "kept");
         // Two columns of the same name: the later one's value, as a map keeps it.
         let twice = CustomKeys::new(vec!["B".into(), "A".into(), "B".into()]);
-        let given = [
-            (0, Some("1".into())),
-            (1, Some("2".into())),
-            (2, Some("3".into())),
-        ];
-        assert_eq!(twice.json(&given, None).unwrap(), r#"{"A":"2","B":"3"}"#);
+        let given = [(0, Some("1")), (1, Some("2")), (2, Some("3"))];
+        assert_eq!(twice.json(given, None).unwrap(), r#"{"A":"2","B":"3"}"#);
     }
 
     #[test]
