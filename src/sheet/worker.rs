@@ -1962,7 +1962,7 @@ mod tests {
     const STYLES: &str = r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
 <styleSheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><numFmts count="5"><numFmt numFmtId="164" formatCode="yyyy\-mm\-dd"/><numFmt numFmtId="165" formatCode="[h]:mm:ss"/><numFmt numFmtId="166" formatCode="&quot;Day &quot;0"/><numFmt numFmtId="167" formatCode="0.00;[Red]dd"/><numFmt numFmtId="168" formatCode="[$-409]h:mm AM/PM"/></numFmts><fonts count="1"><font><sz val="11"/></font></fonts><cellXfs count="8"><xf numFmtId="0" fontId="0"/><xf numFmtId="14"/><xf numFmtId="164"><alignment wrapText="1"/></xf><xf numFmtId="165"/><xf numFmtId="2"/><xf numFmtId="166"/><xf numFmtId="167"/><xf numFmtId="168"/></cellXfs></styleSheet>"#;
 
-    const STRINGS: &str = "<?xml version=\"1.0\"?>\n<sst xmlns=\"http://schemas.openxmlformats.org/spreadsheetml/2006/main\" count=\"9\" uniqueCount=\"9\">\
+    const STRINGS: &str = "<?xml version=\"1.0\"?>\n<sst xmlns=\"http://schemas.openxmlformats.org/spreadsheetml/2006/main\" count=\"10\" uniqueCount=\"10\">\
 <si><t>add</t></si>\
 <si><t xml:space=\"preserve\">  padded &amp; &lt;kept&gt;  </t></si>\
 <si><t>  trimmed\r\n</t></si>\
@@ -1972,6 +1972,7 @@ mod tests {
 <si/>\
 <si><t/></si>\
 <si><!-- a comment --><t>=1+2</t><?pi inside?></si>\
+<si><t>snake_case_x0041_ _</t></si>\
 </sst>";
 
     fn sheet_xml(body: &str) -> String {
@@ -1993,6 +1994,7 @@ mod tests {
             r#"<row r="9"/><row><c><v>10</v></c></row>"#,
             r#"<row r="12"><c r="b12"><v>1</v></c><c r="AA12"><v>2</v></c></row>"#,
             r#"<row r="30"><c r="L30" t="s"><v>4</v></c></row>"#,
+            r#"<row r="31"><c r="A31" t="s"><v>9</v></c></row>"#,
         );
         let f = handmade(&sheet_xml(body), STRINGS, STYLES, "");
         let out = same_both_ways(f.path(), "add users");

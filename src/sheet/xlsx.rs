@@ -452,16 +452,14 @@ impl<'a> Attrs<'a> {
 /// Appends `raw` to `out`: UTF-8 checked; with `markup`, entities decoded and line ends
 /// normalised (CR LF and a lone CR become LF), as an XML reader does for text.
 fn decode_into(raw: &[u8], out: &mut String, markup: bool) -> Result<(), XmlError> {
-    // Most texts are plain ASCII with nothing to decode: one short loop finds that out.
-    if raw.iter().all(|&b| b != b'&' && b != b'\r' && b < 0x80)
-        && let Ok(s) = std::str::from_utf8(raw)
-    {
-        out.push_str(s);
-        return Ok(());
-    }
     let Ok(s) = std::str::from_utf8(raw) else {
         return err("a text is not valid UTF-8");
     };
+    // Most texts have nothing to decode: one vectorised search says so.
+    if memchr::memchr2(b'&', b'\r', raw).is_none() {
+        out.push_str(s);
+        return Ok(());
+    }
     if !markup {
         return push_lines(s, out);
     }
@@ -520,7 +518,9 @@ fn push_lines(s: &str, out: &mut String) -> Result<(), XmlError> {
 /// Excel's escapes of characters XML cannot hold: `_xHHHH_` is the UTF-16 code unit HHHH
 /// (a pair of them one character beyond the BMP; a lone surrogate becomes U+FFFD).
 fn unescape_ooxml(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.contains("_x") {
+    // Most strings have no underscore at all: one vectorised search says so.
+    let b = s.as_bytes();
+    if !memchr::memchr_iter(b'_', b).any(|i| b.get(i + 1) == Some(&b'x')) {
         return s.into();
     }
     let unit = |t: &str| -> Option<u16> {
@@ -565,6 +565,17 @@ fn unescape_ooxml(s: &str) -> std::borrow::Cow<'_, str> {
 /// `xml:space="preserve"`.
 const XML_SPACE: [char; 4] = [' ', '\t', '\r', '\n'];
 
+/// `s` without XML white space at either end (most strings have none: two byte tests).
+fn trim_xml_space(s: &str) -> &str {
+    let space = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let b = s.as_bytes();
+    if b.first().is_some_and(space) || b.last().is_some_and(space) {
+        s.trim_matches(XML_SPACE)
+    } else {
+        s
+    }
+}
+
 /// Reads a string item (`<si>`, `<is>`) whose start tag was just read, up to its end tag
 /// `closing`: its text, or the text of its runs, without phonetic guides; surrounding
 /// spaces dropped unless `xml:space="preserve"`, Excel's escapes undone.
@@ -599,7 +610,7 @@ fn read_string<R: Read>(
                 let kept = if preserve {
                     scratch.as_str()
                 } else {
-                    scratch.trim_matches(XML_SPACE)
+                    trim_xml_space(scratch)
                 };
                 out.push_str(&unescape_ooxml(kept));
             }
@@ -757,7 +768,11 @@ pub(super) struct Book {
 /// it in the order the strings are first used, so the first row does not wait for the
 /// whole table (a cell that refers further ahead reads on to its string).
 pub(super) struct Strings {
-    list: Vec<String>,
+    /// The strings read so far, one after the other (one buffer: a table of millions of
+    /// strings costs no allocation, nor an allocator's header, per string).
+    text: String,
+    /// Where each string ends in `text` (it starts where the one before it ends).
+    ends: Vec<usize>,
     /// The table's part (`None`: there is none, or it was read to its end).
     xml: Option<Xml<PartReader>>,
     /// The table's closing tag was read: no more strings.
@@ -771,7 +786,8 @@ impl Strings {
     /// place: a workbook without one).
     fn open(unzipped: &Unzipped, path: &str) -> Result<Strings, NotOpened> {
         let mut strings = Strings {
-            list: Vec::new(),
+            text: String::new(),
+            ends: Vec::new(),
             xml: None,
             read_all: false,
             s: String::new(),
@@ -795,30 +811,42 @@ impl Strings {
 
     /// String `i`, reading on as far as it; `None` when the table has no such string.
     fn get(&mut self, i: usize) -> Result<Option<&str>, XmlError> {
-        while self.list.len() <= i && !self.read_all {
+        while self.ends.len() <= i && !self.read_all {
             let Some(xml) = self.xml.as_mut() else {
                 break;
             };
             if let Some(text) = xml.take_simple(b"<si><t>", b"</t></si>") {
                 self.scratch.clear();
                 xml.decode(text, &mut self.scratch)?;
-                let kept = self.scratch.trim_matches(XML_SPACE);
-                self.list.push(unescape_ooxml(kept).into_owned());
+                let kept = trim_xml_space(&self.scratch);
+                self.text.push_str(&unescape_ooxml(kept));
+                self.ends.push(self.text.len());
                 continue;
             }
             match xml.next()? {
                 Tok::Start if xml.local() == b"si" => {
                     let closing = xml.qname().to_vec();
                     read_string(xml, &closing, &mut self.s, &mut self.scratch)?;
-                    self.list.push(self.s.as_str().into());
+                    self.text.push_str(&self.s);
+                    self.ends.push(self.text.len());
                 }
-                Tok::Empty if xml.local() == b"si" => self.list.push(String::new()),
+                Tok::Empty if xml.local() == b"si" => self.ends.push(self.text.len()),
                 Tok::End if xml.local() == b"sst" => self.read_all = true,
                 Tok::Eof => return err("the string table ends early"),
                 _ => {}
             }
         }
-        Ok(self.list.get(i).map(String::as_str))
+        Ok(self.string(i))
+    }
+
+    /// String `i` of those read so far.
+    fn string(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = match i.checked_sub(1) {
+            Some(before) => self.ends.get(before).copied().unwrap_or(0),
+            None => 0,
+        };
+        self.text.get(start..end)
     }
 
     /// Reads what the cells did not need of the table, to the part's end: a damaged table
@@ -1459,7 +1487,7 @@ impl Cells<'_> {
     pub(super) fn value(&self, date_offset: f64) -> Value<'_> {
         match &self.got {
             Got::Skip => Value::Skip,
-            Got::Shared(i) => Value::Text(self.strings.list.get(*i).map_or("", String::as_str)),
+            Got::Shared(i) => Value::Text(self.strings.string(*i).unwrap_or("")),
             Got::Text => Value::Text(&self.text),
             Got::DateIso => Value::DateIso(&self.text),
             Got::Number(n, true) => Value::Date(n + date_offset),
@@ -1763,5 +1791,17 @@ mod tests {
             "__x000D_".replacen("__", "_", 1)
         );
         assert_eq!(unescape_ooxml("_x00G0_ _x12"), "_x00G0_ _x12");
+        // An underscore that starts no escape, before one that does, and one at the end.
+        assert_eq!(unescape_ooxml("a_b_x0041_c_"), "a_bAc_");
+        assert_eq!(unescape_ooxml("snake_case"), "snake_case");
+        for (s, kept) in [
+            ("a b", "a b"),
+            (" \t a b\r\n", "a b"),
+            ("\u{a0}a\u{a0}", "\u{a0}a\u{a0}"),
+            ("  ", ""),
+            ("", ""),
+        ] {
+            assert_eq!(trim_xml_space(s), kept, "{s:?}");
+        }
     }
 }
