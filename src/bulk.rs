@@ -370,6 +370,10 @@ fn process_from(
         validator: mut v,
     } = before;
     v.out.sheet = out.sheet.clone();
+    // What `Before` found (a file applied before) is told against the file's own sheet.
+    for p in &mut v.out.problems {
+        p.sheet.clone_from(&out.sheet);
+    }
     // The checks word some messages for the file's format (a CSV cell over several lines).
     v.out.format = out.format.clone();
     if let Some(name) = req.default_pool
