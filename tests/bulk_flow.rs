@@ -306,6 +306,9 @@ fn add_round_trip_with_preview_and_results_workbook() {
     let c = codes(&o);
     assert!(c.contains(&(None, "already_applied")), "{c:?}");
     assert!(c.contains(&(Some(2), "user_exists")), "{c:?}");
+    // Found before the file was opened, it still names the file's data sheet.
+    let applied = o.problems.iter().find(|p| p.code == "already_applied");
+    assert_eq!(applied.map(|p| p.sheet.as_str()), Some(o.sheet.as_str()));
 }
 
 #[test]
