@@ -262,8 +262,7 @@ pub fn process_rows(
 struct Before<'c> {
     /// A dry run's read transaction: one snapshot of the roster for the whole file.
     snapshot: ReadSnapshot<'c>,
-    /// The tenant's teams and pools, the prepared statements, an earlier job of the same
-    /// file (`check_already_applied`).
+    /// The tenant's teams and pools, the prepared statements.
     validator: Validator<'c>,
 }
 
@@ -278,10 +277,7 @@ impl<'c> Before<'c> {
         // caller's.) It is begun before the tenant's lists are read, so they belong to it.
         let snapshot = ReadSnapshot::begin(conn, req.mode)?;
         let cols = model::columns_with(req.op, req.rules.map(|r| &r.active.description));
-        let mut validator = Validator::new(conn, req, &cols, limits)?;
-        if let Some(sha) = req.file_sha256 {
-            validator.check_already_applied(sha)?;
-        }
+        let validator = Validator::new(conn, req, &cols, limits)?;
         Ok(Before {
             snapshot,
             validator,
@@ -370,10 +366,6 @@ fn process_from(
         validator: mut v,
     } = before;
     v.out.sheet = out.sheet.clone();
-    // What `Before` found (a file applied before) is told against the file's own sheet.
-    for p in &mut v.out.problems {
-        p.sheet.clone_from(&out.sheet);
-    }
     // The checks word some messages for the file's format (a CSV cell over several lines).
     v.out.format = out.format.clone();
     if let Some(name) = req.default_pool
@@ -394,6 +386,9 @@ fn process_from(
             ),
         );
         return Ok(out);
+    }
+    if let Some(sha) = req.file_sha256 {
+        v.check_already_applied(sha)?;
     }
     // Two threads here (and the worker process): this one looks users up and writes while
     // the checker reads and checks the next rows.
@@ -1080,17 +1075,12 @@ struct Span {
 impl RowValues {
     /// Appends `v` to the row's text and says where it lies.
     fn keep(&mut self, v: &str) -> Span {
-        let start = self.text.len();
-        self.text.push_str(v);
-        self.span_from(start)
-    }
-
-    /// The span from `start` to the end of the row's text.
-    fn span_from(&self, start: usize) -> Span {
         // A row's text is a few cells of at most `max_cell_chars` each: far below 4 GiB.
         let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let start = at(self.text.len());
+        self.text.push_str(v);
         Span {
-            start: at(start),
+            start,
             end: at(self.text.len()),
         }
     }
