@@ -29,7 +29,7 @@ use crate::error::{AppError, AppResult};
 use crate::model::Operation;
 use crate::service::{self, App, ImportOptions};
 use crate::sheet::codec::{CellKind, RawRow};
-use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader};
+use crate::sheet::reader::{Pace, ReadFailure, ReaderSetup, SheetReader};
 use crate::sheet::worker::WorkbookInfo;
 
 pub const STAGE_SUBCOMMAND: &str = "__bench-stage";
@@ -498,8 +498,9 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             let setup = ReaderSetup::current(&crate::config::Limits::default())
                 .map_err(|e| AppError::internal("bench", e))?;
             let start = Timer::start();
-            let mut r = SheetReader::open(&setup, &a.file, file_name, &op.sheet_name())
-                .map_err(|e| AppError::internal("read", e))?;
+            let mut r =
+                SheetReader::open(&setup, &a.file, file_name, &op.sheet_name(), Pace::Ahead)
+                    .map_err(|e| AppError::internal("read", e))?;
             let mut row = RawRow::default();
             while r
                 .next_row(&mut row)

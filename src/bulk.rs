@@ -22,7 +22,7 @@ use crate::model::{
     column_letter,
 };
 use crate::sheet::codec::{CellKind, RawCell, RawRow};
-use crate::sheet::reader::{ReadFailure, ReaderSetup, SheetReader, Starting};
+use crate::sheet::reader::{Pace, ReadFailure, ReaderSetup, SheetReader, Starting};
 use crate::sheet::worker::WorkbookInfo;
 
 /// How a normalisation changed values of one column, counted over the file.
@@ -210,7 +210,13 @@ pub fn process(
     let rules = begin_rules(conn, req)?;
     let before = Before::read(conn, &setup.limits, req)?;
     let sheet = req.op.sheet_name();
-    match SheetReader::open_started(started, setup, req.path, req.file_name, &sheet) {
+    // A pass that writes has the worker read each next chunk when it is asked for: see
+    // `WorkerArgs::paced`.
+    let pace = match req.mode {
+        Mode::DryRun => Pace::Ahead,
+        Mode::Apply { .. } => Pace::Asked,
+    };
+    match SheetReader::open_started(started, setup, req.path, req.file_name, &sheet, pace) {
         Ok(mut reader) => process_from(req, &mut reader, rules, before, on_effect, progress),
         Err(f) => {
             let mut out = Outcome::new(req.op);

@@ -16,7 +16,7 @@ use crate::db::{self, Tenant};
 use crate::error::{AppError, AppResult, StartupError};
 use crate::model::{Operation, Severity};
 use crate::scheduler;
-use crate::sheet::reader::{ReaderSetup, SheetReader, Starting};
+use crate::sheet::reader::{Pace, ReaderSetup, SheetReader, Starting};
 use crate::sheet::template::TemplateLists;
 
 /// Everything a command needs, wired once.
@@ -544,7 +544,8 @@ pub fn validate_with(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Outcome> {
     // The file's worker opens the file while it is hashed and the rules are looked up.
-    let started = SheetReader::start(&app.reader, file, file_name, &op.sheet_name()).ok();
+    let started =
+        SheetReader::start(&app.reader, file, file_name, &op.sheet_name(), Pace::Ahead).ok();
     let sha = store_hash(file)?;
     let rules = active_rules(app, tenant)?;
     let outcome = dry_run(
@@ -590,7 +591,8 @@ pub fn test_rules(
     on_effect: &mut EffectSink<'_>,
 ) -> AppResult<Result<(Option<crate::rules::ActiveRules>, Outcome), (String, Vec<String>)>> {
     // The file's worker opens the file while the scripts load.
-    let started = SheetReader::start(&app.reader, file, file_name, &op.sheet_name()).ok();
+    let started =
+        SheetReader::start(&app.reader, file, file_name, &op.sheet_name(), Pace::Ahead).ok();
     let files = crate::rules::find_files(&app.data, &tenant.name)?;
     let ctx = crate::rules::context(&app.conn, tenant)?;
     let active = if files.scripts.is_empty() {
@@ -698,7 +700,14 @@ pub fn upload_stored(
     progress: &mut dyn FnMut(u64),
 ) -> AppResult<Uploaded> {
     // The file's worker opens the file while the rules and the pool are looked up.
-    let started = SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
+    let started = SheetReader::start(
+        &app.reader,
+        &stored.path,
+        file_name,
+        &op.sheet_name(),
+        Pace::Ahead,
+    )
+    .ok();
     let rules = active_rules(app, tenant)?;
     // Kept as the pool is spelt (any case finds it).
     let canonical: Option<String> = match default_pool {
@@ -899,8 +908,14 @@ pub fn import(
         let (stored, sync) = store_upload_unsynced(&app.data, file, file_name)?;
         // (A worker that cannot start here is started again, and its reason told, when the
         // job runs.)
-        let worker =
-            SheetReader::start(&app.reader, &stored.path, file_name, &op.sheet_name()).ok();
+        let worker = SheetReader::start(
+            &app.reader,
+            &stored.path,
+            file_name,
+            &op.sheet_name(),
+            Pace::Asked,
+        )
+        .ok();
         let unsynced = db::Unsynced::begin(&app.conn)?;
         let (upload_id, job_id) =
             scheduler::submit_to_run(app, tenant, op, &stored, file_name, &job_opts, None)?;

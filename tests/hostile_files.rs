@@ -783,6 +783,7 @@ fn too_many_parts_and_files_that_cannot_be_read() {
             path,
             "upload.xlsx",
             "Deactivate Users",
+            rollcall::sheet::reader::Pace::Ahead,
         )
         .err()
         .expect("not readable");

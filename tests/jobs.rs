@@ -11,6 +11,7 @@ use rollcall::db;
 use rollcall::model::Operation;
 use rollcall::scheduler::{self, JobOptions};
 use rollcall::service;
+use rollcall::sheet::reader::Pace;
 
 fn add_file(env: &Env, name: &str, from: usize, n: usize) -> std::path::PathBuf {
     let p = env.path(name);
@@ -1092,7 +1093,7 @@ fn the_reader_estimates_the_rows_to_come_for_progress() {
     let env = Env::new();
     let setup = reader_setup(&env);
     let open = |p: &std::path::Path, name: &str, sheet: &str| {
-        rollcall::sheet::reader::SheetReader::open(&setup, p, name, sheet)
+        rollcall::sheet::reader::SheetReader::open(&setup, p, name, sheet, Pace::Ahead)
             .unwrap()
             .info()
             .estimated_rows
@@ -1130,6 +1131,78 @@ fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Bytes process `pid` has written so far (`wchar` of /proc/PID/io), once that count has
+/// stayed the same for a while (the process waits, or has ended).
+fn settled_writes(pid: u32) -> u64 {
+    let wchar = || {
+        std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("wchar: "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = wchar();
+    loop {
+        std::thread::sleep(Duration::from_millis(150));
+        let now = wchar();
+        if now == last || Instant::now() > deadline {
+            return now.expect("the worker's /proc/PID/io cannot be read");
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn a_paced_worker_reads_each_next_chunk_only_when_asked_and_loses_no_row() {
+    use rollcall::sheet::codec::RawRow;
+    use rollcall::sheet::reader::SheetReader;
+    let env = Env::new();
+    let setup = reader_setup(&env);
+    // More rows than the pipe holds, so that a worker reading ahead is stopped by the
+    // full pipe, not by the end of the file.
+    let file = env.path("many.xlsx");
+    rollcall::bench::generate(&file, 20_000).unwrap();
+    let sheet = Operation::Add.sheet_name();
+    let read = |pace: Pace| {
+        let mut r = SheetReader::open(&setup, &file, "many.xlsx", &sheet, pace).unwrap();
+        let mut row = RawRow::default();
+        assert!(r.next_row(&mut row).unwrap());
+        assert_eq!(row.index, 0, "the header comes first");
+        // The reader has taken the header and asks for nothing more for now.
+        let written = settled_writes(r.pid());
+        let mut rows = Vec::new();
+        while r.next_row(&mut row).unwrap() {
+            rows.push((row.index, row.cells().len()));
+        }
+        (written, rows)
+    };
+    let (ahead_written, ahead_rows) = read(Pace::Ahead);
+    let (asked_written, asked_rows) = read(Pace::Asked);
+    assert_eq!(asked_rows.len(), 20_000);
+    assert_eq!(
+        asked_rows, ahead_rows,
+        "a paced worker sends the same rows as one reading ahead"
+    );
+    assert!(
+        (1..=20_000).eq(asked_rows.iter().map(|r| r.0)),
+        "rows out of order or missing"
+    );
+    // Paced: the workbook's description, the header and at most the one chunk asked for
+    // (4 KiB and a row) before the reader asked for more; reading ahead: as much as the
+    // pipe takes.
+    assert!(
+        asked_written < 16 * 1024,
+        "a paced worker that was not asked read on: {asked_written} bytes sent"
+    );
+    assert!(
+        ahead_written > 4 * asked_written.max(16 * 1024),
+        "the worker reading ahead sent only {ahead_written} bytes"
+    );
+}
+
 #[test]
 fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     use rollcall::sheet::reader::SheetReader;
@@ -1143,15 +1216,20 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     let rows = |r: &SheetReader| r.info().estimated_rows;
 
     // Started on a, opened for a: the same worker.
-    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet, Pace::Ahead).unwrap();
     let pid = started.pid();
-    assert!(started.is_for(&a, "a.xlsx", &sheet));
+    assert!(started.is_for(&a, "a.xlsx", &sheet, Pace::Ahead));
     assert!(
-        !started.is_for(&a, "a.csv", &sheet),
+        !started.is_for(&a, "a.csv", &sheet, Pace::Ahead),
         "the declared name matters"
     );
-    assert!(!started.is_for(&a, "a.xlsx", "Update Users"));
-    let r = SheetReader::open_started(Some(started), &setup, &a, "a.xlsx", &sheet).unwrap();
+    assert!(!started.is_for(&a, "a.xlsx", "Update Users", Pace::Ahead));
+    assert!(
+        !started.is_for(&a, "a.xlsx", &sheet, Pace::Asked),
+        "a worker reading ahead is not one the reader paces"
+    );
+    let r = SheetReader::open_started(Some(started), &setup, &a, "a.xlsx", &sheet, Pace::Ahead)
+        .unwrap();
     assert_eq!(rows(&r), Some(30));
     assert_eq!(
         r.pid(),
@@ -1164,10 +1242,11 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     // Started on a, opened for b: a's worker is stopped, b is read. a's rows overfill the
     // pipe, so its worker cannot finish on its own while the test looks.
     rollcall::bench::generate(&a, 3000).unwrap();
-    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet, Pace::Ahead).unwrap();
     let pid = started.pid();
     assert!(process_exists(pid));
-    let r = SheetReader::open_started(Some(started), &setup, &b, "b.xlsx", &sheet).unwrap();
+    let r = SheetReader::open_started(Some(started), &setup, &b, "b.xlsx", &sheet, Pace::Ahead)
+        .unwrap();
     assert_eq!(rows(&r), Some(40));
     assert_ne!(r.pid(), pid);
     assert!(
@@ -1177,7 +1256,7 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     drop(r);
 
     // Dropped unopened: stopped, nothing waits.
-    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet).unwrap();
+    let started = SheetReader::start(&setup, &a, "a.xlsx", &sheet, Pace::Ahead).unwrap();
     let pid = started.pid();
     drop(started);
     assert!(!process_exists(pid));
@@ -1185,9 +1264,9 @@ fn a_reader_started_early_serves_its_own_file_and_is_stopped_for_another() {
     // A file the worker refuses is refused when opened, as without starting early.
     let png = env.path("picture.xlsx");
     std::fs::write(&png, b"\x89PNG\r\n\x1a\n0000000000000000").unwrap();
-    let started = SheetReader::start(&setup, &png, "picture.xlsx", &sheet).unwrap();
+    let started = SheetReader::start(&setup, &png, "picture.xlsx", &sheet, Pace::Ahead).unwrap();
     let early = started.open().err().unwrap();
-    let late = SheetReader::open(&setup, &png, "picture.xlsx", &sheet)
+    let late = SheetReader::open(&setup, &png, "picture.xlsx", &sheet, Pace::Ahead)
         .err()
         .unwrap();
     assert_eq!(early, late);
@@ -1274,7 +1353,8 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     rollcall::bench::generate(&a, 20).unwrap();
     let sheet = Operation::Add.sheet_name();
     let started =
-        rollcall::sheet::reader::SheetReader::start(&setup, &a, "n.xlsx", &sheet).unwrap();
+        rollcall::sheet::reader::SheetReader::start(&setup, &a, "n.xlsx", &sheet, Pace::Ahead)
+            .unwrap();
     let pid = started.pid();
     let reader = started.open().unwrap();
     assert_eq!(nice_of(&format!("/proc/{pid}/stat")), expected);
@@ -1298,8 +1378,14 @@ fn the_helpers_of_a_pass_run_nicer_than_the_writer_and_under_their_limits() {
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let started =
-        rollcall::sheet::reader::SheetReader::start(&setup, &fifo, "pipe.xlsx", &sheet).unwrap();
+    let started = rollcall::sheet::reader::SheetReader::start(
+        &setup,
+        &fifo,
+        "pipe.xlsx",
+        &sheet,
+        Pace::Ahead,
+    )
+    .unwrap();
     let pid = started.pid();
     // (The limits are set one after the other: wait for the whole set, the priority last.)
     let confined = || {

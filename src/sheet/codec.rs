@@ -242,8 +242,9 @@ impl RowWriter {
         self.buf.extend_from_slice(&num.to_le_bytes());
     }
 
-    /// Ends the open row, if any; writes the buffer out once it holds a chunk.
-    pub fn end(&mut self, w: &mut impl Write) -> io::Result<()> {
+    /// Ends the open row, if any; writes the buffer out once it holds a chunk. True when a
+    /// chunk went out.
+    pub fn end(&mut self, w: &mut impl Write) -> io::Result<bool> {
         if let Some(start) = self.open.take() {
             let len =
                 u32::try_from(self.buf.len() - start - 5).map_err(|_| bad("row over 4 GiB"))?;
@@ -253,8 +254,9 @@ impl RowWriter {
             w.write_all(&self.buf)?;
             self.buf.clear();
             self.chunk = (self.chunk * 4).clamp(FIRST_CHUNK, CHUNK);
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Writes out the complete rows buffered and drops the open one (the worker is about

@@ -2,10 +2,10 @@
 //! stream of rows, and turns every way it can fail (a refusal, a crash, an abort on a huge
 //! allocation, a time-out) into one `ReadFailure` an administrator can act on.
 
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -63,6 +63,9 @@ fn failure(code: &str, message: impl Into<String>) -> ReadFailure {
 /// A running worker streaming the rows of one file's data sheet.
 pub struct SheetReader {
     child: Child,
+    /// A paced worker's standard input, where the reader asks for each next chunk of rows
+    /// (`WorkerArgs::paced`); `None` for a worker that reads ahead freely.
+    asks: Option<ChildStdin>,
     out: BufReader<ChildStdout>,
     info: WorkbookInfo,
     stderr: Option<JoinHandle<String>>,
@@ -86,12 +89,30 @@ pub struct Starting {
     expected_sheet: String,
 }
 
+/// How a worker hands its rows over (see `WorkerArgs::paced`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// It reads ahead as far as the pipe lets it: a dry run, where reading and checking
+    /// overlap.
+    Ahead,
+    /// It reads each next chunk when the reader asks for it: a pass that writes.
+    Asked,
+}
+
 impl Starting {
-    /// Whether this worker reads `path` as `declared_name`, streaming `expected_sheet`.
-    pub fn is_for(&self, path: &Path, declared_name: &str, expected_sheet: &str) -> bool {
+    /// Whether this worker reads `path` as `declared_name`, streaming `expected_sheet`,
+    /// at `pace`.
+    pub fn is_for(
+        &self,
+        path: &Path,
+        declared_name: &str,
+        expected_sheet: &str,
+        pace: Pace,
+    ) -> bool {
         self.path == path
             && self.declared_name == declared_name
             && self.expected_sheet == expected_sheet
+            && self.reader.asks.is_some() == (pace == Pace::Asked)
     }
 
     /// The worker's process id.
@@ -129,8 +150,9 @@ impl SheetReader {
         path: &Path,
         declared_name: &str,
         expected_sheet: &str,
+        pace: Pace,
     ) -> Result<SheetReader, ReadFailure> {
-        Self::start(setup, path, declared_name, expected_sheet)?.open()
+        Self::start(setup, path, declared_name, expected_sheet, pace)?.open()
     }
 
     /// Opens `path` with `started` (a worker started earlier) when that worker is for this
@@ -141,15 +163,16 @@ impl SheetReader {
         path: &Path,
         declared_name: &str,
         expected_sheet: &str,
+        pace: Pace,
     ) -> Result<SheetReader, ReadFailure> {
         if let Some(s) = started {
-            if s.is_for(path, declared_name, expected_sheet) {
+            if s.is_for(path, declared_name, expected_sheet, pace) {
                 return s.open();
             }
             // Another file's worker is of no use: stopped before a new one starts.
             drop(s);
         }
-        Self::open(setup, path, declared_name, expected_sheet)
+        Self::open(setup, path, declared_name, expected_sheet, pace)
     }
 
     /// Starts the worker on `path` without waiting for it (see `Starting`).
@@ -158,6 +181,7 @@ impl SheetReader {
         path: &Path,
         declared_name: &str,
         expected_sheet: &str,
+        pace: Pace,
     ) -> Result<Starting, ReadFailure> {
         let limits = &setup.limits;
         let size = std::fs::metadata(path)
@@ -178,6 +202,7 @@ impl SheetReader {
             declared_name: declared_name.to_string(),
             expected_sheet: expected_sheet.to_string(),
             limits: limits.clone(),
+            paced: pace == Pace::Asked,
         };
         let args_json = serde_json::to_string(&args)
             .map_err(|e| failure("internal", format!("cannot start the reader: {e}")))?;
@@ -186,7 +211,10 @@ impl SheetReader {
         let mut cmd = Command::new(&setup.worker_exe);
         cmd.arg(WORKER_SUBCOMMAND)
             .arg(args_json)
-            .stdin(Stdio::null())
+            .stdin(match pace {
+                Pace::Ahead => Stdio::null(),
+                Pace::Asked => Stdio::piped(),
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear();
@@ -226,8 +254,10 @@ impl SheetReader {
                 }
             }
         });
+        let asks = child.stdin.take();
         let reader = SheetReader {
             child,
+            asks,
             out: BufReader::with_capacity(1 << 18, stdout),
             info: WorkbookInfo {
                 format: String::new(),
@@ -273,6 +303,16 @@ impl SheetReader {
         self.worker_peak_kib
     }
 
+    /// Asks a paced worker for its next chunk of rows: everything it sent has been read.
+    /// (A worker that has ended or died ignores it; its end is read as usual.)
+    fn ask(&mut self) {
+        if let Some(asks) = self.asks.as_mut()
+            && asks.write_all(&[1]).is_err()
+        {
+            self.asks = None;
+        }
+    }
+
     fn max_text(&self) -> usize {
         (self.limits.max_cell_chars as usize).saturating_mul(4) + 16
     }
@@ -291,6 +331,9 @@ impl SheetReader {
             return Ok(false);
         }
         let (max, max_row) = (self.max_text(), self.max_row());
+        if self.out.buffer().is_empty() {
+            self.ask();
+        }
         match codec::read_frame(&mut self.out, row, max, max_row) {
             Ok(Frame::Row) => Ok(true),
             Ok(Frame::End(peak)) => {

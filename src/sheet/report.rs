@@ -9,7 +9,7 @@ use rust_xlsxwriter::{Format, Workbook, XlsxError};
 use serde_json::Value;
 
 use super::codec::{CellKind, RawRow};
-use super::reader::{ReaderSetup, SheetReader};
+use super::reader::{Pace, ReaderSetup, SheetReader};
 use super::template::{self, DATA_SHEET_INDEX, Formats, TemplateLists, echo};
 use crate::bulk::Outcome;
 use crate::error::{AppError, AppResult};
@@ -104,8 +104,10 @@ pub fn write_error_workbook(
         let date = Format::new().set_num_format("yyyy-mm-dd");
         // The Errors column follows the template's columns, the tenant's custom ones included.
         let n = model::columns_with(op, lists.rules.as_ref()).len() as u32;
-        let mut reader = SheetReader::open(setup, file, file_name, &op.sheet_name())
-            .map_err(|e| AppError::internal("re-reading the upload for its error workbook", e))?;
+        let mut reader = SheetReader::open(setup, file, file_name, &op.sheet_name(), Pace::Ahead)
+            .map_err(|e| {
+            AppError::internal("re-reading the upload for its error workbook", e)
+        })?;
         let mut row = RawRow::default();
         // Problems of rows, in row order (file-level problems go to the Problems sheet).
         let mut pending = outcome

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::path::Path;
 
 use calamine::{Data, DataRef, Ods, Reader, Xls, Xlsx};
@@ -106,6 +106,13 @@ pub struct WorkerArgs {
     pub declared_name: String,
     pub expected_sheet: String,
     pub limits: Limits,
+    /// Paced by the parent: after each chunk of rows the worker waits for the parent to
+    /// ask for the next (a byte on its standard input) before it reads on. A pass that
+    /// writes sets it: its writing thread is the slowest part, and a worker reading ahead
+    /// while the parent checks would be a third busy thread on two cores, taking turns
+    /// with the writer. A dry run leaves it off: there reading and checking overlap.
+    #[serde(default)]
+    pub paced: bool,
 }
 
 /// Runs the worker; returns the process exit code.
@@ -698,6 +705,8 @@ struct RowSink<'w, W: Write> {
     /// The open row's index and its cells so far, once a cell of it was seen.
     open: Option<(u32, u32)>,
     limits: Limits,
+    /// See `WorkerArgs::paced`.
+    paced: bool,
 }
 
 impl<W: Write> Drop for RowSink<'_, W> {
@@ -709,13 +718,31 @@ impl<W: Write> Drop for RowSink<'_, W> {
 }
 
 impl<'w, W: Write> RowSink<'w, W> {
-    fn new(out: &'w mut W, limits: &Limits) -> Self {
+    fn new(out: &'w mut W, args: &WorkerArgs) -> Self {
         RowSink {
             out,
             rows: RowWriter::new(),
             open: None,
-            limits: limits.clone(),
+            limits: args.limits.clone(),
+            paced: args.paced,
         }
+    }
+
+    /// Paced (`WorkerArgs::paced`): the chunk just written reaches the parent, then the
+    /// worker waits until the parent asks for more. Requests that came meanwhile count as
+    /// one. When the parent has closed its end, the worker reads on unpaced (the parent
+    /// is gone, or stops it).
+    fn wait_for_parent(&mut self) -> Result<(), Fail> {
+        self.out.flush().map_err(Fail::Pipe)?;
+        let mut input = io::stdin().lock();
+        match input.fill_buf() {
+            Ok(asked) if !asked.is_empty() => {
+                let n = asked.len();
+                input.consume(n);
+            }
+            _ => self.paced = false,
+        }
+        Ok(())
     }
 
     fn cell(&mut self, r: u32, c: u32, v: Value<'_>) -> Result<(), Fail> {
@@ -772,8 +799,9 @@ impl<'w, W: Write> RowSink<'w, W> {
             }
             // A new row (the first, or one after the open row).
             _ => {
-                if self.open.is_some() {
-                    self.rows.end(self.out).map_err(Fail::Pipe)?;
+                if self.open.is_some() && self.rows.end(self.out).map_err(Fail::Pipe)? && self.paced
+                {
+                    self.wait_for_parent()?;
                 }
                 self.rows.begin(r);
                 self.open = Some((r, 1));
@@ -1089,7 +1117,7 @@ fn read_xlsx_own<W: Write>(
     let Some((name, mut cells)) = opened.cells else {
         return Ok(());
     };
-    let mut sink = RowSink::new(out, &args.limits);
+    let mut sink = RowSink::new(out, args);
     // Formulas are never run: the value the spreadsheet program saved is used, and the
     // administrator is told how many cells that concerns.
     let mut formulas = 0u64;
@@ -1173,7 +1201,7 @@ fn stream_xlsx<W: Write>(
     let declared = u64::from(cells.dimensions().end.0);
     info.estimated_rows = Some(declared.min(u64::from(args.limits.max_rows)));
     send_info(out, &info)?;
-    let mut sink = RowSink::new(out, &args.limits);
+    let mut sink = RowSink::new(out, args);
     // Formulas are never run: the value the spreadsheet program saved is used, and the
     // administrator is told how many cells that concerns.
     let mut formulas = 0u64;
@@ -1230,7 +1258,7 @@ where
     let Some((r0, c0)) = range.start() else {
         return Ok(());
     };
-    let mut sink = RowSink::new(out, &args.limits);
+    let mut sink = RowSink::new(out, args);
     for (r, c, v) in range.used_cells() {
         sink.cell(r0 + r as u32, c0 + c as u32, value_owned(v, 0.0))?;
     }
@@ -1588,7 +1616,7 @@ fn read_csv<W: Write>(args: &WorkerArgs, out: &mut W) -> Result<(), Fail> {
         .buffer_capacity(CSV_BUFFER)
         .from_reader(Remembered::new(file));
     let mut rec = csv::ByteRecord::new();
-    let mut sink = RowSink::new(out, &args.limits);
+    let mut sink = RowSink::new(out, args);
     let mut index: u32 = 0;
     let mut inside_before = 0u64;
     loop {
@@ -1663,6 +1691,7 @@ mod tests {
             declared_name: "upload.xlsx".into(),
             expected_sheet: sheet.into(),
             limits: Limits::default(),
+            paced: false,
         }
     }
 
