@@ -179,7 +179,8 @@ const CHUNK: usize = 1 << 16;
 
 /// The first chunks are smaller (the first row, the header, goes alone, then 4 KiB, 16 KiB,
 /// then `CHUNK`): the parent checks the header and starts its checks on the first rows
-/// while the worker reads on, instead of waiting for a full chunk.
+/// without waiting for a full chunk (a worker reading ahead reads on meanwhile; a paced
+/// one waits until the checks ask for the next rows).
 const FIRST_CHUNK: usize = 1 << 12;
 
 /// The worker's side: rows are encoded cell by cell straight into one byte buffer (no

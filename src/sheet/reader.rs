@@ -303,8 +303,10 @@ impl SheetReader {
         self.worker_peak_kib
     }
 
-    /// Asks a paced worker for its next chunk of rows: everything it sent has been read.
-    /// (A worker that has ended or died ignores it; its end is read as usual.)
+    /// Asks a paced worker for its next chunk of rows, when this reader's buffer is empty.
+    /// A chunk that arrives in pieces may be asked for early, so the worker runs at most
+    /// one chunk ahead. (A worker that has ended or died ignores it; its end is read as
+    /// usual.)
     fn ask(&mut self) {
         if let Some(asks) = self.asks.as_mut()
             && asks.write_all(&[1]).is_err()
