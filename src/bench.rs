@@ -13,7 +13,7 @@
 //! per changed user with every field before and after, to the hash-chained log).
 //! `validate_rowrule` and `validate_rules` validate the same file with rules that add one
 //! Lua row rule, and a normaliser and two cell checks as well: the differences from
-//! `validate` are what Lua costs. `lua_engine` times the rules engine alone in-process.
+//! `validate` are what Lua costs; `import_rowrule` is the import with the row rule. `lua_engine` times the rules engine alone in-process.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -644,8 +644,13 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             (first_row_secs, after_last_secs) = batches.head_and_tail(secs);
             rows = o.rows;
         }
-        "import" | "report" | "audit" => {
-            let mut app = prepare(&a.data_dir, a.rows, BenchRules::Declared)?;
+        "import" | "import_rowrule" | "report" | "audit" => {
+            let rules = if a.stage == "import_rowrule" {
+                BenchRules::RowRule
+            } else {
+                BenchRules::Declared
+            };
+            let mut app = prepare(&a.data_dir, a.rows, rules)?;
             let t = db::tenant(&app.conn, TENANT)?;
             let start = Timer::start();
             let batches = Batches::default();
@@ -667,7 +672,7 @@ pub fn run_stage(a: &StageArgs) -> AppResult<StageResult> {
             (first_row_secs, after_last_secs) = batches.head_and_tail(import.0);
             check_valid(&r.outcome)?;
             rows = r.outcome.rows;
-            (secs, cpu) = if a.stage == "import" {
+            (secs, cpu) = if a.stage == "import" || a.stage == "import_rowrule" {
                 import
             } else if a.stage == "audit" {
                 let start = Timer::start();
@@ -740,7 +745,7 @@ fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
 }
 
 /// In run order: the two reads side by side, before anything writes.
-const STAGES: [&str; 12] = [
+const STAGES: [&str; 13] = [
     "bare_read",
     "read",
     "bare_insert",
@@ -751,6 +756,7 @@ const STAGES: [&str; 12] = [
     "validate_rules",
     "apply",
     "import",
+    "import_rowrule",
     "report",
     "audit",
 ];
@@ -843,6 +849,8 @@ pub fn run(
         // What the Lua rules add, per round (validate and validate_rowrule run side by side).
         let lua_per_round =
             round_median(&|i| secs_of("validate_rowrule", i) - secs_of("validate", i));
+        let import_lua_per_round =
+            round_median(&|i| secs_of("import_rowrule", i) - secs_of("import", i));
         // The bare loops run the libraries alone, the same code in every round: how far their
         // rounds lie apart is the machine's own scatter during this run.
         let scatter_of = |stage: &str| {
@@ -973,6 +981,16 @@ pub fn run(
             out,
             "the same, median of each round's own difference: Lua adds {:.3} s per 100k rows",
             per_100k(lua_per_round)
+        )
+        .map_err(w)?;
+        // The same row rule in a pass that writes: the file's worker is paced there, and
+        // the rules worker checks each row between the reader and the writer.
+        writeln!(
+            out,
+            "a Lua row rule in an import: {:.3} s per 100k rows (import_rowrule - import; {:.3} in the round medians); import_rowrule/slowest(read, apply) = {:.2}",
+            per_100k(t("import_rowrule") - t("import")),
+            per_100k(import_lua_per_round),
+            t("import_rowrule") / t("read").max(t("apply")),
         )
         .map_err(w)?;
         let cpu = |s: &str| results.get(s).map(|r| r.rules_cpu_secs).unwrap_or(f64::NAN);
