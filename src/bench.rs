@@ -937,7 +937,7 @@ pub fn run(
         .map_err(w)?;
         writeln!(
             out,
-            "before the writer's first rows: {:.3} s in apply; {:.3} s in import (storing the upload, recording and starting the job, the worker's start), {:.0}% of apply",
+            "before the writer's first rows: {:.4} s in apply; {:.4} s in import (storing the upload, recording and starting the job, the worker's start), {:.0}% of apply",
             first("apply"),
             first("import"),
             100.0 * first("import") / t("apply"),
