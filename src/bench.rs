@@ -13,7 +13,8 @@
 //! per changed user with every field before and after, to the hash-chained log).
 //! `validate_rowrule` and `validate_rules` validate the same file with rules that add one
 //! Lua row rule, and a normaliser and two cell checks as well: the differences from
-//! `validate` are what Lua costs; `import_rowrule` is the import with the row rule. `lua_engine` times the rules engine alone in-process.
+//! `validate` are what Lua costs; `import_rowrule` is the import with the row rule.
+//! `lua_engine` times the rules engine alone in-process.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
