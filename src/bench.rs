@@ -732,6 +732,62 @@ fn slowest_over_fastest(secs: &[f64]) -> Option<f64> {
     Some(slowest / fastest)
 }
 
+/// The median of `values` with a distribution-free 95% interval for the true median: the
+/// order statistics x(k) and x(n+1-k), for the largest k with P(Binomial(n, 1/2) < k) at
+/// most 2.5%. It holds whatever the timings' distribution (a busy machine's timings are
+/// skewed, with rare long runs). `None` for fewer than six values (no interval that wide
+/// exists) or a value that is not a number.
+fn median_interval(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let n = values.len();
+    if n < 6 || values.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    // P(B < k) summed term by term in logarithms (0.5^n underflows past n = 1074).
+    let mut ln_term = -(n as f64) * std::f64::consts::LN_2; // ln P(B = 0)
+    let mut below = 0.0; // P(B < k)
+    let mut k = 0;
+    while k < n / 2 {
+        let next = below + ln_term.exp();
+        if next > 0.025 {
+            break;
+        }
+        below = next;
+        k += 1;
+        ln_term += ((n - k + 1) as f64 / k as f64).ln();
+    }
+    // k >= 1 for n >= 6 (P(B = 0) = 1/64 at n = 6).
+    let k = k.max(1);
+    Some((v[(n - 1) / 2], v[k - 1], v[n - k]))
+}
+
+/// One goal judged by its rounds: the median ratio, its 95% interval, and whether the whole
+/// interval lies within the goal ("met"), beyond it ("missed"), or across it.
+fn judged(ratios: &[f64], goal: f64) -> String {
+    match median_interval(ratios) {
+        Some((median, lo, hi)) => {
+            let verdict = if hi <= goal {
+                "met"
+            } else if lo > goal {
+                "missed"
+            } else {
+                "not settled: run again with a larger --repeat"
+            };
+            format!("{median:.2} (95% interval {lo:.2}-{hi:.2}, goal {goal}: {verdict})")
+        }
+        None => {
+            let mut v = ratios.to_vec();
+            v.sort_by(f64::total_cmp);
+            let median = v.get(v.len().saturating_sub(1) / 2).copied();
+            format!(
+                "{:.2} (no interval with fewer than 6 rounds: --repeat 6 or more)",
+                median.unwrap_or(f64::NAN)
+            )
+        }
+    }
+}
+
 fn check_valid(o: &bulk::Outcome) -> AppResult<()> {
     if o.is_valid() {
         return Ok(());
@@ -832,8 +888,10 @@ pub fn run(
             v.sort_by(f64::total_cmp);
             v[(v.len() - 1) / 2]
         };
-        let round_ratio = |num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
-            round_median(&|i| num(i) / den(i))
+        let round_ratios = |num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
+            (0..repeat.max(1))
+                .map(|i| num(i) / den(i))
+                .collect::<Vec<f64>>()
         };
         let secs_of = |stage: &str, i: usize| {
             runs.get(stage)
@@ -841,11 +899,20 @@ pub fn run(
                 .map_or(f64::NAN, |r| r.secs)
         };
         let per_round = [
-            round_ratio(&|i| secs_of("import", i), &|i| {
-                secs_of("read", i).max(secs_of("apply", i))
-            }),
-            round_ratio(&|i| secs_of("read", i), &|i| secs_of("bare_read", i)),
-            round_ratio(&|i| secs_of("apply", i), &|i| secs_of("bare_insert", i)),
+            judged(
+                &round_ratios(&|i| secs_of("import", i), &|i| {
+                    secs_of("read", i).max(secs_of("apply", i))
+                }),
+                1.15,
+            ),
+            judged(
+                &round_ratios(&|i| secs_of("read", i), &|i| secs_of("bare_read", i)),
+                1.2,
+            ),
+            judged(
+                &round_ratios(&|i| secs_of("apply", i), &|i| secs_of("bare_insert", i)),
+                1.5,
+            ),
         ];
         // What the Lua rules add, per round (validate and validate_rowrule run side by side).
         let lua_per_round =
@@ -913,9 +980,11 @@ pub fn run(
             peak
         )
         .map_err(w)?;
+        // The verdict: each round's stages run seconds apart, so a round's ratio is free of
+        // the machine's drift between rounds; the interval says how far this run settles it.
         writeln!(
             out,
-            "the same goals, median of each round's own ratio: {:.2}; {:.2}; {:.2}",
+            "the same goals, median of each round's own ratio: import/slowest {}; read/bare_read {}; apply/bare_insert {}",
             per_round[0], per_round[1], per_round[2]
         )
         .map_err(w)?;
@@ -1018,7 +1087,36 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::slowest_over_fastest;
+    use super::{judged, median_interval, slowest_over_fastest};
+
+    #[test]
+    fn the_median_interval_is_the_binomial_order_statistics() {
+        let v: Vec<f64> = (1..=21).map(f64::from).rev().collect();
+        // n = 21: P(B < 6) = 0.0133, P(B < 7) = 0.0392, so x(6) and x(16).
+        assert_eq!(median_interval(&v), Some((11.0, 6.0, 16.0)));
+        // n = 6: only the extremes (P(B = 0) = 1/64).
+        let six = [3.0, 1.0, 2.0, 6.0, 5.0, 4.0];
+        assert_eq!(median_interval(&six), Some((3.0, 1.0, 6.0)));
+        // n = 100: the textbook pair x(40), x(61).
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(median_interval(&hundred), Some((50.0, 40.0, 61.0)));
+        // Many rounds (0.5^n underflows): still a proper interval around the median.
+        let many: Vec<f64> = (1..=2001).map(f64::from).collect();
+        let (m, lo, hi) = median_interval(&many).unwrap();
+        assert_eq!(m, 1001.0);
+        assert!(lo > 940.0 && lo < 1001.0 && hi > 1001.0 && hi < 1062.0, "{lo} {hi}");
+        assert_eq!(median_interval(&[1.0; 5]), None);
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn a_goal_is_met_only_when_its_whole_interval_is_within() {
+        let near = [1.0, 1.02, 1.04, 1.05, 1.06, 1.08, 1.1];
+        assert!(judged(&near, 1.15).ends_with(": met)"), "{}", judged(&near, 1.15));
+        assert!(judged(&near, 1.05).contains("not settled"));
+        assert!(judged(&near, 0.9).ends_with(": missed)"));
+        assert!(judged(&[1.0, 1.1], 1.15).contains("fewer than 6 rounds"));
+    }
 
     #[test]
     fn scatter_is_the_slowest_timing_over_the_fastest() {
