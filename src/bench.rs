@@ -1104,7 +1104,10 @@ mod tests {
         let many: Vec<f64> = (1..=2001).map(f64::from).collect();
         let (m, lo, hi) = median_interval(&many).unwrap();
         assert_eq!(m, 1001.0);
-        assert!(lo > 940.0 && lo < 1001.0 && hi > 1001.0 && hi < 1062.0, "{lo} {hi}");
+        assert!(
+            lo > 940.0 && lo < 1001.0 && hi > 1001.0 && hi < 1062.0,
+            "{lo} {hi}"
+        );
         assert_eq!(median_interval(&[1.0; 5]), None);
         assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0, f64::NAN]), None);
     }
@@ -1112,7 +1115,11 @@ mod tests {
     #[test]
     fn a_goal_is_met_only_when_its_whole_interval_is_within() {
         let near = [1.0, 1.02, 1.04, 1.05, 1.06, 1.08, 1.1];
-        assert!(judged(&near, 1.15).ends_with(": met)"), "{}", judged(&near, 1.15));
+        assert!(
+            judged(&near, 1.15).ends_with(": met)"),
+            "{}",
+            judged(&near, 1.15)
+        );
         assert!(judged(&near, 1.05).contains("not settled"));
         assert!(judged(&near, 0.9).ends_with(": missed)"));
         assert!(judged(&[1.0, 1.1], 1.15).contains("fewer than 6 rounds"));
