@@ -980,8 +980,9 @@ pub fn run(
             peak
         )
         .map_err(w)?;
-        // The verdict: each round's stages run seconds apart, so a round's ratio is free of
-        // the machine's drift between rounds; the interval says how far this run settles it.
+        // The verdict: a round's stages run close together (seconds apart at 10k rows), so a
+        // round's ratio is free of the machine's drift between rounds; the interval says how
+        // far this run settles the goal.
         writeln!(
             out,
             "the same goals, median of each round's own ratio: import/slowest {}; read/bare_read {}; apply/bare_insert {}",
