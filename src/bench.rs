@@ -732,6 +732,15 @@ fn slowest_over_fastest(secs: &[f64]) -> Option<f64> {
     Some(slowest / fastest)
 }
 
+/// The median of `values` (of an even count, the lower middle one; NaN when empty).
+fn lower_median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
 /// The median of `values` with a distribution-free 95% interval for the true median: the
 /// order statistics x(k) and x(n+1-k), for the largest k with P(Binomial(n, 1/2) < k) at
 /// most 2.5%. It holds whatever the timings' distribution (a busy machine's timings are
@@ -776,15 +785,10 @@ fn judged(ratios: &[f64], goal: f64) -> String {
             };
             format!("{median:.2} (95% interval {lo:.2}-{hi:.2}, goal {goal}: {verdict})")
         }
-        None => {
-            let mut v = ratios.to_vec();
-            v.sort_by(f64::total_cmp);
-            let median = v.get(v.len().saturating_sub(1) / 2).copied();
-            format!(
-                "{:.2} (no interval with fewer than 6 rounds: --repeat 6 or more)",
-                median.unwrap_or(f64::NAN)
-            )
-        }
+        None => format!(
+            "{:.2} (no interval with fewer than 6 rounds: --repeat 6 or more)",
+            lower_median(ratios)
+        ),
     }
 }
 
@@ -884,9 +888,7 @@ pub fn run(
         // Each round's own ratio of two stages (run minutes apart at most), then their median:
         // a drift in the machine's speed between rounds cancels out of it.
         let round_median = |of_round: &dyn Fn(usize) -> f64| {
-            let mut v: Vec<f64> = (0..repeat.max(1)).map(of_round).collect();
-            v.sort_by(f64::total_cmp);
-            v[(v.len() - 1) / 2]
+            lower_median(&(0..repeat.max(1)).map(of_round).collect::<Vec<f64>>())
         };
         let round_ratios = |num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
             (0..repeat.max(1))
@@ -1061,7 +1063,7 @@ pub fn run(
             "a Lua row rule in an import: {:.3} s per 100k rows (import_rowrule - import; {:.3} in the round medians); import_rowrule/slowest(read, apply) = {:.2}",
             per_100k(t("import_rowrule") - t("import")),
             per_100k(import_lua_per_round),
-            t("import_rowrule") / t("read").max(t("apply")),
+            t("import_rowrule") / slowest,
         )
         .map_err(w)?;
         let cpu = |s: &str| results.get(s).map(|r| r.rules_cpu_secs).unwrap_or(f64::NAN);
